@@ -1,0 +1,239 @@
+"""`pricelevel`: the command line. Each command is a thin front door to a flow or a library call.
+
+Errors print one line and a hint; ``--debug`` shows the traceback. Exit codes: 0 success, 1 the data or a
+run failed, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pricelevel.config import Config, ConfigError, load_config
+from pricelevel.project import BASE_CONFIG, apply_quiet_environment, project_root
+from pricelevel.secrets import MissingSecretError, Secrets, install_log_redaction, redact
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="pricelevel: crypto support/resistance ML pipeline")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect the candle store.")
+app.add_typer(data_app, name="data")
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="YAML file overlaid on conf/base.yaml.")]
+SetOption = Annotated[
+    list[str] | None, typer.Option("--set", help="Override one key: section.key=value (repeatable).")
+]
+DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks.")]
+
+
+class UsageError(Exception):
+    """Bad command-line input; exit code 2."""
+
+
+def _split(values: list[str] | None) -> list[str] | None:
+    """Accept both ``--symbols A --symbols B`` and ``--symbols A,B``."""
+    if not values:
+        return None
+    return [part.strip() for value in values for part in value.split(",") if part.strip()]
+
+
+def _load(config_file: Path | None, overrides: list[str] | None, extra: list[str] = ()) -> Config:
+    root = project_root()
+    return load_config(root / BASE_CONFIG, config_file, [*(overrides or []), *extra], os.environ).with_root(root)
+
+
+def _console() -> Console:
+    return Console(stderr=False, highlight=False)
+
+
+# --------------------------------------------------------------------------------------------- ingest
+
+
+@app.command()
+def ingest(
+    symbols: Annotated[list[str] | None, typer.Option(help="Symbols (comma-separated or repeated).")] = None,
+    timeframes: Annotated[list[str] | None, typer.Option(help="Timeframes: 1d, 4h, 1h, 15m, 1m.")] = None,
+    start: Annotated[str | None, typer.Option(help="UTC start, inclusive (e.g. 2024-07-01).")] = None,
+    end: Annotated[str | None, typer.Option(help="UTC end, exclusive.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run the ingest flow: fetch new candles, validate them, publish the ones that pass."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from flows.ingest import ingest as ingest_flow
+
+    arguments = {"symbols": _split(symbols), "timeframes": _split(timeframes), "start": start, "end": end}
+    extra = [f"data.{k}={_as_yaml(v)}" for k, v in arguments.items() if v is not None]
+    cfg = _load(config, set_, extra)  # fail fast, before the flow run is created
+    flow = ingest_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.flow.max_workers))
+    rows = flow(**arguments, config_file=str(config) if config else None, overrides=set_ or [])
+    table = Table(title=f"ingest ({cfg.data.source}) -> {cfg.data.root}")
+    for column in ("dataset", "status", "rows", "warnings", "validated"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(row[c]) for c in ("dataset", "status", "rows", "warnings", "validated")))
+    _console().print(table)
+    _console().print(f"validation reports: {cfg.data.root / 'reports' / 'validation'}")
+
+
+def _as_yaml(value: object) -> str:
+    return "[" + ",".join(value) + "]" if isinstance(value, list) else str(value)
+
+
+# --------------------------------------------------------------------------------------------- validate
+
+
+@app.command()
+def validate(
+    files: Annotated[list[Path] | None, typer.Argument(help="Parquet files named SYMBOL_TF.parquet.")] = None,
+    timeframe: Annotated[str | None, typer.Option(help="Timeframe, when file names do not say it.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Validate the given files (read-only), or the whole raw store (publishing what passes)."""
+    from pricelevel.publish import validate_and_publish, validate_file
+    from pricelevel.store import CandleStore, DatasetKey, Layer, parse_dataset_filename
+    from pricelevel.timeframes import Timeframe
+    from pricelevel.validation import DataValidationError
+
+    cfg = _load(config, set_)
+    console = _console()
+    failures: list[str] = []
+    if files:
+        jobs = []
+        for path in files:
+            parsed = parse_dataset_filename(path.name)
+            if timeframe is None and parsed is None:
+                raise UsageError(f"{path}: cannot tell the timeframe from the name; pass --timeframe")
+            if not path.exists():
+                raise UsageError(f"{path}: no such file")
+            symbol = parsed[0] if parsed else path.stem
+            tf = Timeframe(timeframe) if timeframe else parsed[1]
+            jobs.append((path, DatasetKey("file", symbol, tf)))
+        for path, key in _progress(jobs, "validating"):
+            report = validate_file(path, key, cfg.validation)
+            if report.success:
+                console.print(f"[green]ok[/green] {path} ({report.rows} rows)" + _warn_suffix(report.warnings))
+            else:
+                failures.append(report.error_message())
+    else:
+        store = CandleStore(cfg.data.root)
+        keys = list(store.datasets(Layer.RAW))
+        if not keys:
+            raise UsageError(f"no raw datasets under {store.root / 'raw'}; run `pricelevel ingest` first")
+        for key in _progress(keys, "validating store"):
+            try:
+                outcome = validate_and_publish(store, key, cfg.validation)
+                console.print(f"[green]{outcome.status}[/green] {key} ({outcome.rows} rows) -> {outcome.validated_path}")
+            except DataValidationError as exc:
+                failures.append(str(exc))
+    if failures:
+        for failure in failures:
+            console.print(f"[red]FAILED[/red] {failure}", soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _warn_suffix(warnings) -> str:
+    return "".join(f"\n  [yellow]warning[/yellow] {w.summary}" for w in warnings)
+
+
+def _progress(items: list, label: str):
+    progress = Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True,
+        disable=len(items) < 2 or not sys.stderr.isatty(), console=Console(stderr=True),
+    )
+    with progress:
+        yield from progress.track(items)
+
+
+# --------------------------------------------------------------------------------------------- data status
+
+
+@data_app.command("status")
+def data_status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Per dataset: layer, path, rows, first and last candle, gaps."""
+    from pricelevel.status import store_status
+    from pricelevel.store import CandleStore
+
+    cfg = _load(config, set_)
+    statuses = store_status(CandleStore(cfg.data.root))
+    if as_json:
+        typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
+        return
+    table = Table(title=f"candle store {cfg.data.root}")
+    for column in ("layer", "source", "symbol", "tf", "rows", "first", "last", "gaps", "missing", "path"):
+        table.add_column(column)
+    for s in statuses:
+        table.add_row(s.layer, s.source, s.symbol, s.timeframe, str(s.rows), s.first or "-", s.last or "-",
+                      str(s.gaps), str(s.missing_bars), s.path)
+    _console().print(table if statuses else f"no datasets under {cfg.data.root}; run `pricelevel ingest`")
+
+
+# --------------------------------------------------------------------------------------------- entry point
+
+
+_HINTS = {
+    "ConfigError": "check the key in conf/base.yaml, your --config file, PRICELEVEL_* variables and --set",
+    "UsageError": "see `pricelevel --help`",
+    "DataValidationError": "inspect the report; the validated store was left unchanged",
+    "IngestFailed": "see the validation reports and the Prefect run logs; the validated store kept its last good data",
+    "SourceError": "check the network/endpoint (bybit.endpoint) and rerun: what was fetched is kept",
+    "MissingSecretError": "export the variable in your shell or your scheduler's environment",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: quiet offline defaults, secret redaction, one-line errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        apply_quiet_environment(project_root())
+    except FileNotFoundError:
+        pass
+    secrets = Secrets.from_env(os.environ)
+    install_log_redaction(secrets)
+    try:
+        # Without standalone mode, click returns typer.Exit's code instead of raising it.
+        code = app(args=argv, prog_name="pricelevel", standalone_mode=False)
+        return code if isinstance(code, int) else 0
+    except typer.Exit as exc:
+        return exc.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        print("aborted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # the one place errors become one line + hint
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            return 2
+        if debug:
+            raise
+        name = type(exc).__name__
+        first = redact(str(exc), secrets).strip() or name
+        print(f"error: {first}", file=sys.stderr)
+        hint = _HINTS.get(name, "rerun with --debug for the traceback")
+        print(f"hint: {hint}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError | UsageError | MissingSecretError) else 1
+
+
+def run() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

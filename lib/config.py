@@ -1,0 +1,264 @@
+"""Typed, frozen configuration: one pydantic model per pipeline step, validated on load.
+
+Layers, in increasing precedence:
+
+1. ``conf/base.yaml`` (every key, with comments);
+2. ``--config FILE.yaml`` (any subset of keys);
+3. environment variables ``PRICELEVEL_<SECTION>__<KEY>`` (e.g. ``PRICELEVEL_DATA__ROOT``);
+4. ``--set section.key=value`` on the command line.
+
+Values given as text (env, ``--set``) are parsed as YAML scalars/lists, so ``--set data.symbols=[BTCUSDT]``
+and ``PRICELEVEL_BYBIT__TESTNET=true`` work. Secrets are *not* configuration: they live only in the
+environment (see :mod:`pricelevel.secrets`) and a config file that names one is rejected.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from pricelevel.timeframes import Timeframe
+
+ENV_PREFIX = "PRICELEVEL_"
+#: Keys that must never be put in a config file or ``--set``: they come from the environment only.
+SECRET_KEYS = frozenset({"api_key", "api_secret", "token", "bot_token", "password", "secret"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; ``str()`` is one line naming the key and why."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+Symbol = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}USDT?$|^[A-Z0-9]{2,20}USDC$")]
+
+
+class DataConfig(_Frozen):
+    """Where candles come from and where they are kept."""
+
+    root: Path = Path("data")
+    source: Literal["sample", "bybit"] = "sample"
+    sample_dir: Path = Path("data/sample")
+    symbols: tuple[Symbol, ...] = Field(min_length=1)
+    timeframes: tuple[Timeframe, ...] = Field(min_length=1)
+    start: UtcDatetime
+    #: Exclusive end of the range (candle open time < end); ``null`` means "up to now".
+    end: UtcDatetime | None = None
+
+    @field_validator("symbols", "timeframes")
+    @classmethod
+    def _unique(cls, value: tuple) -> tuple:
+        if len(set(value)) != len(value):
+            raise ValueError("duplicates are not allowed")
+        return value
+
+    @model_validator(mode="after")
+    def _range(self) -> DataConfig:
+        if self.end is not None and self.end <= self.start:
+            raise ValueError(f"end ({self.end:%Y-%m-%d %H:%M}) must be after start ({self.start:%Y-%m-%d %H:%M})")
+        return self
+
+
+class BybitConfig(_Frozen):
+    """Bybit v5 market data through pybit. Keys/secrets come from the environment, never from here."""
+
+    category: Literal["spot", "linear"] = "spot"
+    #: Base URL override (a mirror, a local fake server). ``null``: pybit's URL for mainnet/testnet/demo.
+    endpoint: str | None = None
+    testnet: bool = False
+    demo: bool = False
+    timeout_s: float = Field(10.0, gt=0)
+    #: Attempts per request on rate limits (retCode 10006, HTTP 403/429), 5xx and timeouts.
+    max_attempts: int = Field(6, ge=1, le=50)
+    backoff_s: float = Field(1.0, ge=0)
+    backoff_max_s: float = Field(30.0, ge=0)
+    page_limit: int = Field(1000, ge=1, le=1000)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/") if value else value
+
+    @model_validator(mode="after")
+    def _one_environment(self) -> BybitConfig:
+        if self.testnet and self.demo:
+            raise ValueError("testnet and demo are exclusive: pick one")
+        return self
+
+
+class GapPolicy(_Frozen):
+    """How missing candles are judged. Exchange outages leave real gaps; a broken fetch leaves big ones."""
+
+    #: Longest single run of missing candles that still passes (with a warning).
+    max_gap_bars: int = Field(24, ge=0)
+    #: Largest share of missing candles over the dataset's span that still passes.
+    max_missing_fraction: float = Field(0.01, ge=0, le=1)
+
+
+class ValidationConfig(_Frozen):
+    gaps: GapPolicy = GapPolicy()
+    #: How many offending rows a failure message and report show.
+    example_rows: int = Field(5, ge=1, le=100)
+
+
+class FlowConfig(_Frozen):
+    """Orchestration knobs (not what is computed, only how it is scheduled)."""
+
+    max_workers: int = Field(4, ge=1, le=64)
+    task_retries: int = Field(2, ge=0)
+    task_retry_delay_s: float = Field(10.0, ge=0)
+
+
+class Config(_Frozen):
+    """The whole run. Each step receives only its own section."""
+
+    data: DataConfig
+    bybit: BybitConfig = BybitConfig()
+    validation: ValidationConfig = ValidationConfig()
+    flow: FlowConfig = FlowConfig()
+
+    def with_root(self, project_root: Path) -> Config:
+        """Resolve relative data paths against the project root (not the caller's working directory)."""
+
+        def resolve(p: Path) -> Path:
+            return p if p.is_absolute() else (project_root / p).resolve()
+
+        data = self.data.model_copy(update={"root": resolve(self.data.root), "sample_dir": resolve(self.data.sample_dir)})
+        return self.model_copy(update={"data": data})
+
+    def flat(self) -> dict[str, Any]:
+        """``{"data.root": ..., ...}`` for logging as parameters (contains no secrets by construction)."""
+        return dict(_flatten(self.model_dump(mode="json")))
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_config(
+    base: Path,
+    config_file: Path | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the :class:`Config` from the layers described in the module docstring.
+
+    ``env`` is passed in (the CLI hands ``os.environ``) so that loading stays a pure function.
+    Raises :class:`ConfigError` with one line naming the key, the layer it came from, and why.
+    """
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    _merge(merged, _read_yaml(base), origin, str(base))
+    if config_file is not None:
+        _merge(merged, _read_yaml(Path(config_file)), origin, str(config_file))
+    for name, value in sorted((env or {}).items()):
+        if name.startswith(ENV_PREFIX) and "__" in name:
+            path = name[len(ENV_PREFIX):].lower().split("__")
+            _merge(merged, _nest(path, _parse_scalar(value)), origin, name)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected section.key=value")
+        _merge(merged, _nest(key.strip().split("."), _parse_scalar(value)), origin, f"--set {key.strip()}")
+    _reject_secrets(merged, origin)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc, origin)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror}") from None
+    try:
+        loaded = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return loaded
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else text
+    except yaml.YAMLError:
+        return text
+
+
+def _nest(path: list[str], value: Any) -> dict[str, Any]:
+    out: Any = value
+    for part in reversed(path):
+        out = {part: out}
+    return out
+
+
+def _merge(into: dict[str, Any], new: Mapping[str, Any], origin: dict[str, str], layer: str, prefix: str = "") -> None:
+    for key, value in new.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, layer, dotted + ".")
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+            origin[dotted] = layer
+            if isinstance(value, Mapping):
+                for sub, _ in _flatten(value, dotted + "."):
+                    origin[sub] = layer
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _reject_secrets(tree: Mapping[str, Any], origin: Mapping[str, str]) -> None:
+    for dotted, _ in _flatten(tree):
+        if dotted.rsplit(".", 1)[-1].lower() in SECRET_KEYS:
+            raise ConfigError(
+                f"config error: {dotted} [from {origin.get(dotted, '?')}]: secrets are read only from the environment "
+                "(BYBIT_API_KEY, BYBIT_API_SECRET, TELEGRAM_BOT_TOKEN), never from config"
+            )
+
+
+def _one_line(exc: ValidationError, origin: Mapping[str, str]) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    key = ".".join(str(p) for p in err["loc"] if not isinstance(p, int))
+    where = origin.get(key) or origin.get(key.rsplit(".", 1)[0]) or "defaults"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required key is missing"
+    got = "" if err["type"] in {"missing", "value_error"} else f" (got {err.get('input')!r})"
+    if isinstance(err.get("input"), dict):
+        got = ""
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"config error: {loc or '<root>'}: {msg}{got} [from {where}]{more}"
