@@ -17,7 +17,7 @@ export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export GX_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test install install-dev lint bench clean ui-prefect
+.PHONY: demo test install install-dev lint bench clean ui-prefect deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,11 @@ bench: install-dev
 
 ui-prefect: install
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Register prefect.yaml's deployments with the server at PREFECT_API_URL (runs execute in this checkout).
+deploy: install
+	$(BIN)/prefect work-pool create pricelevel-process --type process --overwrite
+	PRICELEVEL_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 clean:
 	rm -rf data/raw data/validated data/quarantine data/reports .prefect mlruns

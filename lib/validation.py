@@ -52,7 +52,7 @@ __all__ = [
     "validate_candles",
 ]
 
-#: Helper columns added to the copy GE validates; dunder names so they cannot clash with real columns.
+#: Helper columns added to the copy GE validates (an input column of such a name fails the schema stage).
 GRID_OFFSET_COLUMN = "__grid_offset_ns"
 MISSING_BARS_COLUMN = "__missing_bars_before"
 
@@ -466,7 +466,7 @@ def validate_candles(
 
     schema_checks = _schema_checks(working)
     schema_results = _run_suite(context, "schema", working, schema_checks, config.example_rows)
-    outcomes = [_outcome(c, schema_results[c.key], working) for c in schema_checks]
+    outcomes = [_outcome(c, schema_results[c.key]) for c in schema_checks]
     schema_ok = all(o.status == "passed" for o in outcomes)
 
     timestamps = _usable_timestamps(working)
@@ -491,7 +491,7 @@ def validate_candles(
         value_results = _run_suite(context, "values", helpers, value_checks, config.example_rows)
         for check in value_checks:
             result = value_results[check.key]
-            outcome = _outcome(check, result, working)
+            outcome = _outcome(check, result)
             outcomes.append(outcome)
             if outcome.status in ("failed", "warning"):
                 issue = _value_issue(check, result, working, missing_before, gaps, config, timeframe)
@@ -555,7 +555,7 @@ def _run_suite(
     return {r.expectation_config.meta["pricelevel_check"]: r for r in suite_result.results}
 
 
-def _outcome(check: _Check, result: ExpectationValidationResult, frame: pd.DataFrame) -> ExpectationResult:
+def _outcome(check: _Check, result: ExpectationValidationResult) -> ExpectationResult:
     status: Status = "passed" if result.success else ("warning" if check.warning else "failed")
     return ExpectationResult(
         expectation=check.type_name,
@@ -783,7 +783,7 @@ def _json_value(value: Any) -> Any:
         value = float(value)
         if math.isnan(value):
             return None
-        return value
+        return value if math.isfinite(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, str):
         return value
     return str(value)

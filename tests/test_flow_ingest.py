@@ -53,3 +53,16 @@ def test_bad_data_stops_its_branch_quarantines_and_fails_the_run(project: Path, 
     assert (project / "data" / "validated" / "sample" / "ETHUSDT_1d.parquet").exists()
     quarantined = list((project / "data" / "quarantine" / "sample").glob("BTCUSDT_1d.*.parquet"))
     assert len(quarantined) == 1 and len(pd.read_parquet(quarantined[0])) == 182
+
+    # The failure's report is attached to the run as a Prefect artifact, with the offending row.
+    artifacts = _artifacts("validation-sample-btcusdt-1d")
+    assert any("2024-06-10" in str(a.data) and "high" in str(a.data) for a in artifacts)
+    assert any(a.type == "table" for a in _artifacts("ingest-summary"))
+
+
+def _artifacts(key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))

@@ -48,7 +48,9 @@ def btc_4h() -> pd.DataFrame:
     return read_sample("BTCUSDT_4h").iloc[:120].reset_index(drop=True)
 
 
-def validate(frame: pd.DataFrame, config: ValidationConfig = DEFAULT, timeframe: str = "4h") -> ValidationReport:
+def validate(
+    frame: pd.DataFrame, config: ValidationConfig = DEFAULT, timeframe: str = "4h"
+) -> ValidationReport:
     return validate_candles(frame, Timeframe(timeframe), config, dataset=f"test BTCUSDT {timeframe}")
 
 
@@ -372,7 +374,11 @@ def test_wrong_dtype_fails_naming_the_observed_dtype(
 
 def _first_value_as_json(series: pd.Series) -> object:
     value = series.iloc[0]
-    return value.isoformat() if isinstance(value, pd.Timestamp) else (str(value) if isinstance(value, str) else value.item())
+    return (
+        value.isoformat()
+        if isinstance(value, pd.Timestamp)
+        else (str(value) if isinstance(value, str) else value.item())
+    )
 
 
 def test_empty_frame_with_the_right_columns_fails_on_row_count(btc_4h: pd.DataFrame) -> None:
