@@ -6,6 +6,7 @@ run failed, 2 bad usage or configuration.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -49,7 +50,9 @@ def _load(config_file: Path | None, overrides: list[str] | None, extra: list[str
 
 
 def _console() -> Console:
-    return Console(stderr=False, highlight=False)
+    """Stdout console; when piped (CI, logs) it is 140 columns wide rather than rich's 80."""
+    console = Console(highlight=False)
+    return console if console.is_terminal else Console(highlight=False, width=140)
 
 
 # --------------------------------------------------------------------------------------------- ingest
@@ -79,9 +82,20 @@ def ingest(
     for column in ("dataset", "status", "rows", "warnings", "validated"):
         table.add_column(column)
     for row in rows:
-        table.add_row(*(str(row[c]) for c in ("dataset", "status", "rows", "warnings", "validated")))
+        table.add_row(row["dataset"], row["status"], str(row["rows"]), str(row["warnings"]), _relative(row["validated"]))
     _console().print(table)
     _console().print(f"validation reports: {cfg.data.root / 'reports' / 'validation'}")
+
+
+def _short(iso: str | None) -> str:
+    return iso[:16].replace("T", " ") if iso else "-"
+
+
+def _relative(path: object) -> str:
+    try:
+        return str(Path(str(path)).relative_to(project_root()))
+    except ValueError:
+        return str(path)
 
 
 def _as_yaml(value: object) -> str:
@@ -174,12 +188,12 @@ def data_status(
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
         return
-    table = Table(title=f"candle store {cfg.data.root}")
-    for column in ("layer", "source", "symbol", "tf", "rows", "first", "last", "gaps", "missing", "path"):
-        table.add_column(column)
+    table = Table(title=f"candle store {cfg.data.root} (layers raw/ and validated/)")
+    for column in ("dataset", "layer", "rows", "first", "last", "gaps", "missing"):
+        table.add_column(column, no_wrap=True)
     for s in statuses:
-        table.add_row(s.layer, s.source, s.symbol, s.timeframe, str(s.rows), s.first or "-", s.last or "-",
-                      str(s.gaps), str(s.missing_bars), s.path)
+        table.add_row(f"{s.source} {s.symbol} {s.timeframe}", s.layer, str(s.rows), _short(s.first),
+                      _short(s.last), str(s.gaps), str(s.missing_bars))
     _console().print(table if statuses else f"no datasets under {cfg.data.root}; run `pricelevel ingest`")
 
 
@@ -200,10 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console entry point: quiet offline defaults, secret redaction, one-line errors."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
-    try:
+    with contextlib.suppress(FileNotFoundError):  # outside a checkout: no project defaults to apply
         apply_quiet_environment(project_root())
-    except FileNotFoundError:
-        pass
     secrets = Secrets.from_env(os.environ)
     install_log_redaction(secrets)
     try:

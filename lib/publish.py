@@ -14,7 +14,15 @@ from pathlib import Path
 import pandas as pd
 
 from pricelevel.config import ValidationConfig
-from pricelevel.store import CandleStore, DatasetKey, Layer, atomic_write, copy_file_atomic, file_sha256, read_candles
+from pricelevel.store import (
+    CandleStore,
+    DatasetKey,
+    Layer,
+    atomic_write,
+    copy_file_atomic,
+    file_sha256,
+    read_candles,
+)
 from pricelevel.validation import DataValidationError, ValidationReport, validate_candles
 
 

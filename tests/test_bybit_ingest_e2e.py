@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from tests.fakes.bybit_server import Fault, FakeBybit, random_candles
+from tests.fakes.bybit_server import FakeBybit, Fault, random_candles
 
 pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_harness")]
 

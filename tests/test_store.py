@@ -10,7 +10,14 @@ import pandas as pd
 import pytest
 
 from pricelevel.candles import CANDLE_COLUMNS, to_canonical
-from pricelevel.store import CandleStore, DatasetKey, Layer, file_sha256, parse_dataset_filename, write_candles
+from pricelevel.store import (
+    CandleStore,
+    DatasetKey,
+    Layer,
+    file_sha256,
+    parse_dataset_filename,
+    write_candles,
+)
 from pricelevel.timeframes import Timeframe
 from tests.conftest import real_candles
 
