@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -18,8 +19,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from pricelevel.config import Config, ConfigError, load_config
-from pricelevel.project import BASE_CONFIG, apply_quiet_environment, project_root
+from pricelevel.config import Config, ConfigError, data_overrides
+from pricelevel.project import apply_quiet_environment, load_project_config, project_root
 from pricelevel.secrets import MissingSecretError, Secrets, install_log_redaction, redact
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="pricelevel: crypto support/resistance ML pipeline")
@@ -45,8 +46,7 @@ def _split(values: list[str] | None) -> list[str] | None:
 
 
 def _load(config_file: Path | None, overrides: list[str] | None, extra: list[str] = ()) -> Config:
-    root = project_root()
-    return load_config(root / BASE_CONFIG, config_file, [*(overrides or []), *extra], os.environ).with_root(root)
+    return load_project_config(config_file, [*(overrides or []), *extra])
 
 
 def _console() -> Console:
@@ -73,9 +73,10 @@ def ingest(
 
     from flows.ingest import ingest as ingest_flow
 
+    if not debug:
+        _hide_tracebacks_on_console()
     arguments = {"symbols": _split(symbols), "timeframes": _split(timeframes), "start": start, "end": end}
-    extra = [f"data.{k}={_as_yaml(v)}" for k, v in arguments.items() if v is not None]
-    cfg = _load(config, set_, extra)  # fail fast, before the flow run is created
+    cfg = _load(config, set_, data_overrides(**arguments))  # fail fast, before the flow run is created
     flow = ingest_flow.with_options(task_runner=ThreadPoolTaskRunner(max_workers=cfg.flow.max_workers))
     rows = flow(**arguments, config_file=str(config) if config else None, overrides=set_ or [])
     table = Table(title=f"ingest ({cfg.data.source}) -> {cfg.data.root}")
@@ -87,6 +88,33 @@ def ingest(
     _console().print(f"validation reports: {cfg.data.root / 'reports' / 'validation'}")
 
 
+class _NoTracebackFormatter(logging.Formatter):
+    """Formats like ``inner`` without the traceback: the console gets one line, the Prefect UI the rest."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        saved = record.exc_info, record.exc_text, record.stack_info
+        record.exc_info = record.exc_text = record.stack_info = None
+        try:
+            return self.inner.format(record)
+        finally:
+            record.exc_info, record.exc_text, record.stack_info = saved
+
+
+def _hide_tracebacks_on_console() -> None:
+    """Prefect's console handlers print every task failure's traceback; without --debug, keep them out."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict) if name.startswith("prefect")]
+    for logger in [logging.getLogger(), *loggers]:
+        for handler in logger.handlers:
+            if type(handler).__name__.endswith("ConsoleHandler") and not isinstance(
+                handler.formatter, _NoTracebackFormatter
+            ):
+                handler.setFormatter(_NoTracebackFormatter(handler.formatter))
+
+
 def _short(iso: str | None) -> str:
     return iso[:16].replace("T", " ") if iso else "-"
 
@@ -96,10 +124,6 @@ def _relative(path: object) -> str:
         return str(Path(str(path)).relative_to(project_root()))
     except ValueError:
         return str(path)
-
-
-def _as_yaml(value: object) -> str:
-    return "[" + ",".join(value) + "]" if isinstance(value, list) else str(value)
 
 
 # --------------------------------------------------------------------------------------------- validate

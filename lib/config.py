@@ -144,7 +144,7 @@ class Config(_Frozen):
         """Resolve relative data paths against the project root (not the caller's working directory)."""
 
         def resolve(p: Path) -> Path:
-            return p if p.is_absolute() else (project_root / p).resolve()
+            return p if p.is_absolute() else project_root / p
 
         data = self.data.model_copy(update={"root": resolve(self.data.root), "sample_dir": resolve(self.data.sample_dir)})
         return self.model_copy(update={"data": data})
@@ -155,6 +155,14 @@ class Config(_Frozen):
 
 
 # --------------------------------------------------------------------------------------------- loading
+
+
+def data_overrides(**values: object) -> list[str]:
+    """``--set``-style overrides of the ``data`` section from command/flow arguments (``None`` = not given)."""
+    def text(value: object) -> str:
+        return "[" + ",".join(str(v) for v in value) + "]" if isinstance(value, list | tuple) else str(value)
+
+    return [f"data.{name}={text(value)}" for name, value in values.items() if value is not None]
 
 
 def load_config(

@@ -7,8 +7,10 @@ great-expectations are imported; the library itself never reads or sets them.
 from __future__ import annotations
 
 import os
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from pathlib import Path
+
+from pricelevel.config import Config, load_config
 
 BASE_CONFIG = Path("conf") / "base.yaml"
 
@@ -45,3 +47,14 @@ def apply_quiet_environment(root: Path, env: MutableMapping[str, str] | None = N
     env = os.environ if env is None else env
     for name, value in quiet_environment(root).items():
         env.setdefault(name, value)
+
+
+def load_project_config(
+    config_file: Path | str | None = None,
+    overrides: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+) -> Config:
+    """The project's configuration (``conf/base.yaml`` + overlays), with data paths resolved to the root."""
+    env = os.environ if env is None else env
+    root = project_root(dict(env))
+    return load_config(root / BASE_CONFIG, Path(config_file) if config_file else None, overrides, env).with_root(root)
