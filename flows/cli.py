@@ -212,12 +212,12 @@ def data_status(
     if as_json:
         typer.echo(json.dumps([s.to_dict() for s in statuses], indent=2))
         return
-    table = Table(title=f"candle store {cfg.data.root} (layers raw/ and validated/)")
-    for column in ("dataset", "layer", "rows", "first", "last", "gaps", "missing"):
+    table = Table(title=f"candle store {cfg.data.root}")
+    for column in ("dataset", "layer", "rows", "first", "last", "gaps", "missing", "path"):
         table.add_column(column, no_wrap=True)
     for s in statuses:
         table.add_row(f"{s.source} {s.symbol} {s.timeframe}", s.layer, str(s.rows), _short(s.first),
-                      _short(s.last), str(s.gaps), str(s.missing_bars))
+                      _short(s.last), str(s.gaps), str(s.missing_bars), _relative(s.path))
     _console().print(table if statuses else f"no datasets under {cfg.data.root}; run `pricelevel ingest`")
 
 
