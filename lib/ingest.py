@@ -77,13 +77,14 @@ def ingest_dataset(
     ranges = missing_ranges(first, last, start, end, key.timeframe)
 
     changed = False
+    rows_after = rows_before
     buffer: list[pd.DataFrame] = []
 
     def flush() -> None:
-        nonlocal changed
+        nonlocal changed, rows_after
         if buffer:
             result = store.upsert(Layer.RAW, key, pd.concat(buffer, ignore_index=True))
-            changed = changed or result.changed
+            changed, rows_after = changed or result.changed, result.rows_after
             buffer.clear()
 
     try:
@@ -95,12 +96,11 @@ def ingest_dataset(
     finally:
         flush()
 
-    after = store.read(Layer.RAW, key)
     return IngestResult(
         key=key,
         path=store.path(Layer.RAW, key),
         rows_before=rows_before,
-        rows_after=0 if after is None else len(after),
+        rows_after=rows_after,
         changed=changed,
         requested=tuple((f"{s.isoformat()}", f"{e.isoformat()}") for s, e in ranges),
     )

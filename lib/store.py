@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -106,14 +107,16 @@ class CandleStore:
         yield from sorted(keys)
 
 
-def parse_dataset_filename(name: str) -> tuple[str, Timeframe] | None:
-    """``BTCUSDT_1h.parquet`` -> ``("BTCUSDT", Timeframe.H1)``; ``None`` for anything else."""
-    stem, dot, ext = name.rpartition(".")
-    symbol, _, tf = stem.rpartition("_")
-    if not dot or ext != "parquet" or not symbol:
+_DATASET_FILENAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)_(?P<timeframe>[0-9]+[a-z]+)\.parquet$")
+
+
+def parse_dataset_filename(path: str | Path) -> tuple[str, Timeframe] | None:
+    """``.../BTCUSDT_1h.parquet`` -> ``("BTCUSDT", Timeframe.H1)``; ``None`` for any other name."""
+    match = _DATASET_FILENAME.match(Path(path).name)
+    if not match:
         return None
     try:
-        return symbol, Timeframe(tf)
+        return match["symbol"], Timeframe(match["timeframe"])
     except ValueError:
         return None
 

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from fractions import Fraction
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -48,7 +46,6 @@ __all__ = [
     "GapStats",
     "ValidationIssue",
     "ValidationReport",
-    "timeframe_from_filename",
     "validate_candles",
 ]
 
@@ -817,19 +814,3 @@ def _plural(count: int, noun: str) -> str:
 
 def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-# --------------------------------------------------------------------------------------------- files
-
-_FILENAME = re.compile(r"^(?P<symbol>[A-Z0-9]+)_(?P<timeframe>[0-9]+[a-z]+)\.parquet$")
-
-
-def timeframe_from_filename(path: str | Path) -> tuple[str, Timeframe] | None:
-    """``BTCUSDT_1h.parquet`` -> ``("BTCUSDT", Timeframe.H1)``; None for any other name."""
-    match = _FILENAME.match(Path(path).name)
-    if not match:
-        return None
-    try:
-        return match["symbol"], Timeframe(match["timeframe"])
-    except ValueError:
-        return None

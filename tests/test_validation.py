@@ -11,12 +11,12 @@ import pandas as pd
 import pytest
 
 from pricelevel.config import GapPolicy, ValidationConfig
+from pricelevel.store import parse_dataset_filename
 from pricelevel.timeframes import Timeframe
 from pricelevel.validation import (
     DataValidationError,
     ValidationIssue,
     ValidationReport,
-    timeframe_from_filename,
     validate_candles,
 )
 
@@ -492,5 +492,5 @@ def test_report_is_frozen(broken_report: ValidationReport) -> None:
         ("BTCUSDT_1h.parquet.tmp", None),
     ],
 )
-def test_timeframe_from_filename(path: str | Path, expected: tuple[str, Timeframe] | None) -> None:
-    assert timeframe_from_filename(path) == expected
+def test_dataset_filename_parsing(path: str | Path, expected: tuple[str, Timeframe] | None) -> None:
+    assert parse_dataset_filename(path) == expected
