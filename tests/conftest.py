@@ -27,6 +27,13 @@ os.environ.update(
         "PREFECT_HOME": tempfile.mkdtemp(prefix="pricelevel-prefect-home-"),
     }
 )
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove the temporary Prefect home made above."""
+    shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
+
+
 for name in [n for n in os.environ if n.startswith("PRICELEVEL_")]:
     del os.environ[name]
 
