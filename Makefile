@@ -47,6 +47,7 @@ lint: install-dev
 
 bench: install-dev
 	$(BIN)/python bench/ingest.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/backtest.py
 
 ui-prefect: install
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200

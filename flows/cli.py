@@ -221,6 +221,59 @@ def data_status(
     _console().print(table if statuses else f"no datasets under {cfg.data.root}; run `pricelevel ingest`")
 
 
+# --------------------------------------------------------------------------------------------- backtest
+
+
+@app.command()
+def backtest(
+    candles: Annotated[Path, typer.Option(help="Parquet: timestamp, open, high, low, close[, volume][, symbol].")],
+    signals: Annotated[
+        Path, typer.Option(help="Parquet: timestamp, entry, exit[, symbol] (booleans), or timestamp, probability.")
+    ],
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics and every trade here.")] = None,
+    report: Annotated[Path | None, typer.Option(help="Write the HTML summary here (+ one page per symbol).")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Backtest signals on candles with the rules in `backtest.*` (fees, slippage, stops, fill, sizing)."""
+    from pricelevel.backtest.files import read_frame, write_result_json
+    from pricelevel.backtest.market import align_signals, market_from_candles
+    from pricelevel.backtest.metrics import compute_metrics
+    from pricelevel.backtest.run import run_backtest
+
+    cfg = _load(config, set_).backtest
+    market = market_from_candles(read_frame(candles, "candles"), timeframe=cfg.timeframe)
+    entries, exits = align_signals(market, read_frame(signals, "signals"), cfg.threshold, cfg.exit_threshold)
+    result = run_backtest(market, entries, exits, cfg)
+    metrics = compute_metrics(result)
+    _print_metrics(metrics, f"backtest {', '.join(market.symbols)} {market.timeframe} "
+                   f"{market.timestamps[0]:%Y-%m-%d} .. {market.timestamps[-1]:%Y-%m-%d} ({market.n_bars} bars)")
+    if any(result.rejected.values()):
+        _console().print("rejected entries: " + ", ".join(f"{k} {v}" for k, v in result.rejected.items() if v))
+    if json_out:
+        _console().print(f"json: {write_result_json(result, metrics, json_out)}")
+    if report:
+        from pricelevel.backtest.report import write_report
+
+        pages = write_report(result, metrics, report)
+        _console().print(f"report: {pages[0]} (+{len(pages) - 1} files)")
+
+
+def _print_metrics(metrics, title: str) -> None:
+    """Metrics down, portfolio and symbols across (ten symbols still fit a terminal)."""
+    from pricelevel.backtest.metrics import METRIC_LABELS, format_metric
+
+    frame = metrics.table()
+    table = Table(title=title)
+    table.add_column("metric")
+    for label in frame.index:
+        table.add_column(str(label), justify="right")
+    for name, label_text in METRIC_LABELS.items():
+        table.add_row(label_text, *(format_metric(name, frame.at[label, name]) for label in frame.index))
+    _console().print(table)
+
+
 # --------------------------------------------------------------------------------------------- entry point
 
 
@@ -231,6 +284,7 @@ _HINTS = {
     "IngestFailed": "see the validation reports and the Prefect run logs; the validated store kept its last good data",
     "SourceError": "check the network/endpoint (bybit.endpoint) and rerun: what was fetched is kept",
     "MissingSecretError": "export the variable in your shell or your scheduler's environment",
+    "MarketDataError": "check the candle/signal files' columns and timestamps (see `pricelevel backtest --help`)",
 }
 
 

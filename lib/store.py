@@ -143,6 +143,10 @@ def write_candles(path: Path, candles: pd.DataFrame) -> bool:
     return atomic_write(path, lambda tmp: pq.write_table(table, tmp, compression="zstd"))
 
 
+#: Permissions of every file the store writes: what ``open()`` gives under the usual umask 022.
+_FILE_MODE = 0o644
+
+
 def atomic_write(path: Path, write) -> bool:
     """Call ``write(tmp_path)``, then move the result over ``path`` unless it is byte-identical.
 
@@ -159,6 +163,7 @@ def atomic_write(path: Path, write) -> bool:
             return False
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; data and reports are for everyone to read
         os.replace(tmp, path)
         _fsync_dir(path.parent)
         return True

@@ -29,6 +29,7 @@ def test_upsert_creates_canonical_file(tmp_path: Path) -> None:
     result = store.upsert(Layer.RAW, KEY, real_candles(rows=100))
     assert result.changed and result.rows_added == 100
     assert result.path == tmp_path / "raw" / "sample" / "BTCUSDT_1h.parquet"
+    assert result.path.stat().st_mode & 0o777 == 0o644  # readable by others, like any file open() makes
     back = store.read(Layer.RAW, KEY)
     assert list(back.columns) == list(CANDLE_COLUMNS)
     assert str(back["timestamp"].dtype) == "datetime64[ns, UTC]"

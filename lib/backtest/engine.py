@@ -1,0 +1,436 @@
+"""The backtest engine: one compiled loop over bars, exact fill rules, state that survives chunking.
+
+Inputs are aligned 2-D arrays ``(bars, symbols)`` of open/high/low/close and boolean entry/exit signals
+(see :mod:`pricelevel.backtest.market`). Everything the loop knows between bars lives in :class:`EngineState`
+(cash, positions, stop prices, pending orders), so a run over the whole history and the same run fed in
+chunks (or one bar at a time, as the live trader does) produce identical trades and equity.
+
+Trade semantics (each rule is tested by a hand-computed case in ``tests/test_backtest_engine.py``)
+----------------------------------------------------------------------------------------------------
+Long only. Within one bar, for every symbol:
+
+1. **Pending orders** (fill ``next_open`` only). A signal seen at bar ``t``'s close is filled at bar ``t+1``'s
+   open: all pending exits first, then pending entries in symbol order. A symbol without a bar (NaN open)
+   keeps its order pending until its next bar.
+2. **Stops** on open positions. The stop reference is the *unslipped* entry price: the entry bar's close
+   (fill ``close``; this is vectorbt's ``stop_entry_price="close"``) or the fill bar's open (``next_open``).
+   ``SL = ref * (1 - sl_stop)``, ``TP = ref * (1 + tp_stop)``. With fill ``close`` the entry bar itself is
+   never checked (the position did not exist during it); with ``next_open`` the fill bar is checked, since
+   the position existed from its open on.
+   - stop-loss first: if ``open <= SL`` the exit fills at the **open** (a gap through the stop), else if
+     ``low <= SL`` it fills at ``SL``;
+   - only when the stop-loss did not trigger: if ``open >= TP`` the exit fills at the open, else if
+     ``high >= TP`` at ``TP``. So when both are inside one bar's range the stop-loss wins (pessimistic);
+   - a stop exit pays fees but **no slippage** (vectorbt's default ``stop_exit_price="stoplimit"``);
+   - on a bar with a stop exit, that symbol's entry and exit signals are ignored (no re-entry on the same
+     bar; the next entry can come at the next bar).
+3. **Signals** at the close. An entry and an exit on the same bar cancel each other (vectorbt's
+   ``upon_long_conflict="ignore"``), whether or not a position is open. An exit while flat and an entry
+   while already long do nothing (no pyramiding). Exits are handled for all symbols before entries, so
+   cash released by an exit at this close can fund an entry at the same close.
+   Fill ``close``: the order fills now at ``close``; ``next_open``: it is queued for the next open.
+4. **Valuation**: ``equity = cash + sum(position * last close)``; a symbol with no bar keeps its last close.
+
+Fills and costs (the same arithmetic as vectorbt's ``buy_nb``/``sell_nb``, so results agree to rounding):
+
+- slippage applies to signal fills only, against us: buy at ``price * (1 + slippage)``, sell at
+  ``price * (1 - slippage)``;
+- fees are a fraction of the traded value on every fill: a buy of ``size`` at ``p`` costs
+  ``size * p * (1 + fees)``; a sell returns ``size * p * (1 - fees)``;
+- sizing decides the order's value before fees, ``V``, then ``size = V / fill_price``:
+  ``all_in``: all cash, fees included (``size = cash / (1 + fees) / fill_price``, vectorbt's ``size=inf``);
+  ``fraction``: ``V = fraction * equity``; ``risk``: ``V = min(risk * equity / sl_stop, fraction * equity)``,
+  i.e. lose ``risk`` of equity if the stop-loss fills at its price. Equity is valued at the fill moment.
+  When ``V * (1 + fees)`` exceeds the cash, the order shrinks to what the cash buys (a partial fill);
+- an entry is rejected (and counted) when the cash is zero, when its value is below ``min_order_value``
+  (dust), or when ``max_positions`` positions are already open or pending;
+- positions are fractional; a sell always closes the whole position.
+
+A position still open at the end of the data is reported as a trade with ``exit_reason="open"`` valued at
+the last close with no exit fee (vectorbt's open trades). ``pnl = size * (exit - entry) - fees`` and
+``return = pnl / (size * entry_price)``, entry price including slippage (vectorbt's trade records).
+
+Differences from vectorbt's defaults, by design: vectorbt also rejects orders below ``min_size=1e-8``
+units (ours is ``min_order_value`` in quote currency); its multi-column runs are independent portfolios
+unless ``cash_sharing=True``, whereas ours share one cash balance across symbols.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+import numpy as np
+from numba import njit
+
+
+class ExitReason(IntEnum):
+    SIGNAL = 0
+    STOP_LOSS = 1
+    TAKE_PROFIT = 2
+    OPEN = 3  # still open at the end of the data
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+class Sizing(IntEnum):
+    ALL_IN = 0
+    FRACTION = 1
+    RISK = 2
+
+
+_NONE, _BUY, _SELL = 0, 1, 2
+# Rejection counters (EngineState.rejected).
+REJECT_NO_CASH, REJECT_DUST, REJECT_MAX_POSITIONS = 0, 1, 2
+REJECT_LABELS = ("no_cash", "dust", "max_positions")
+
+
+@dataclass(frozen=True)
+class EngineParams:
+    """Plain numbers the compiled loop needs (built from ``BacktestConfig`` by the caller)."""
+
+    init_cash: float = 10_000.0
+    fees: float = 0.0
+    slippage: float = 0.0
+    sl_stop: float = float("nan")  # NaN: no stop-loss
+    tp_stop: float = float("nan")  # NaN: no take-profit
+    next_open: bool = False
+    sizing: Sizing = Sizing.ALL_IN
+    fraction: float = 1.0
+    risk: float = 0.02
+    min_order_value: float = 0.0
+    max_positions: int = 1_000_000
+
+    def __post_init__(self) -> None:
+        if not (self.init_cash > 0 and np.isfinite(self.init_cash)):
+            raise ValueError(f"init_cash must be a positive number, got {self.init_cash}")
+        for name in ("fees", "slippage", "min_order_value"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("sl_stop", "tp_stop"):
+            value = getattr(self, name)
+            if not (np.isnan(value) or value > 0):
+                raise ValueError(f"{name} must be > 0 or NaN (off), got {value}")
+        if self.sl_stop >= 1:
+            raise ValueError(f"sl_stop must be below 1 (a fraction of the entry price), got {self.sl_stop}")
+        if not 0 < self.fraction <= 1 or not 0 < self.risk <= 1:
+            raise ValueError("fraction and risk must be in (0, 1]")
+        if self.sizing == Sizing.RISK and np.isnan(self.sl_stop):
+            raise ValueError("risk sizing needs a stop-loss (sl_stop): the risk is measured to the stop")
+        if self.max_positions < 1:
+            raise ValueError("max_positions must be >= 1")
+
+    def as_arrays(self) -> tuple[np.ndarray, np.ndarray]:
+        floats = np.array(
+            [self.fees, self.slippage, self.sl_stop, self.tp_stop, self.fraction, self.risk, self.min_order_value]
+        )
+        ints = np.array([int(self.next_open), int(self.sizing), self.max_positions], dtype=np.int64)
+        return floats, ints
+
+
+@dataclass
+class EngineState:
+    """Everything carried from one bar to the next. Mutated in place by :func:`step`."""
+
+    cash: np.ndarray  # shape (1,)
+    position: np.ndarray  # units held, per symbol
+    entry_price: np.ndarray  # fill price incl. slippage
+    entry_fees: np.ndarray
+    entry_bar: np.ndarray  # global bar index of the entry fill
+    sl_price: np.ndarray  # NaN when no stop-loss
+    tp_price: np.ndarray
+    last_close: np.ndarray  # valuation price (last finite close)
+    pending: np.ndarray  # 0 none, 1 buy, 2 sell at the next open
+    stopped_bar: np.ndarray  # last global bar with a stop exit (signals ignored on it)
+    rejected: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
+    bars_done: int = 0
+
+    @classmethod
+    def initial(cls, n_symbols: int, init_cash: float) -> EngineState:
+        def nan() -> np.ndarray:
+            return np.full(n_symbols, np.nan)
+
+        return cls(
+            cash=np.array([float(init_cash)]),
+            position=np.zeros(n_symbols),
+            entry_price=nan(),
+            entry_fees=np.zeros(n_symbols),
+            entry_bar=np.full(n_symbols, -1, dtype=np.int64),
+            sl_price=nan(),
+            tp_price=nan(),
+            last_close=nan(),
+            pending=np.zeros(n_symbols, dtype=np.int8),
+            stopped_bar=np.full(n_symbols, -1, dtype=np.int64),
+        )
+
+    @property
+    def n_symbols(self) -> int:
+        return len(self.position)
+
+    def copy(self) -> EngineState:
+        return EngineState(
+            **{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
+        )
+
+
+@dataclass(frozen=True)
+class ChunkResult:
+    """Output of one :func:`step` call: equity per bar and the trades closed during the chunk."""
+
+    equity: np.ndarray  # (bars,)
+    trades: dict[str, np.ndarray]  # columns of TRADE_FIELDS, one row per closed trade
+
+
+TRADE_FIELDS = (
+    "symbol_idx", "entry_bar", "exit_bar", "entry_price", "exit_price", "size", "entry_fees", "exit_fees",
+    "exit_reason",
+)
+
+
+def step(
+    state: EngineState,
+    params: EngineParams,
+    open_: np.ndarray,
+    high: np.ndarray,
+    low: np.ndarray,
+    close: np.ndarray,
+    entries: np.ndarray,
+    exits: np.ndarray,
+) -> ChunkResult:
+    """Advance ``state`` over a chunk of bars (2-D ``(bars, symbols)`` arrays) and return what happened."""
+    arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (open_, high, low, close)]
+    signals = [np.ascontiguousarray(a, dtype=np.bool_) for a in (entries, exits)]
+    shape = arrays[3].shape
+    if len(shape) != 2 or shape[1] != state.n_symbols:
+        raise ValueError(f"expected arrays of shape (bars, {state.n_symbols}), got {shape}")
+    if any(a.shape != shape for a in (*arrays, *signals)):
+        raise ValueError("open, high, low, close, entries and exits must have the same shape")
+    floats, ints = params.as_arrays()
+    capacity = int(np.count_nonzero(signals[0])) + 2 * state.n_symbols
+    out_i = np.empty((capacity, 4), dtype=np.int64)  # symbol, entry bar, exit bar, reason
+    out_f = np.empty((capacity, 5))  # entry price, exit price, size, entry fees, exit fees
+    equity = np.empty(shape[0])
+    n = _simulate(
+        *arrays, *signals, floats, ints, state.bars_done,
+        state.cash, state.position, state.entry_price, state.entry_fees, state.entry_bar, state.sl_price,
+        state.tp_price, state.last_close, state.pending, state.stopped_bar, state.rejected,
+        equity, out_i, out_f,
+    )
+    state.bars_done += shape[0]
+    trades = {
+        "symbol_idx": out_i[:n, 0].copy(), "entry_bar": out_i[:n, 1].copy(), "exit_bar": out_i[:n, 2].copy(),
+        "entry_price": out_f[:n, 0].copy(), "exit_price": out_f[:n, 1].copy(), "size": out_f[:n, 2].copy(),
+        "entry_fees": out_f[:n, 3].copy(), "exit_fees": out_f[:n, 4].copy(),
+        "exit_reason": out_i[:n, 3].astype(np.int8),
+    }
+    return ChunkResult(equity=equity, trades=trades)
+
+
+def open_trades(state: EngineState) -> dict[str, np.ndarray]:
+    """Positions still open, as trades valued at the last close with no exit fee (``exit_reason=open``)."""
+    idx = np.flatnonzero(state.position > 0)
+    last_bar = state.bars_done - 1
+    return {
+        "symbol_idx": idx.astype(np.int64), "entry_bar": state.entry_bar[idx].copy(),
+        "exit_bar": np.full(len(idx), last_bar, dtype=np.int64), "entry_price": state.entry_price[idx].copy(),
+        "exit_price": state.last_close[idx].copy(), "size": state.position[idx].copy(),
+        "entry_fees": state.entry_fees[idx].copy(), "exit_fees": np.zeros(len(idx)),
+        "exit_reason": np.full(len(idx), ExitReason.OPEN, dtype=np.int8),
+    }
+
+
+# ------------------------------------------------------------------------------------------ compiled core
+# The functions below are compiled by numba (cached on disk next to this file, so the compile cost is paid
+# once per machine). They touch only numbers and preallocated arrays: no Python objects per bar or trade.
+
+
+@njit(cache=True, inline="always")
+def _is_zero(x):
+    return abs(x) <= 1e-12
+
+
+@njit(cache=True)
+def _buy(s, price, g, equity_now, floats, ints, cash, position, entry_price, entry_fees, entry_bar,
+         sl_price, tp_price, rejected):
+    """Open a position at ``price`` (unslipped reference price). Returns True if filled."""
+    fees, slippage, sl_stop, tp_stop = floats[0], floats[1], floats[2], floats[3]
+    fraction, risk, min_value = floats[4], floats[5], floats[6]
+    sizing = ints[1]
+    cash_now = cash[0]
+    if _is_zero(cash_now) or cash_now <= 0.0:
+        rejected[0] += 1
+        return False
+    adj_price = price * (1.0 + slippage)
+    if sizing == 0:
+        target = np.inf
+    elif sizing == 1:
+        target = fraction * equity_now
+    else:
+        target = min(risk * equity_now / sl_stop, fraction * equity_now)
+    req_cash = target * (1.0 + fees)
+    if req_cash <= cash_now or (
+        req_cash < np.inf and abs(req_cash - cash_now) <= max(1e-9 * max(req_cash, cash_now), 1e-12)
+    ):
+        size = target / adj_price
+        paid = target * fees
+        spent = target + paid
+    else:  # the cash does not cover the target: buy what it covers, fees included (vectorbt's partial fill)
+        max_value = cash_now / (1.0 + fees)
+        size = max_value / adj_price
+        paid = cash_now - max_value
+        spent = cash_now
+    if size * adj_price < min_value or size <= 0.0:
+        rejected[1] += 1
+        return False
+    rest = cash_now - spent
+    cash[0] = 0.0 if _is_zero(rest) else rest
+    position[s] = size
+    entry_price[s] = adj_price
+    entry_fees[s] = paid
+    entry_bar[s] = g
+    sl_price[s] = price * (1.0 - sl_stop)  # NaN when sl_stop is NaN
+    tp_price[s] = price * (1.0 + tp_stop)
+    return True
+
+
+@njit(cache=True)
+def _sell(s, price, slip, g, reason, fees, cash, position, entry_price, entry_fees, entry_bar,
+          sl_price, tp_price, out_i, out_f, n):
+    """Close the whole position at ``price`` (slippage ``slip``); record the trade in row ``n``."""
+    size = position[s]
+    adj_price = price * (1.0 - slip)
+    value = size * adj_price
+    paid = value * fees
+    cash[0] = cash[0] + (value - paid)
+    out_i[n, 0] = s
+    out_i[n, 1] = entry_bar[s]
+    out_i[n, 2] = g
+    out_i[n, 3] = reason
+    out_f[n, 0] = entry_price[s]
+    out_f[n, 1] = adj_price
+    out_f[n, 2] = size
+    out_f[n, 3] = entry_fees[s]
+    out_f[n, 4] = paid
+    position[s] = 0.0
+    entry_price[s] = np.nan
+    entry_fees[s] = 0.0
+    entry_bar[s] = -1
+    sl_price[s] = np.nan
+    tp_price[s] = np.nan
+    return n + 1
+
+
+@njit(cache=True)
+def _equity(cash, position, last_close):
+    total = cash[0]
+    for s in range(position.shape[0]):
+        if position[s] != 0.0:
+            total += position[s] * last_close[s]
+    return total
+
+
+@njit(cache=True, nogil=True)
+def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
+              cash, position, entry_price, entry_fees, entry_bar, sl_price, tp_price, last_close, pending,
+              stopped_bar, rejected, equity, out_i, out_f):
+    fees, slippage = floats[0], floats[1]
+    next_open = ints[0] == 1
+    max_positions = ints[2]
+    n_bars, n_sym = close.shape
+    n = 0
+    n_open = 0
+    n_pending_buys = 0
+    for s in range(n_sym):
+        if position[s] > 0.0:
+            n_open += 1
+        if pending[s] == 1:
+            n_pending_buys += 1
+
+    for t in range(n_bars):
+        g = offset + t
+
+        # 1. orders queued at the previous close fill at this open: exits first, then entries
+        if next_open and (n_pending_buys > 0 or n_open > 0):
+            for s in range(n_sym):
+                if pending[s] == 2 and open_[t, s] == open_[t, s]:
+                    n = _sell(s, open_[t, s], slippage, g, 0, fees, cash, position, entry_price, entry_fees,
+                              entry_bar, sl_price, tp_price, out_i, out_f, n)
+                    pending[s] = 0
+                    n_open -= 1
+            if n_pending_buys > 0:
+                for s in range(n_sym):
+                    if pending[s] == 1 and open_[t, s] == open_[t, s]:
+                        pending[s] = 0
+                        n_pending_buys -= 1
+                        eq = cash[0]
+                        for k in range(n_sym):
+                            if position[k] != 0.0:
+                                eq += position[k] * (open_[t, k] if open_[t, k] == open_[t, k] else last_close[k])
+                        if _buy(s, open_[t, s], g, eq, floats, ints, cash, position, entry_price,
+                                entry_fees, entry_bar, sl_price, tp_price, rejected):
+                            n_open += 1
+
+        # 2. stops, then exit signals at the close, for each open position
+        if n_open > 0:
+            for s in range(n_sym):
+                if position[s] == 0.0:
+                    continue
+                o = open_[t, s]
+                if o != o:  # no bar for this symbol: no stop, no signal, valued at its last close
+                    continue
+                reason = 0
+                fill = o
+                sl = sl_price[s]
+                if o <= sl:  # False when sl is NaN (no stop-loss)
+                    reason = 1
+                elif low[t, s] <= sl:
+                    fill = sl
+                    reason = 1
+                else:
+                    tp = tp_price[s]
+                    if o >= tp:
+                        reason = 2
+                    elif high[t, s] >= tp:
+                        fill = tp
+                        reason = 2
+                if reason != 0:
+                    n = _sell(s, fill, 0.0, g, reason, fees, cash, position, entry_price, entry_fees,
+                              entry_bar, sl_price, tp_price, out_i, out_f, n)
+                    n_open -= 1
+                    stopped_bar[s] = g
+                    continue
+                c = close[t, s]
+                last_close[s] = c
+                if exits[t, s] and not entries[t, s] and pending[s] == 0:
+                    if next_open:
+                        pending[s] = 2
+                    else:
+                        n = _sell(s, c, slippage, g, 0, fees, cash, position, entry_price, entry_fees,
+                                  entry_bar, sl_price, tp_price, out_i, out_f, n)
+                        n_open -= 1
+
+        # 3. entry signals at the close
+        for s in range(n_sym):
+            if entries[t, s] and not exits[t, s] and position[s] == 0.0 and pending[s] == 0 \
+                    and stopped_bar[s] != g:
+                c = close[t, s]
+                if c != c:
+                    continue
+                if n_open + n_pending_buys >= max_positions:
+                    rejected[2] += 1
+                elif next_open:
+                    pending[s] = 1
+                    n_pending_buys += 1
+                elif _buy(s, c, g, _equity(cash, position, last_close), floats, ints, cash, position,
+                          entry_price, entry_fees, entry_bar, sl_price, tp_price, rejected):
+                    last_close[s] = c
+                    n_open += 1
+
+        # 4. mark to market (last_close is current for every open position)
+        if n_open == 0:
+            equity[t] = cash[0]
+        else:
+            equity[t] = _equity(cash, position, last_close)
+    return n

@@ -1,0 +1,68 @@
+"""The file edge of the backtest: read candle and signal Parquet files, write the JSON result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pricelevel.backtest.market import MarketDataError
+from pricelevel.backtest.metrics import BacktestMetrics
+from pricelevel.backtest.run import BacktestResult
+from pricelevel.store import atomic_write, parse_dataset_filename
+
+
+def read_frame(path: Path, what: str) -> pd.DataFrame:
+    """A Parquet file as a frame; a file without a ``symbol`` column named ``SYMBOL_TF.parquet`` gets one."""
+    path = Path(path)
+    if not path.is_file():
+        raise MarketDataError(f"{what} {path}: no such file")
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as exc:  # pyarrow raises several types for non-Parquet input
+        raise MarketDataError(f"{what} {path}: not a readable Parquet file ({type(exc).__name__}: {exc})") from None
+    if "symbol" not in frame.columns and (parsed := parse_dataset_filename(path)) is not None:
+        frame = frame.assign(symbol=parsed[0])
+    return frame
+
+
+def result_document(result: BacktestResult, metrics: BacktestMetrics) -> dict[str, object]:
+    """Everything a reader needs to trust the numbers: inputs, rules, metrics, and every trade."""
+    market = result.market
+    trades = result.trades
+    rows = trades.assign(
+        entry_time=trades["entry_time"].map(pd.Timestamp.isoformat),
+        exit_time=trades["exit_time"].map(pd.Timestamp.isoformat),
+        fees=trades["entry_fees"] + trades["exit_fees"],
+    )
+    columns = ["symbol", "entry_time", "exit_time", "entry_price", "exit_price", "size", "pnl", "return",
+               "exit_reason", "fees"]
+    trade_rows = rows[columns].to_dict("records")
+    return {
+        "period": {
+            "start": market.timestamps[0].isoformat() if market.n_bars else None,
+            "end": market.timestamps[-1].isoformat() if market.n_bars else None,
+            "bars": market.n_bars,
+            "timeframe": str(market.timeframe),
+            "symbols": list(market.symbols),
+        },
+        "config": result.config.model_dump(mode="json"),
+        "metrics": metrics.to_json_dict(),
+        "rejected_entries": result.rejected,
+        "trades": trade_rows,
+    }
+
+
+def write_result_json(result: BacktestResult, metrics: BacktestMetrics, path: Path) -> Path:
+    document = result_document(result, metrics)
+    text = json.dumps(document, indent=2, allow_nan=False, default=_json_default) + "\n"
+    atomic_write(Path(path), lambda tmp: tmp.write_text(text))
+    return Path(path)
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, np.integer | np.floating):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
