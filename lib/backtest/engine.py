@@ -169,11 +169,6 @@ class EngineState:
     def n_symbols(self) -> int:
         return len(self.position)
 
-    def copy(self) -> EngineState:
-        return EngineState(
-            **{k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in self.__dict__.items()}
-        )
-
 
 @dataclass(frozen=True)
 class ChunkResult:

@@ -41,13 +41,6 @@ class Market:
     def n_bars(self) -> int:
         return len(self.timestamps)
 
-    def slice(self, start: int, stop: int) -> Market:
-        """Bars ``[start, stop)``: the chunks a streaming run is fed with."""
-        return Market(
-            self.timestamps[start:stop], self.symbols, self.open[start:stop], self.high[start:stop],
-            self.low[start:stop], self.close[start:stop], self.timeframe,
-        )
-
 
 def _utc_timestamps(values: pd.Series, what: str) -> pd.Series:
     try:

@@ -92,49 +92,38 @@ def _jsonable(metrics: dict[str, object]) -> dict[str, object]:
 # --------------------------------------------------------------------------------------------- curves
 
 
+def _while_held(result: BacktestResult, per_trade: np.ndarray) -> np.ndarray:
+    """``(bars, symbols)`` sums of ``per_trade`` over the bars each trade's position is held at the close."""
+    market, trades = result.market, result.trades
+    n_bars = market.n_bars
+    col = pd.Index(market.symbols).get_indexer(trades["symbol"])
+    stop = np.where(trades["exit_reason"] == "open", n_bars, trades["exit_bar"].to_numpy())
+    delta = np.zeros((n_bars + 1, len(market.symbols)))
+    np.add.at(delta, (trades["entry_bar"].to_numpy(), col), per_trade)
+    np.add.at(delta, (stop, col), -per_trade)
+    total = np.cumsum(delta[:-1], axis=0)
+    # rounding in the running sum must not leave a phantom position after the last trade
+    total[np.abs(total) <= 1e-12 * np.maximum(1.0, np.abs(total))] = 0.0
+    return total
+
+
 def held_size(result: BacktestResult) -> np.ndarray:
     """Units held at each bar's close, ``(bars, symbols)``, rebuilt from the trades."""
-    shape = result.market.close.shape
-    trades = result.trades
-    col = pd.Index(result.market.symbols).get_indexer(trades["symbol"])
-    delta = np.zeros((shape[0] + 1, shape[1]))
-    np.add.at(delta, (trades["entry_bar"].to_numpy(), col), trades["size"].to_numpy())
-    is_open = (trades["exit_reason"] == "open").to_numpy()
-    stop = np.where(is_open, shape[0], trades["exit_bar"].to_numpy())
-    np.add.at(delta, (stop, col), -trades["size"].to_numpy())
-    held = np.cumsum(delta[:-1], axis=0)
-    held[np.abs(held) < 1e-12 * np.maximum(1.0, np.abs(held))] = 0.0
-    return held
+    return _while_held(result, result.trades["size"].to_numpy())
 
 
 def symbol_equity(result: BacktestResult) -> pd.DataFrame:
     """Per-symbol equity: ``init_cash`` + that symbol's realised and unrealised P&L at each bar's close."""
     market, trades = result.market, result.trades
-    n_bars, n_sym = market.close.shape
-    col = pd.Index(market.symbols).get_indexer(trades["symbol"])
-    is_open = (trades["exit_reason"] == "open").to_numpy()
-    entry_bar = trades["entry_bar"].to_numpy()
-    stop = np.where(is_open, n_bars, trades["exit_bar"].to_numpy())
-    cost = (trades["size"] * trades["entry_price"] + trades["entry_fees"]).to_numpy()
-
-    # Open positions: size * close - cost while held; realised P&L from the exit bar on.
-    size_delta = np.zeros((n_bars + 1, n_sym))
-    cost_delta = np.zeros((n_bars + 1, n_sym))
-    np.add.at(size_delta, (entry_bar, col), trades["size"].to_numpy())
-    np.add.at(size_delta, (stop, col), -trades["size"].to_numpy())
-    np.add.at(cost_delta, (entry_bar, col), cost)
-    np.add.at(cost_delta, (stop, col), -cost)
-    realised = np.zeros((n_bars + 1, n_sym))
-    closed = ~is_open
-    np.add.at(realised, (stop[closed], col[closed]), trades["pnl"].to_numpy()[closed])
-
-    held = np.cumsum(size_delta[:-1], axis=0)
-    held_cost = np.cumsum(cost_delta[:-1], axis=0)
+    held = held_size(result)
+    held_cost = _while_held(result, (trades["size"] * trades["entry_price"] + trades["entry_fees"]).to_numpy())
     last_close = pd.DataFrame(market.close).ffill().to_numpy()
     unrealised = np.where(held != 0, held * np.nan_to_num(last_close) - held_cost, 0.0)
-    # Rounding in the running sums must not leave a phantom position after the last trade.
-    unrealised[np.abs(held) <= 1e-12 * np.maximum(1.0, np.abs(held))] = 0.0
-    value = result.config.init_cash + np.cumsum(realised[:-1], axis=0) + unrealised
+    closed = (trades["exit_reason"] != "open").to_numpy()
+    realised = np.zeros(market.close.shape)
+    col = pd.Index(market.symbols).get_indexer(trades["symbol"])
+    np.add.at(realised, (trades["exit_bar"].to_numpy()[closed], col[closed]), trades["pnl"].to_numpy()[closed])
+    value = result.config.init_cash + np.cumsum(realised, axis=0) + unrealised
     return pd.DataFrame(value, index=market.timestamps, columns=list(market.symbols))
 
 
