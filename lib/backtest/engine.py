@@ -81,7 +81,9 @@ class Sizing(IntEnum):
     RISK = 2
 
 
-_NONE, _BUY, _SELL = 0, 1, 2
+# Integer codes the compiled loop uses (numba freezes module-level ints as constants).
+_NONE, _BUY, _SELL = 0, 1, 2  # EngineState.pending
+_BY_SIGNAL, _BY_STOP_LOSS, _BY_TAKE_PROFIT = int(ExitReason.SIGNAL), int(ExitReason.STOP_LOSS), int(ExitReason.TAKE_PROFIT)
 # Rejection counters (EngineState.rejected).
 REJECT_NO_CASH, REJECT_DUST, REJECT_MAX_POSITIONS = 0, 1, 2
 REJECT_LABELS = ("no_cash", "dust", "max_positions")
@@ -255,7 +257,7 @@ def _buy(s, price, g, equity_now, floats, ints, cash, position, entry_price, ent
     sizing = ints[1]
     cash_now = cash[0]
     if _is_zero(cash_now) or cash_now <= 0.0:
-        rejected[0] += 1
+        rejected[REJECT_NO_CASH] += 1
         return False
     adj_price = price * (1.0 + slippage)
     if sizing == 0:
@@ -277,7 +279,7 @@ def _buy(s, price, g, equity_now, floats, ints, cash, position, entry_price, ent
         paid = cash_now - max_value
         spent = cash_now
     if size * adj_price < min_value or size <= 0.0:
-        rejected[1] += 1
+        rejected[REJECT_DUST] += 1
         return False
     rest = cash_now - spent
     cash[0] = 0.0 if _is_zero(rest) else rest
@@ -340,7 +342,7 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
     for s in range(n_sym):
         if position[s] > 0.0:
             n_open += 1
-        if pending[s] == 1:
+        if pending[s] == _BUY:
             n_pending_buys += 1
 
     for t in range(n_bars):
@@ -349,15 +351,15 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
         # 1. orders queued at the previous close fill at this open: exits first, then entries
         if next_open and (n_pending_buys > 0 or n_open > 0):
             for s in range(n_sym):
-                if pending[s] == 2 and open_[t, s] == open_[t, s]:
-                    n = _sell(s, open_[t, s], slippage, g, 0, fees, cash, position, entry_price, entry_fees,
+                if pending[s] == _SELL and open_[t, s] == open_[t, s]:
+                    n = _sell(s, open_[t, s], slippage, g, _BY_SIGNAL, fees, cash, position, entry_price, entry_fees,
                               entry_bar, sl_price, tp_price, out_i, out_f, n)
-                    pending[s] = 0
+                    pending[s] = _NONE
                     n_open -= 1
             if n_pending_buys > 0:
                 for s in range(n_sym):
-                    if pending[s] == 1 and open_[t, s] == open_[t, s]:
-                        pending[s] = 0
+                    if pending[s] == _BUY and open_[t, s] == open_[t, s]:
+                        pending[s] = _NONE
                         n_pending_buys -= 1
                         eq = cash[0]
                         for k in range(n_sym):
@@ -375,22 +377,22 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
                 o = open_[t, s]
                 if o != o:  # no bar for this symbol: no stop, no signal, valued at its last close
                     continue
-                reason = 0
+                reason = _BY_SIGNAL  # i.e. no stop has triggered
                 fill = o
                 sl = sl_price[s]
                 if o <= sl:  # False when sl is NaN (no stop-loss)
-                    reason = 1
+                    reason = _BY_STOP_LOSS
                 elif low[t, s] <= sl:
                     fill = sl
-                    reason = 1
+                    reason = _BY_STOP_LOSS
                 else:
                     tp = tp_price[s]
                     if o >= tp:
-                        reason = 2
+                        reason = _BY_TAKE_PROFIT
                     elif high[t, s] >= tp:
                         fill = tp
-                        reason = 2
-                if reason != 0:
+                        reason = _BY_TAKE_PROFIT
+                if reason != _BY_SIGNAL:
                     n = _sell(s, fill, 0.0, g, reason, fees, cash, position, entry_price, entry_fees,
                               entry_bar, sl_price, tp_price, out_i, out_f, n)
                     n_open -= 1
@@ -398,25 +400,25 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
                     continue
                 c = close[t, s]
                 last_close[s] = c
-                if exits[t, s] and not entries[t, s] and pending[s] == 0:
+                if exits[t, s] and not entries[t, s] and pending[s] == _NONE:
                     if next_open:
-                        pending[s] = 2
+                        pending[s] = _SELL
                     else:
-                        n = _sell(s, c, slippage, g, 0, fees, cash, position, entry_price, entry_fees,
+                        n = _sell(s, c, slippage, g, _BY_SIGNAL, fees, cash, position, entry_price, entry_fees,
                                   entry_bar, sl_price, tp_price, out_i, out_f, n)
                         n_open -= 1
 
         # 3. entry signals at the close
         for s in range(n_sym):
-            if entries[t, s] and not exits[t, s] and position[s] == 0.0 and pending[s] == 0 \
+            if entries[t, s] and not exits[t, s] and position[s] == 0.0 and pending[s] == _NONE \
                     and stopped_bar[s] != g:
                 c = close[t, s]
                 if c != c:
                     continue
                 if n_open + n_pending_buys >= max_positions:
-                    rejected[2] += 1
+                    rejected[REJECT_MAX_POSITIONS] += 1
                 elif next_open:
-                    pending[s] = 1
+                    pending[s] = _BUY
                     n_pending_buys += 1
                 elif _buy(s, c, g, _equity(cash, position, last_close), floats, ints, cash, position,
                           entry_price, entry_fees, entry_bar, sl_price, tp_price, rejected):
