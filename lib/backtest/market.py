@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pricelevel.candles import PRICE_COLUMNS
 from pricelevel.signals import signals_from_probability
 from pricelevel.timeframes import Timeframe
 
-PRICE_COLUMNS = ("open", "high", "low", "close")
 #: Symbol given to candles and signals without a ``symbol`` column.
 DEFAULT_SYMBOL = "ASSET"
 

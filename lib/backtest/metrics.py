@@ -63,6 +63,8 @@ MONEY_METRICS = frozenset({"final_value", "expectancy", "fees_paid"})
 class BacktestMetrics:
     portfolio: dict[str, object]
     symbols: dict[str, dict[str, object]]
+    #: Each symbol's equity curve (:func:`symbol_equity`), kept for the reports that draw it.
+    equity_by_symbol: pd.DataFrame
 
     def table(self) -> pd.DataFrame:
         """Rows ``portfolio`` then each symbol; one column per metric."""
@@ -112,10 +114,13 @@ def held_size(result: BacktestResult) -> np.ndarray:
     return _while_held(result, result.trades["size"].to_numpy())
 
 
-def symbol_equity(result: BacktestResult) -> pd.DataFrame:
-    """Per-symbol equity: ``init_cash`` + that symbol's realised and unrealised P&L at each bar's close."""
+def symbol_equity(result: BacktestResult, held: np.ndarray | None = None) -> pd.DataFrame:
+    """Per-symbol equity: ``init_cash`` + that symbol's realised and unrealised P&L at each bar's close.
+
+    ``held`` is :func:`held_size` when the caller has it already.
+    """
     market, trades = result.market, result.trades
-    held = held_size(result)
+    held = held_size(result) if held is None else held
     held_cost = _while_held(result, (trades["size"] * trades["entry_price"] + trades["entry_fees"]).to_numpy())
     last_close = pd.DataFrame(market.close).ffill().to_numpy()
     unrealised = np.where(held != 0, held * np.nan_to_num(last_close) - held_cost, 0.0)
@@ -210,7 +215,7 @@ def compute_metrics(result: BacktestResult) -> BacktestMetrics:
     bar = market.timeframe.delta
     init = result.config.init_cash
     held = held_size(result)
-    per_symbol_equity = symbol_equity(result)
+    per_symbol_equity = symbol_equity(result, held)
     bh = [buy_and_hold_return(market.close[:, k]) for k in range(len(market.symbols))]
 
     portfolio = curve_metrics(result.equity.to_numpy(), init, bars_per_year, bar)
@@ -225,7 +230,7 @@ def compute_metrics(result: BacktestResult) -> BacktestMetrics:
         metrics["exposure"] = float((held[:, k] > 0).mean()) if market.n_bars else math.nan
         metrics["buy_and_hold_return"] = bh[k]
         symbols[symbol] = metrics
-    return BacktestMetrics(portfolio=portfolio, symbols=symbols)
+    return BacktestMetrics(portfolio=portfolio, symbols=symbols, equity_by_symbol=per_symbol_equity)
 
 
 # -------------------------------------------------------------------------------------------- formatting

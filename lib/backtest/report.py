@@ -34,13 +34,12 @@ from pricelevel.backtest.metrics import (
     BacktestMetrics,
     drawdown_series,
     format_metric,
-    symbol_equity,
 )
 from pricelevel.backtest.run import BacktestResult
+from pricelevel.candles import PRICE_COLUMNS
 from pricelevel.store import atomic_write
 
 PLOTLY_JS = "plotly.min.js"
-PRICE_COLUMNS = ("open", "high", "low", "close")
 
 #: Trade marker colours by exit reason (entries share their trade's colour).
 REASON_COLORS = {"signal": "#1f77b4", "stop_loss": "#d62728", "take_profit": "#2ca02c", "open": "#7f7f7f"}
@@ -416,7 +415,7 @@ def write_report(
     plotly_js = get_plotlyjs()
     atomic_write(bundle, lambda tmp: tmp.write_text(plotly_js, encoding="utf-8"))
 
-    per_symbol = symbol_equity(result)
+    per_symbol = metrics.equity_by_symbol
     table = metrics.table()
     written = []
     for symbol in market.symbols:

@@ -35,7 +35,7 @@ def engine_params(config: BacktestConfig) -> EngineParams:
         sl_stop=nan if config.sl_stop is None else config.sl_stop,
         tp_stop=nan if config.tp_stop is None else config.tp_stop,
         next_open=config.fill == "next_open",
-        sizing={"all_in": Sizing.ALL_IN, "fraction": Sizing.FRACTION, "risk": Sizing.RISK}[config.sizing],
+        sizing=Sizing[config.sizing.upper()],
         fraction=config.fraction,
         risk=config.risk,
         min_order_value=config.min_order_value,
