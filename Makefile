@@ -17,7 +17,7 @@ export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export GX_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test install install-dev lint bench clean ui-prefect deploy
+.PHONY: demo test install install-dev lint bench clean ui ui-prefect deploy
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -35,9 +35,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
 
+# The whole DAG on the bundled data, demo-sized (conf/quick.yaml), then the promotion flow.
 demo: install
-	$(BIN)/pricelevel ingest
-	$(BIN)/pricelevel data status
+	$(BIN)/pricelevel train --quick
+	$(BIN)/pricelevel promote
+	$(BIN)/pricelevel models
+	@echo "Look at: the backtest report printed above · \`make ui\` (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)"
 
 test: install-dev
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q
@@ -49,6 +52,9 @@ bench: install-dev
 	$(BIN)/python bench/ingest.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/backtest.py
 
+ui: install
+	$(BIN)/pricelevel ui
+
 ui-prefect: install
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 
@@ -58,4 +64,4 @@ deploy: install
 	PRICELEVEL_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 clean:
-	rm -rf data/raw data/validated data/quarantine data/reports .prefect mlruns
+	rm -rf data/raw data/validated data/quarantine data/reports data/derived data/optuna .prefect mlruns

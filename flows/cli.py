@@ -226,28 +226,56 @@ def data_status(
 
 @app.command()
 def backtest(
-    candles: Annotated[Path, typer.Option(help="Parquet: timestamp, open, high, low, close[, volume][, symbol].")],
+    candles: Annotated[
+        Path | None, typer.Option(help="Parquet: timestamp, open, high, low, close[, volume][, symbol].")
+    ] = None,
     signals: Annotated[
-        Path, typer.Option(help="Parquet: timestamp, entry, exit[, symbol] (booleans), or timestamp, probability.")
-    ],
+        Path | None, typer.Option(help="Parquet: timestamp, entry, exit[, symbol] (booleans), or timestamp, probability.")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="A registered model, e.g. models:/pricelevel@champion (with --data).")
+    ] = None,
+    data: Annotated[Path | None, typer.Option(help="Folder of SYMBOL_TF.parquet candles to score --model on.")] = None,
+    start: Annotated[str | None, typer.Option(help="With --model: trade from this UTC time on.")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics and every trade here.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the HTML summary here (+ one page per symbol).")] = None,
     config: ConfigOption = None,
     set_: SetOption = None,
     debug: DebugOption = False,
 ) -> None:
-    """Backtest signals on candles with the rules in `backtest.*` (fees, slippage, stops, fill, sizing)."""
+    """Backtest signals on candles, or a registered model on a data folder, with the rules in `backtest.*`."""
     from pricelevel.backtest.files import read_frame, write_result_json
     from pricelevel.backtest.market import align_signals, market_from_candles
     from pricelevel.backtest.metrics import compute_metrics
     from pricelevel.backtest.run import run_backtest
 
-    cfg = _load(config, set_).backtest
-    market = market_from_candles(read_frame(candles, "candles"), timeframe=cfg.timeframe)
-    entries, exits = align_signals(market, read_frame(signals, "signals"), cfg.threshold, cfg.exit_threshold)
-    result = run_backtest(market, entries, exits, cfg)
-    metrics = compute_metrics(result)
-    _print_metrics(metrics, f"backtest {', '.join(market.symbols)} {market.timeframe} "
+    cfg = _load(config, set_)
+    levels = None
+    if model is not None:
+        if data is None or candles is not None or signals is not None:
+            raise UsageError("--model needs --data DIR (and no --candles/--signals)")
+        from pricelevel.datafolder import CandleFolder
+        from pricelevel.scoring import backtest_probabilities, predict_tables, tables_for_spec
+        from pricelevel.tracking import load_model, mlflow_client
+
+        loaded = load_model(model, mlflow_client(cfg.tracking))
+        tables = tables_for_spec(CandleFolder.open(data), loaded.spec)
+        scored = predict_tables(loaded.predict, loaded.spec, tables)
+        traded = backtest_probabilities(tables, scored, cfg.backtest, start=pd_timestamp(start))
+        result, metrics, levels = traded.result, traded.metrics, traded.levels
+        what = f"{model} (version {loaded.version}) on {data}"
+    else:
+        if candles is None or signals is None:
+            raise UsageError("give --candles and --signals, or --model and --data")
+        market = market_from_candles(read_frame(candles, "candles"), timeframe=cfg.backtest.timeframe)
+        entries, exits = align_signals(
+            market, read_frame(signals, "signals"), cfg.backtest.threshold, cfg.backtest.exit_threshold
+        )
+        result = run_backtest(market, entries, exits, cfg.backtest)
+        metrics = compute_metrics(result)
+        what = "backtest"
+    market = result.market
+    _print_metrics(metrics, f"{what}: {', '.join(market.symbols)} {market.timeframe} "
                    f"{market.timestamps[0]:%Y-%m-%d} .. {market.timestamps[-1]:%Y-%m-%d} ({market.n_bars} bars)")
     if any(result.rejected.values()):
         _console().print("rejected entries: " + ", ".join(f"{k} {v}" for k, v in result.rejected.items() if v))
@@ -256,8 +284,194 @@ def backtest(
     if report:
         from pricelevel.backtest.report import write_report
 
-        pages = write_report(result, metrics, report)
+        pages = write_report(result, metrics, report, levels=levels)
         _console().print(f"report: {pages[0]} (+{len(pages) - 1} files)")
+
+
+def pd_timestamp(text: str | None):
+    import pandas as pd
+
+    if text is None:
+        return None
+    try:
+        return pd.Timestamp(text, tz="UTC") if pd.Timestamp(text).tzinfo is None else pd.Timestamp(text).tz_convert("UTC")
+    except ValueError:
+        raise UsageError(f"not a time: {text!r} (e.g. 2024-06-01 or 2024-06-01T12:00)") from None
+
+
+# --------------------------------------------------------------------------------------------- levels
+
+
+@app.command()
+def levels(
+    data: Annotated[Path, typer.Option(help="Folder of SYMBOL_TF.parquet candles (1d/4h/1h for the filters).")],
+    symbol: Annotated[str, typer.Option(help="e.g. BTCUSDT")],
+    timeframe: Annotated[str, typer.Option(help="Timeframe whose closes make the extrema: 1d, 4h, 1h, 15m, 1m.")],
+    asof: Annotated[str, typer.Option(help="UTC time: only candles closed by then are used.")],
+    json_out: Annotated[Path, typer.Option("--json", help="Write the levels here.")],
+    raw: Annotated[bool, typer.Option("--raw", help="Before the multi-timeframe filter.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write the support/resistance levels in force at --asof (walk-forward: nothing after it is read)."""
+    from pricelevel.datafolder import CandleFolder
+    from pricelevel.levels import levels_asof
+    from pricelevel.store import atomic_write
+    from pricelevel.timeframes import Timeframe
+    from pricelevel.training import read_context
+
+    cfg = _load(config, set_).levels
+    try:
+        tf = Timeframe(timeframe)
+    except ValueError:
+        raise UsageError(f"unknown timeframe {timeframe!r}; use one of {', '.join(t.value for t in Timeframe)}") from None
+    when = pd_timestamp(asof)
+    folder = CandleFolder.open(data)
+    context = None if raw else read_context(folder, symbol, cfg)
+    found = levels_asof(folder.read(symbol, tf), tf, when, cfg, context, raw=raw)
+    document = {
+        "symbol": symbol, "timeframe": str(tf), "asof": when.isoformat(), "raw": raw, "config": cfg.model_dump(mode="json"),
+        "levels": json.loads(found.to_json(orient="records", date_format="iso")),
+    }
+    atomic_write(json_out, lambda tmp: Path(tmp).write_text(json.dumps(document, indent=2)))
+    table = Table(title=f"{symbol} {tf} levels in force at {when:%Y-%m-%d %H:%M} UTC{' (raw)' if raw else ''}")
+    for column in ("price", "n_extrema", "touches", "age_days", "volume_ratio"):
+        table.add_column(column, justify="right")
+    for row in found.itertuples():
+        table.add_row(*(f"{getattr(row, c):.6g}" if isinstance(getattr(row, c), float) else str(getattr(row, c))
+                        for c in ("price", "n_extrema", "touches", "age_days", "volume_ratio")))
+    _console().print(table)
+    _console().print(f"json: {json_out}")
+
+
+# --------------------------------------------------------------------------------------------- train / promote
+
+
+QUICK_CONFIG = Path("conf") / "quick.yaml"
+
+
+@app.command()
+def train(
+    quick: Annotated[bool, typer.Option("--quick", help="Demo-sized run: conf/quick.yaml (minutes on a laptop).")] = False,
+    skip_ingest: Annotated[bool, typer.Option("--skip-ingest", help="Train on the validated store as it is.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run the training flow: ingest, levels, labels, dataset, tune, train, evaluate, backtest, register."""
+    from flows.train import train as train_flow
+
+    if not debug:
+        _hide_tracebacks_on_console()
+    if quick and config:
+        raise UsageError("--quick is conf/quick.yaml; put your keys in --set or a --config of your own, not both")
+    config_file = project_root() / QUICK_CONFIG if quick else config
+    cfg = _load(config_file, set_)
+    outcome = train_flow(config_file=str(config_file) if config_file else None, overrides=set_ or [], skip_ingest=skip_ingest)
+    scores = outcome["scores"]
+    metric = cfg.tuning.metric
+    table = Table(title=f"{cfg.tracking.registered_model} version {outcome['version']} (@challenger)"
+                  + (" — reused, nothing new" if outcome["reused"] else ""))
+    for column in ("", "PR-AUC", "ROC-AUC", "F1", "precision", "recall"):
+        table.add_column(column, justify="right")
+    for label, prefix in (("LSTM (test)", "test"), ("majority", "baseline_majority"),
+                          ("near level now", "baseline_near_level_now")):
+        table.add_row(label, *(f"{scores.get(f'{prefix}_{m}', float('nan')):.4f}"
+                               for m in ("pr_auc", "roc_auc", "f1", "precision", "recall")))
+    _console().print(table)
+    bt = outcome["backtest"]
+    _console().print(
+        f"best {metric} {scores[f'best_{metric}']:.4f} · backtest on the test segment: total return "
+        f"{bt.get('backtest_total_return', float('nan')):+.2%}, sharpe {bt.get('backtest_sharpe', float('nan')):.2f}, "
+        f"trades {bt.get('backtest_n_trades', 0):.0f}"
+    )
+    _console().print(f"report: {_relative(outcome['report'])}")
+    _console().print("next: `pricelevel promote` (challenger vs champion) · `pricelevel models` · `pricelevel ui`")
+
+
+@app.command()
+def promote(
+    rollback: Annotated[bool, typer.Option("--rollback", help="Put @champion back on the previous champion.")] = False,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Run the promotion flow: @champion moves to @challenger only if it wins (README "Promotion")."""
+    from flows.promote import promote as promote_flow
+
+    if not debug:
+        _hide_tracebacks_on_console()
+    cfg = _load(config, set_)
+    outcome = promote_flow(config_file=str(config) if config else None, overrides=set_ or [], rollback_champion=rollback)
+    name = cfg.tracking.registered_model
+    if rollback:
+        _console().print(f"{name}@champion: version {outcome['from']} -> {outcome['to']}")
+        return
+    verdict = "PROMOTED" if outcome.get("promote") else "not promoted"
+    _console().print(f"{verdict}: {outcome.get('reason')}")
+    _console().print(f"load it with: mlflow.pyfunc.load_model('models:/{name}@champion') · `pricelevel models`")
+
+
+@app.command()
+def models(
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the versions here as JSON.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Registered model versions, their aliases and key metrics."""
+    from pricelevel.registry import list_versions
+    from pricelevel.tracking import mlflow_client
+
+    cfg = _load(config, set_)
+    name = cfg.tracking.registered_model
+    metric = f"best_{cfg.tuning.metric}"
+    versions = list_versions(mlflow_client(cfg.tracking), name, metric=metric)
+    if json_out:
+        from pricelevel.store import atomic_write
+
+        atomic_write(json_out, lambda tmp: Path(tmp).write_text(json.dumps(versions, indent=2, default=str)))
+    table = Table(title=f"registered model {name} ({cfg.tracking.tracking_uri})")
+    for column in ("version", "aliases", "created", metric, "test PR-AUC", "backtest return", "sharpe", "promotion"):
+        table.add_column(column)
+    for v in versions:
+        m = v.get("metrics", {})
+        table.add_row(
+            str(v["version"]), ",".join(v.get("aliases", [])) or "-", _short(v.get("created")),
+            _num(m.get(metric)), _num(m.get("test_pr_auc")), _num(m.get("backtest_total_return"), pct=True),
+            _num(m.get("backtest_sharpe")), v.get("tags", {}).get("promotion.decision", "-"),
+        )
+    _console().print(table)
+    if not versions:
+        _console().print("no versions yet: run `pricelevel train`")
+    if json_out:
+        _console().print(f"json: {json_out}")
+
+
+def _num(value: object, pct: bool = False) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:+.2%}" if pct else f"{value:.4f}"
+
+
+@app.command()
+def ui(
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow UI port.")] = 5000,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Start the Prefect server and the MLflow UI on 127.0.0.1; Ctrl-C stops both, leaving nothing behind."""
+    from pricelevel.services import run_services, ui_commands
+
+    cfg = _load(config, set_)
+    commands = ui_commands(Path(sys.executable).parent, cfg.tracking, prefect_port, mlflow_port)
+    for service in commands:
+        _console().print(f"{service.name}: {service.url}")
+    _console().print("Ctrl-C stops both.")
+    run_services(commands, env=dict(os.environ), cwd=project_root())
 
 
 def _print_metrics(metrics, title: str) -> None:
@@ -285,6 +499,10 @@ _HINTS = {
     "SourceError": "check the network/endpoint (bybit.endpoint) and rerun: what was fetched is kept",
     "MissingSecretError": "export the variable in your shell or your scheduler's environment",
     "MarketDataError": "check the candle/signal files' columns and timestamps (see `pricelevel backtest --help`)",
+    "CandleFolderError": "the folder needs SYMBOL_TF.parquet files (the layout of data/sample)",
+    "ModelNotFoundError": "run `pricelevel train` (registers @challenger) and `pricelevel promote` (sets @champion)",
+    "NothingToRollBackError": "`pricelevel models` shows the versions and their aliases",
+    "ValueError": "rerun with --debug for the traceback",
 }
 
 

@@ -169,6 +169,187 @@ class BacktestConfig(_Frozen):
         return self
 
 
+class TouchFilter(_Frozen):
+    """A level must have been touched on 1d: a candle's range reaches it within ``atr_buffer`` x ATR."""
+
+    enabled: bool = True
+    min_touches: int = Field(4, ge=1)
+    atr_period: int = Field(7, ge=1)
+    atr_buffer: float = Field(0.2, ge=0)
+
+
+class AgeFilter(_Frozen):
+    """A level whose newest extremum is older than this has gone stale."""
+
+    enabled: bool = True
+    max_age_days: float = Field(90.0, gt=0)
+
+
+class VolumeFilter(_Frozen):
+    """Mean 4h volume of the candles touching a level, against the mean 4h volume of the lookback."""
+
+    enabled: bool = True
+    factor: float = Field(1.3, gt=0)
+
+
+class ApproachFilter(_Frozen):
+    """How fast the 1h price closed in on a level over the last ``bars`` candles, in ATR per bar."""
+
+    enabled: bool = True
+    bars: int = Field(6, ge=1)
+    atr_period: int = Field(14, ge=1)
+    #: Levels approached faster than this (ATR(atr_period) per bar) are dropped: a fast move breaks levels.
+    max_speed: float = Field(1.0, gt=0)
+
+
+class LevelFilters(_Frozen):
+    touches: TouchFilter = TouchFilter()
+    age: AgeFilter = AgeFilter()
+    volume: VolumeFilter = VolumeFilter()
+    approach: ApproachFilter = ApproachFilter()
+
+
+class LevelsConfig(_Frozen):
+    """Support/resistance levels: extrema of closes, clustered with DBSCAN, refitted walk-forward."""
+
+    #: Bar i is an extremum when its close is the max/min of ``close[i-window : i+window+1]``.
+    window: int = Field(12, ge=1)
+    #: DBSCAN eps as a fraction of the median clustered price.
+    eps_frac: float = Field(0.005, gt=0, lt=1)
+    min_samples: int = Field(4, ge=1)
+    #: Extrema older than this (at refit time) are not clustered.
+    lookback_days: float = Field(365.0, gt=0)
+    #: Re-cluster every this many bars of the levels' timeframe; levels are constant in between.
+    refit_every: int = Field(24, ge=1)
+    filters: LevelFilters = LevelFilters()
+
+
+class LabelsConfig(_Frozen):
+    """What the model learns to predict."""
+
+    kind: Literal["level_label"] = "level_label"
+    #: ``level_label`` = 1 when ``|close - level| <= threshold_frac x close`` for a level in force.
+    threshold_frac: float = Field(0.001, gt=0, lt=1)
+    #: The model at bar t predicts the label of bar ``t + horizon``.
+    horizon: int = Field(1, ge=1)
+
+
+FeatureName = Literal["log_return", "log_range", "volume_change", "level_distance"]
+
+
+class DatasetConfig(_Frozen):
+    """Windows of per-symbol normalised features; chronological train/validation/test segments."""
+
+    timeframe: Timeframe = Timeframe("1h")
+    #: Symbols trained on; ``null`` = ``data.symbols``.
+    symbols: tuple[Symbol, ...] | None = None
+    seq_len: int = Field(80, ge=2)
+    features: tuple[FeatureName, ...] = ("log_return", "log_range", "volume_change", "level_distance")
+    val_frac: float = Field(0.15, gt=0, lt=0.5)
+    test_frac: float = Field(0.15, gt=0, lt=0.5)
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, value: tuple) -> tuple:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("at least one feature, no duplicates")
+        return value
+
+
+class ModelConfig(_Frozen):
+    """MultiSymbolLSTM and its training loop (the tuner overrides the searched keys)."""
+
+    embedding_dim: int = Field(8, ge=1)
+    hidden_size: int = Field(128, ge=1)
+    num_layers: int = Field(3, ge=1)
+    dropout: float = Field(0.2, ge=0, lt=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    batch_size: int = Field(256, ge=1)
+    max_epochs: int = Field(30, ge=1)
+    #: Early stopping: epochs without improvement of the tuned metric.
+    patience: int = Field(4, ge=1)
+    #: BCE positive-class weight; ``null`` = negatives / positives of the training segment.
+    pos_weight: float | None = Field(None, gt=0)
+    seed: int = 42
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
+    #: ``auto``: bf16-mixed on CUDA, 32-true elsewhere.
+    precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
+    #: Caps per epoch (an int is batches, a float a fraction); ``null`` = all.
+    limit_train_batches: int | float | None = None
+    limit_val_batches: int | float | None = None
+    #: torch CPU threads; ``null`` leaves torch's default.
+    num_threads: int | None = Field(None, ge=1)
+
+
+TunedMetric = Literal["val_pr_auc", "val_roc_auc", "val_f1", "val_loss"]
+
+
+class SearchSpace(_Frozen):
+    """Optuna's space: choices are lists, ranges are ``[low, high]``."""
+
+    hidden_size: tuple[int, ...] = (64, 128, 256)
+    num_layers: tuple[int, int] = (1, 3)
+    dropout: tuple[float, float] = (0.0, 0.5)
+    learning_rate: tuple[float, float] = (1e-4, 1e-2)
+    batch_size: tuple[int, ...] = (128, 256, 512)
+    seq_len: tuple[int, ...] = (40, 80, 120)
+
+    @model_validator(mode="after")
+    def _ranges(self) -> SearchSpace:
+        for name in ("num_layers", "dropout", "learning_rate"):
+            low, high = getattr(self, name)
+            if low > high:
+                raise ValueError(f"{name}: low {low} > high {high}")
+        if min(self.seq_len) < 2:
+            raise ValueError("seq_len choices must be >= 2")
+        return self
+
+
+class TuningConfig(_Frozen):
+    """Optuna study. ``metric`` is the one name read by the study, early stopping and the promotion gate."""
+
+    metric: TunedMetric = "val_pr_auc"
+    n_trials: int = Field(20, ge=1)
+    #: Seconds for the whole study; ``null`` = no limit.
+    timeout_s: float | None = Field(3600.0, gt=0)
+    #: Any SQLAlchemy URL; ``null`` = SQLite in the project (``<data.root>/optuna/optuna.db``).
+    storage: str | None = None
+    study_name: str = "pricelevel"
+    #: Epochs per trial (the final model trains for ``model.max_epochs``).
+    max_epochs: int = Field(10, ge=1)
+    pruner_startup_trials: int = Field(2, ge=0)
+    pruner_warmup_epochs: int = Field(1, ge=0)
+    seed: int = 42
+    space: SearchSpace = SearchSpace()
+
+    @property
+    def direction(self) -> Literal["minimize", "maximize"]:
+        return "minimize" if self.metric == "val_loss" else "maximize"
+
+
+class TrackingConfig(_Frozen):
+    """MLflow. Relative paths in the URIs are relative to the project folder."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    #: Where new experiments keep their artifacts (a path or URI).
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "pricelevel"
+    registered_model: str = "pricelevel"
+
+
+class PromotionConfig(_Frozen):
+    """When the challenger replaces the champion (rule in README "Promotion")."""
+
+    #: The newest out-of-sample window both models are scored on: the last ``window_days`` of data.
+    window_days: float = Field(90.0, gt=0)
+    #: Tuned metric: challenger must beat the champion by more than this.
+    min_improvement: float = Field(0.0, ge=0)
+    #: Backtest metric on the same window; the challenger may be worse by at most ``backtest_tolerance``.
+    backtest_metric: Literal["sharpe", "total_return", "calmar", "sortino"] = "sharpe"
+    backtest_tolerance: float = Field(0.0, ge=0)
+
+
 class Config(_Frozen):
     """The whole run. Each step receives only its own section."""
 
@@ -177,6 +358,21 @@ class Config(_Frozen):
     validation: ValidationConfig = ValidationConfig()
     flow: FlowConfig = FlowConfig()
     backtest: BacktestConfig = BacktestConfig()
+    levels: LevelsConfig = LevelsConfig()
+    labels: LabelsConfig = LabelsConfig()
+    dataset: DatasetConfig = DatasetConfig()
+    model: ModelConfig = ModelConfig()
+    tuning: TuningConfig = TuningConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    promotion: PromotionConfig = PromotionConfig()
+
+    @property
+    def training_symbols(self) -> tuple[str, ...]:
+        return self.dataset.symbols or self.data.symbols
+
+    @property
+    def optuna_storage(self) -> str:
+        return self.tuning.storage or f"sqlite:///{self.data.root / 'optuna' / 'optuna.db'}"
 
     def with_root(self, project_root: Path) -> Config:
         """Resolve relative data paths against the project root (not the caller's working directory)."""
@@ -185,11 +381,26 @@ class Config(_Frozen):
             return p if p.is_absolute() else project_root / p
 
         data = self.data.model_copy(update={"root": resolve(self.data.root), "sample_dir": resolve(self.data.sample_dir)})
-        return self.model_copy(update={"data": data})
+        tracking = self.tracking.model_copy(
+            update={
+                "tracking_uri": _resolve_uri(self.tracking.tracking_uri, project_root),
+                "artifact_location": _resolve_uri(self.tracking.artifact_location, project_root),
+            }
+        )
+        return self.model_copy(update={"data": data, "tracking": tracking})
 
     def flat(self) -> dict[str, Any]:
         """``{"data.root": ..., ...}`` for logging as parameters (contains no secrets by construction)."""
         return dict(_flatten(self.model_dump(mode="json")))
+
+
+def _resolve_uri(uri: str, project_root: Path) -> str:
+    """``sqlite:///rel.db`` and bare relative paths are made absolute under the project folder."""
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return f"sqlite:///{project_root / uri.removeprefix('sqlite:///')}"
+    if "://" not in uri and not Path(uri).is_absolute():
+        return str(project_root / uri)
+    return uri
 
 
 # --------------------------------------------------------------------------------------------- loading

@@ -63,6 +63,8 @@ def write_result_json(result: BacktestResult, metrics: BacktestMetrics, path: Pa
 
 
 def _json_default(value: object) -> object:
+    if value is pd.NaT:  # e.g. the holding time of a symbol that never traded
+        return None
     if isinstance(value, np.integer | np.floating):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
