@@ -48,8 +48,8 @@ def train(
     dataset = build_dataset(config, [f.result() for f in labelled], [f.result() for f in levels])
     data_files = [str(p) for s in symbols for p in folder.files.values() if p.name.startswith(f"{s}_")]
     run, created = start_run(config, dataset, data_files)
-    study = tune(config, dataset, run)
-    fitted = fit_final(config, dataset, study, run)
+    study = tune(config, dataset, run, log=created)
+    fitted = fit_final(config, dataset, study, run, log=created)
     scores = evaluate(config, fitted, dataset, run, log=created)
     traded = backtest(config, fitted, dataset, run, log=created)
     version = register(config, fitted, dataset, run, scores)

@@ -7,6 +7,7 @@ outputs are files and folders that outlive any Prefect server.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,7 +192,7 @@ def start_run(config: Config, dataset: Dataset, data_files: list[str]) -> tuple[
 
 
 @task(name="tune", cache_policy=NO_CACHE)
-def tune(config: Config, dataset: Dataset, run: TrainingRun) -> dict[str, Any]:
+def tune(config: Config, dataset: Dataset, run: TrainingRun, log: bool) -> dict[str, Any]:
     """Optuna study over the search space; resumes a study of the same inputs, a no-op once it is complete."""
     by_seq_len: dict[int, TrainingData] = {}
 
@@ -205,7 +206,7 @@ def tune(config: Config, dataset: Dataset, run: TrainingRun) -> dict[str, Any]:
     study = open_study(config.optuna_storage, study_name, config.tuning)
     work = DerivedStore(config.data.root).folder("trials", dataset.tune_key)
     summary = run_study(study, data_for, config.model, config.tuning, work, TrialRuns(run, study_name))
-    if summary.trials_run_now:
+    if summary.trials_run_now or log:
         run.log_json(summary.to_dict(), "study_summary.json")
         run.log_params({f"best.{k}": v for k, v in summary.best_params.items()})
         run.log_metrics({f"best_trial_{config.tuning.metric}": summary.best_value})
@@ -231,7 +232,9 @@ class FittedModel:
 
 
 @task(name="train", cache_policy=NO_CACHE)
-def fit_final(config: Config, dataset: Dataset, study: dict[str, Any], run: TrainingRun) -> FittedModel:
+def fit_final(
+    config: Config, dataset: Dataset, study: dict[str, Any], run: TrainingRun, log: bool
+) -> FittedModel:
     """Train the final model with the study's best parameters (reused when these inputs were trained before)."""
     params = study["best_params"]
     seq_len = int(params.get("seq_len", config.dataset.seq_len))
@@ -269,7 +272,10 @@ def fit_final(config: Config, dataset: Dataset, study: dict[str, Any], run: Trai
     module = MultiSymbolLSTM(**spec.hparams)
     module.load_state_dict(torch.load(out / "weights.pt", map_location="cpu", weights_only=True))
     module.eval()
-    result = __import__("json").loads((out / "result.json").read_text())
+    result = json.loads((out / "result.json").read_text())
+    if not built and log:  # a new run over a model trained before (e.g. only backtest settings changed)
+        for entry in result["history"]:
+            run.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
     get_run_logger().info(
         "model %s: %s; best %s %.4f at epoch %s of %s; %.0f train samples/s on %s", dataset.model_key,
         "trained" if built else "reused", config.tuning.metric, result["best_score"], result["best_epoch"],
