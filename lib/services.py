@@ -49,8 +49,10 @@ def run_services(
     Returns the exit code of the service that ended first (0 when stopped on purpose).
     """
     stop = stop or threading.Event()
-    processes = [subprocess.Popen(s.argv, env=dict(env), cwd=cwd, start_new_session=True) for s in services]
+    processes: list[subprocess.Popen] = []
     try:
+        for service in services:  # started inside the try: one that fails to start stops those before it
+            processes.append(subprocess.Popen(service.argv, env=dict(env), cwd=cwd, start_new_session=True))
         while not stop.wait(0.5):
             for process in processes:
                 if process.poll() is not None:

@@ -125,7 +125,7 @@ def read_table(folder: Path, symbol: str, history: LevelHistory, feature_names: 
 
 def embargo_bars(dataset: DatasetConfig, seq_lens: Sequence[int], horizon: int) -> int:
     """Gap between segments: the longest window any trial may use plus the label horizon."""
-    return max(dataset.seq_len, *seq_lens) + horizon
+    return max([dataset.seq_len, *seq_lens]) + horizon
 
 
 def training_data(
@@ -147,15 +147,19 @@ def dataset_summary(data: TrainingData) -> dict[str, object]:
 
 
 def labels_at(tables: Mapping[str, SymbolTable], ends: pd.DataFrame, column: str = "label") -> np.ndarray:
-    """The label (or ``target``) of each ``(symbol, timestamp)`` row of ``ends`` (a dataset's window ends)."""
+    """The label (or ``target``) of each ``(symbol, timestamp)`` row of ``ends`` (a dataset's window ends),
+    in the rows' order whatever the frame's index."""
     out = np.empty(len(ends), dtype=np.float64)
-    for symbol, rows in ends.groupby("symbol", sort=False).groups.items():
+    symbols = ends["symbol"].to_numpy()
+    timestamps = pd.DatetimeIndex(ends["timestamp"])
+    for symbol in pd.unique(symbols):
+        rows = np.flatnonzero(symbols == symbol)
         table = tables[symbol]
         values = table.label if column == "label" else table.frame.target
-        position = table.frame.timestamps.get_indexer(pd.DatetimeIndex(ends.loc[rows, "timestamp"]))
+        position = table.frame.timestamps.get_indexer(timestamps[rows])
         if (position < 0).any():
             raise KeyError(f"{symbol}: window ends not in its table")
-        out[np.asarray(rows)] = values[position]
+        out[rows] = values[position]
     return out
 
 
