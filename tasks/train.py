@@ -30,7 +30,7 @@ from pricelevel.config import Config
 from pricelevel.datafolder import CandleFolder
 from pricelevel.dataset import TrainingData
 from pricelevel.evaluation import baseline_scores, classification_scores, flat_scores
-from pricelevel.experiment import TrainingRun, TrialRuns
+from pricelevel.experiment import RUN_KEY_TAG, TrainingRun, TrialRuns
 from pricelevel.model import MultiSymbolLSTM, predict_proba
 from pricelevel.project import project_root
 from pricelevel.registry import ALIAS_CHALLENGER, find_version_by_tag, register_version, set_alias
@@ -63,8 +63,6 @@ from pricelevel.training import (
     write_table,
 )
 from pricelevel.tuning import open_study, run_study, train, with_params
-
-RUN_KEY_TAG = "pricelevel.run_key"
 
 
 def validated_folder(config: Config) -> CandleFolder:
