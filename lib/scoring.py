@@ -20,9 +20,10 @@ from pricelevel.backtest.run import BacktestResult, run_backtest
 from pricelevel.config import BacktestConfig, LabelsConfig, LevelsConfig
 from pricelevel.datafolder import CandleFolder, CandleFolderError
 from pricelevel.dataset import build_windows
+from pricelevel.levels import walk_forward_levels
 from pricelevel.spec import ModelSpec
 from pricelevel.timeframes import Timeframe
-from pricelevel.training import SymbolTable, compute_levels, labels_at, read_context, symbol_table
+from pricelevel.training import SymbolTable, labels_at, read_context, symbol_table
 
 #: ``predict(features [B, T, F] float32, symbol_id [B] int64) -> probabilities [B]``
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -39,7 +40,7 @@ def tables_for_spec(folder: CandleFolder, spec: ModelSpec, symbols: Sequence[str
     tables = {}
     for symbol in wanted:
         candles = folder.read(symbol, timeframe)
-        history = compute_levels(candles, timeframe, levels, read_context(folder, symbol, levels))
+        history = walk_forward_levels(candles, timeframe, levels, read_context(folder, symbol, levels))
         tables[symbol] = symbol_table(symbol, candles, history, labels, spec.features)
     return tables
 

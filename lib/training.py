@@ -22,7 +22,7 @@ from pricelevel.datafolder import CandleFolder
 from pricelevel.dataset import SymbolFrame, TrainingData, build_training_data
 from pricelevel.features import compute_features
 from pricelevel.labels import level_label
-from pricelevel.levels import LevelHistory, MultiTimeframe, nearest_level_distance, walk_forward_levels
+from pricelevel.levels import LevelHistory, MultiTimeframe, nearest_level_distance
 from pricelevel.timeframes import Timeframe
 
 #: The timeframe each multi-timeframe filter reads.
@@ -79,12 +79,6 @@ def symbol_table(
     values = compute_features(candles, features, level_distance=distance)
     frame = SymbolFrame(symbol=symbol, timestamps=timestamps, features=values, target=targets_from_labels(label, labels.horizon))
     return SymbolTable(symbol, candles, history, distance, label, frame)
-
-
-def compute_levels(
-    candles: pd.DataFrame, timeframe: Timeframe, levels: LevelsConfig, context: MultiTimeframe
-) -> LevelHistory:
-    return walk_forward_levels(candles, timeframe, levels, context)
 
 
 def write_levels(folder: Path, symbol: str, history: LevelHistory) -> None:

@@ -31,6 +31,7 @@ from pricelevel.datafolder import CandleFolder
 from pricelevel.dataset import TrainingData
 from pricelevel.evaluation import baseline_scores, classification_scores, flat_scores
 from pricelevel.experiment import RUN_KEY_TAG, TrainingRun, TrialRuns
+from pricelevel.levels import walk_forward_levels
 from pricelevel.model import MultiSymbolLSTM, predict_proba
 from pricelevel.project import project_root
 from pricelevel.registry import ALIAS_CHALLENGER, find_version_by_tag, register_version, set_alias
@@ -98,7 +99,7 @@ def find_levels(config: Config, symbol: str) -> StepOutput:
 
     def write(out: Path) -> None:
         candles = folder.read(symbol, timeframe)
-        history = training_module.compute_levels(candles, timeframe, config.levels, read_context(folder, symbol, config.levels))
+        history = walk_forward_levels(candles, timeframe, config.levels, read_context(folder, symbol, config.levels))
         write_levels(out, symbol, history)
 
     out, built = DerivedStore(config.data.root).build("levels", key, write)
@@ -119,14 +120,15 @@ def label_bars(config: Config, levels: StepOutput) -> StepOutput:
         code=code_fingerprint(labels_module, features_module, training_module),
     )
 
+    history = read_levels(levels.folder, levels.symbol)
+
     def write(out: Path) -> None:
         candles = validated_folder(config).read(levels.symbol, config.dataset.timeframe)
-        history = read_levels(levels.folder, levels.symbol)
         write_table(out, symbol_table(levels.symbol, candles, history, config.labels, config.dataset.features),
                     config.dataset.features)
 
     out, built = DerivedStore(config.data.root).build("labels", key, write)
-    table = read_table(out, levels.symbol, read_levels(levels.folder, levels.symbol), config.dataset.features)
+    table = read_table(out, levels.symbol, history, config.dataset.features)
     get_run_logger().info(
         "%s: %s %d bars, %.2f%% labelled near a level -> %s", levels.symbol, "computed" if built else "reused",
         len(table.label), 100 * float(np.mean(table.label)), out,
