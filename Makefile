@@ -51,6 +51,7 @@ lint: install-dev
 bench: install-dev
 	$(BIN)/python bench/ingest.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/backtest.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/levels.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/train.py
 
 ui: install

@@ -318,14 +318,10 @@ def levels(
     from pricelevel.datafolder import CandleFolder
     from pricelevel.levels import levels_asof
     from pricelevel.store import atomic_write
-    from pricelevel.timeframes import Timeframe
     from pricelevel.training import read_context
 
     cfg = _load(config, set_).levels
-    try:
-        tf = Timeframe(timeframe)
-    except ValueError:
-        raise UsageError(f"unknown timeframe {timeframe!r}; use one of {', '.join(t.value for t in Timeframe)}") from None
+    tf = _timeframe(timeframe)
     when = pd_timestamp(asof)
     folder = CandleFolder.open(data)
     context = None if raw else read_context(folder, symbol, cfg)
@@ -343,6 +339,104 @@ def levels(
                         for c in ("price", "n_extrema", "touches", "age_days", "volume_ratio")))
     _console().print(table)
     _console().print(f"json: {json_out}")
+
+
+def _timeframe(text: str):
+    from pricelevel.timeframes import Timeframe
+
+    try:
+        return Timeframe(text)
+    except ValueError:
+        raise UsageError(f"unknown timeframe {text!r}; use one of {', '.join(t.value for t in Timeframe)}") from None
+
+
+# --------------------------------------------------------------------------------------------- features
+
+
+@app.command()
+def features(
+    data: Annotated[Path, typer.Option(help="Folder of SYMBOL_TF.parquet candles (with the longer timeframes the set reads).")],
+    symbol: Annotated[str, typer.Option(help="e.g. BTCUSDT")],
+    timeframe: Annotated[str, typer.Option(help="Timeframe of the rows: 1d, 4h, 1h, 15m, 1m.")],
+    out: Annotated[Path, typer.Option("--out", help="Parquet file to write.")],
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write the timestamped feature and label table training uses (levels, labels and features per conf)."""
+    from pricelevel.datafolder import CandleFolder
+    from pricelevel.store import atomic_write
+    from pricelevel.training import build_table, input_timeframes, read_frames
+
+    cfg = _load(config, set_)
+    tf = _timeframe(timeframe)
+    folder = CandleFolder.open(data)
+    folder.require([symbol], [tf])
+    frames = read_frames(folder, symbol, input_timeframes(tf, cfg.levels, cfg.features))
+    history, table = build_table(frames, tf, cfg.levels, cfg.labels, cfg.features)
+    atomic_write(out, lambda tmp: table.to_parquet(tmp, index=False))
+    labelled = table["target"].notna()
+    feature_count = sum(c.startswith("feature_") for c in table.columns)
+    ready = table.filter(like="feature_").notna().all(axis=1)
+    _console().print(
+        f"{symbol} {tf}: {len(table)} rows, {feature_count} features (set {cfg.features.set!r}, complete from row "
+        f"{int(ready.to_numpy().argmax()) if ready.any() else '-'}), {len(history.refits)} level refits; "
+        f"{cfg.labels.kind} target on {int(labelled.sum())} rows, {100 * table.loc[labelled, 'target'].mean():.2f}% positive"
+    )
+    _console().print(f"parquet: {out}")
+
+
+# --------------------------------------------------------------------------------------------- check
+
+check_app = typer.Typer(no_args_is_help=True, help="Research-integrity checks.")
+app.add_typer(check_app, name="check")
+
+
+@check_app.command("lookahead")
+def check_lookahead_command(
+    data: Annotated[Path | None, typer.Option(help="Candle folder; default: the validated store, else the bundled sample.")] = None,
+    symbols: Annotated[list[str] | None, typer.Option(help="Symbols (repeat or comma-separate); default: the training symbols.")] = None,
+    cuts: Annotated[int | None, typer.Option(help="Cut points per symbol; default: lookahead.cuts.")] = None,
+    timeframe: Annotated[str | None, typer.Option(help="Rows' timeframe; default: dataset.timeframe.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the report here.")] = None,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    debug: DebugOption = False,
+) -> None:
+    """Recompute features and labels on data cut at K points and compare with the full data: exit 1 on any change."""
+    from pricelevel.datafolder import CandleFolder
+    from pricelevel.lookahead import check_lookahead, report_lines
+    from pricelevel.store import CandleStore, Layer
+    from pricelevel.training import build_table, input_timeframes, read_frames
+
+    cfg = _load(config, set_)
+    tf = _timeframe(timeframe) if timeframe else cfg.dataset.timeframe
+    if data is None:
+        validated = CandleStore(cfg.data.root).layer_dir(Layer.VALIDATED, cfg.data.source)
+        data = validated if any(validated.glob("*.parquet")) else cfg.data.sample_dir
+    folder = CandleFolder.open(data)
+    wanted = _split(symbols) or [s for s in cfg.training_symbols if folder.has(s, tf)]
+    if not wanted:
+        raise UsageError(f"{data}: none of {', '.join(cfg.training_symbols)} has {tf} candles; pass --symbols")
+    folder.require(wanted, [tf])
+    count = cuts if cuts is not None else cfg.lookahead.cuts
+    if count < 1:
+        raise UsageError(f"--cuts must be >= 1, got {count}")
+    timeframes = input_timeframes(tf, cfg.levels, cfg.features)
+    frames = {symbol: read_frames(folder, symbol, timeframes) for symbol in wanted}
+    _console().print(
+        f"checking {len(wanted)} symbol(s) at {tf} in {_relative(data)}: {count} cuts each, feature set "
+        f"{cfg.features.set!r}, label {cfg.labels.kind} (horizon {cfg.labels.horizon})"
+    )
+    report = check_lookahead(
+        frames, tf, lambda f: build_table(f, tf, cfg.levels, cfg.labels, cfg.features)[1], cfg.labels.horizon, count
+    )
+    for line in report_lines(report):
+        _console().print(line, markup=False)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report.summary(), indent=2))
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 # --------------------------------------------------------------------------------------------- train / promote

@@ -1,7 +1,10 @@
 """Training flow (nightly): the whole DAG from candles to a registered ``challenger``.
 
-    ingest (subflow) -> levels (per symbol) -> labels (per symbol) -> dataset -> start-run -> tune -> train
-        -> evaluate -> backtest -> register
+    ingest (subflow) -> levels (per symbol) -> features (per symbol: features, labels) -> lookahead
+        -> dataset -> start-run -> tune -> train -> evaluate -> backtest -> register
+
+The look-ahead check recomputes the tables on data cut at a few points and fails the run if any value
+changed: nothing is trained on features or labels that use the future.
 
 Each heavy task derives its output folder from its real inputs (data fingerprint, its config section, its
 code), so a second run with nothing new reuses every output and finishes in seconds. Promotion to
@@ -19,9 +22,10 @@ from tasks.train import (
     backtest,
     build_dataset,
     evaluate,
+    feature_bars,
     find_levels,
     fit_final,
-    label_bars,
+    lookahead,
     register,
     start_run,
     tune,
@@ -44,8 +48,11 @@ def train(
     folder.require(symbols, [config.dataset.timeframe])
 
     levels = [find_levels.submit(config, symbol) for symbol in symbols]
-    labelled = [label_bars.submit(config, future) for future in levels]
-    dataset = build_dataset(config, [f.result() for f in labelled], [f.result() for f in levels])
+    tables = [feature_bars.submit(config, future) for future in levels]
+    tables_done = [f.result() for f in tables]
+    if config.lookahead.enabled:
+        lookahead(config, tables_done)
+    dataset = build_dataset(config, tables_done, [f.result() for f in levels])
     data_files = [str(p) for s in symbols for p in folder.files.values() if p.name.startswith(f"{s}_")]
     run, created = start_run(config, dataset, data_files)
     study = tune(config, dataset, run, log=created)

@@ -31,6 +31,7 @@ from pydantic import (
     model_validator,
 )
 
+from pricelevel.feature_catalogue import unknown_feature_names
 from pricelevel.timeframes import Timeframe
 
 ENV_PREFIX = "PRICELEVEL_"
@@ -225,16 +226,63 @@ class LevelsConfig(_Frozen):
 
 
 class LabelsConfig(_Frozen):
-    """What the model learns to predict."""
+    """What the model learns to predict (README "Labels"): the target of bar t is known at the close of t + horizon."""
 
-    kind: Literal["level_label"] = "level_label"
-    #: ``level_label`` = 1 when ``|close - level| <= threshold_frac x close`` for a level in force.
+    #: ``forward_move``: 1 when the highest high of bars t+1..t+horizon reaches ``open[t+1] x (1 + move_frac)``
+    #: (entry at the next open, as the backtest fills); ``level_label``: 1 when bar t+horizon closes within
+    #: ``threshold_frac`` of a level in force.
+    kind: Literal["level_label", "forward_move"] = "forward_move"
+    #: ``level_label``'s distance, and the "near a level now" baseline of every label.
     threshold_frac: float = Field(0.001, gt=0, lt=1)
-    #: The model at bar t predicts the label of bar ``t + horizon``.
-    horizon: int = Field(1, ge=1)
+    #: ``forward_move``'s x: the rise from the next open that counts as a move.
+    move_frac: float = Field(0.03, gt=0, lt=1)
+    #: Bars ahead the target looks (H); rows whose horizon runs past the data have no target.
+    horizon: int = Field(24, ge=1)
 
 
-FeatureName = Literal["log_return", "log_range", "volume_change", "level_distance"]
+class FeaturesConfig(_Frozen):
+    """The model's inputs: a named set of feature groups and columns (README "Features").
+
+    A set lists group names (``returns``, ``indicators``, ``levels``, ``level_strength``, ``context``,
+    ``symbol``), which expand to their columns, and/or single column names. ``symbol`` is the learned symbol
+    embedding: a set without it trains a model that cannot tell symbols apart.
+    """
+
+    #: The set the model reads: a key of ``sets``.
+    set: str = "rich"
+    sets: dict[str, tuple[str, ...]] = {
+        "base": ("log_return", "log_range", "volume_change", "level_distance", "symbol"),
+        "rich": ("returns", "indicators", "levels", "level_strength", "context", "symbol"),
+    }
+    #: Longer timeframes whose candles are joined to each bar once they have closed (``context`` group);
+    #: those not longer than the dataset timeframe are skipped.
+    context_timeframes: tuple[Timeframe, ...] = (Timeframe("4h"), Timeframe("1d"))
+
+    @model_validator(mode="after")
+    def _known_names(self) -> FeaturesConfig:
+        if self.set not in self.sets:
+            raise ValueError(f"set {self.set!r} is not one of sets: {', '.join(sorted(self.sets))}")
+        for name, entries in self.sets.items():
+            if not entries or len(set(entries)) != len(entries):
+                raise ValueError(f"sets.{name}: at least one entry, no duplicates")
+            unknown = unknown_feature_names(entries)
+            if unknown:
+                raise ValueError(f"sets.{name}: unknown feature or group {unknown} (README \"Features\" lists them)")
+            if entries == ("symbol",):
+                raise ValueError(f"sets.{name}: the symbol embedding alone is not an input; add a group or column")
+        return self
+
+    @property
+    def selected(self) -> tuple[str, ...]:
+        return self.sets[self.set]
+
+
+class LookaheadConfig(_Frozen):
+    """The look-ahead check run by the training flow (and ``pricelevel check lookahead``)."""
+
+    enabled: bool = True
+    #: Cut points t: features and labels are recomputed on the data cut at t and compared with the full run.
+    cuts: int = Field(3, ge=1)
 
 
 class DatasetConfig(_Frozen):
@@ -244,22 +292,15 @@ class DatasetConfig(_Frozen):
     #: Symbols trained on; ``null`` = ``data.symbols``.
     symbols: tuple[Symbol, ...] | None = None
     seq_len: int = Field(80, ge=2)
-    features: tuple[FeatureName, ...] = ("log_return", "log_range", "volume_change", "level_distance")
     val_frac: float = Field(0.15, gt=0, lt=0.5)
     test_frac: float = Field(0.15, gt=0, lt=0.5)
-
-    @field_validator("features")
-    @classmethod
-    def _features(cls, value: tuple) -> tuple:
-        if not value or len(set(value)) != len(value):
-            raise ValueError("at least one feature, no duplicates")
-        return value
 
 
 class ModelConfig(_Frozen):
     """MultiSymbolLSTM and its training loop (the tuner overrides the searched keys)."""
 
-    embedding_dim: int = Field(8, ge=1)
+    #: Size of the learned symbol embedding (0 when the feature set leaves out ``symbol``).
+    embedding_dim: int = Field(8, ge=0)
     hidden_size: int = Field(128, ge=1)
     num_layers: int = Field(3, ge=1)
     dropout: float = Field(0.2, ge=0, lt=1)
@@ -360,6 +401,8 @@ class Config(_Frozen):
     backtest: BacktestConfig = BacktestConfig()
     levels: LevelsConfig = LevelsConfig()
     labels: LabelsConfig = LabelsConfig()
+    features: FeaturesConfig = FeaturesConfig()
+    lookahead: LookaheadConfig = LookaheadConfig()
     dataset: DatasetConfig = DatasetConfig()
     model: ModelConfig = ModelConfig()
     tuning: TuningConfig = TuningConfig()
@@ -369,6 +412,13 @@ class Config(_Frozen):
     @property
     def training_symbols(self) -> tuple[str, ...]:
         return self.dataset.symbols or self.data.symbols
+
+    @property
+    def model_inputs(self) -> ModelConfig:
+        """``model`` as the feature set needs it: no symbol embedding when the set leaves ``symbol`` out."""
+        if "symbol" in self.features.selected:
+            return self.model
+        return self.model.model_copy(update={"embedding_dim": 0})
 
     @property
     def optuna_storage(self) -> str:

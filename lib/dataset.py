@@ -24,6 +24,8 @@ STD_FLOOR = 1e-8
 class SymbolFrame:
     """One symbol's raw (not normalised) features and targets, one row per bar, oldest first.
 
+    A row with a non-finite feature (an indicator's warm-up) is kept in place but no window includes it.
+
     ``target[t]`` is what the window ending at ``t`` predicts (the label ``horizon`` bars later); NaN where
     there is no label (the last ``horizon`` bars, or no level in force).
     """
@@ -191,7 +193,8 @@ def build_windows(
 ) -> WindowDataset:
     """Windows lying wholly within ``[start, end]`` (``None``: unbounded), with ``seq_len`` rows of history.
 
-    Only the rows of the segment are kept (normalised), so a window can never reach across the boundary.
+    Only the rows of the segment are kept (normalised), so a window can never reach across the boundary,
+    and only windows whose every feature value is finite are indexed.
     Symbols missing from ``normalization`` use :data:`POOLED`; symbols missing from ``symbol_ids`` get -1.
     """
     if seq_len < 1:
@@ -206,6 +209,7 @@ def build_windows(
             continue
         target = frame.target[lo:hi].astype(np.float32)
         ends = np.arange(seq_len - 1, hi - lo, dtype=np.int64)
+        ends = ends[_complete(frame.features[lo:hi], ends, seq_len)]
         if require_target:
             ends = ends[np.isfinite(target[ends])]
         if not len(ends):
@@ -220,6 +224,12 @@ def build_windows(
         index.append(np.column_stack([np.full(len(ends), position, dtype=np.int64), ends]))
     index_array = np.concatenate(index) if index else np.empty((0, 2), dtype=np.int64)
     return WindowDataset(symbols, ids, arrays, targets, stamps, index_array, seq_len, n_features)
+
+
+def _complete(features: np.ndarray, ends: np.ndarray, seq_len: int) -> np.ndarray:
+    """Which windows hold only finite values: warm-up rows (NaN) and undefined values are never fed."""
+    undefined = np.concatenate([[0], np.cumsum(~np.isfinite(features).all(axis=1))])
+    return undefined[ends + 1] - undefined[ends + 1 - seq_len] == 0
 
 
 @dataclass(frozen=True)

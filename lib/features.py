@@ -1,66 +1,209 @@
-"""Per-bar model inputs computed from one symbol's candles.
+"""Per-bar model inputs computed from one symbol's candles, its walk-forward levels and longer timeframes.
 
-Every value at row ``t`` uses rows ``<= t`` only, so a window ending at ``t`` never sees the future and the
-same bars give the same features whether they are scored in training, in a backtest or live.
+Every value at row ``t`` is known at the close of bar ``t`` and uses nothing later: indicators are causal
+recursions and rolling windows over rows ``<= t``; levels are those in force at ``t`` (walk-forward);
+a longer-timeframe candle joins a bar only once it has closed (its close time ``<=`` the bar's close
+time). ``pricelevel check lookahead`` proves this on real data by recomputing on cut data.
+
+Warm-up is explicit: a column is NaN on the leading rows where its indicator is not yet defined, and a
+non-finite value later (a zero-volume bar in Ease of Movement) is NaN too; the dataset uses only windows
+whose every value is finite. Values are scale-free (ratios to the close, percentages / 100, ATR units,
+log counts), so one model reads every symbol and era.
+
+Columns by group (names are what a feature set in ``conf`` lists; groups expand to their columns):
+
+- ``returns``: ``log_return`` (1 bar), ``log_return_6``, ``log_return_24``, ``log_range`` (log high/low),
+  ``volume_change`` (change of log(1 + volume)), ``volatility_24`` (std of 1-bar log returns).
+- ``indicators``: ``cci_20`` / 100, ``eom_14`` (Ease of Movement x mean volume / close^2),
+  ``sma_gap_20`` and ``ema_gap_50`` (close / average - 1), ``bollinger_pct_b`` and ``bollinger_width``
+  (band width / middle), ``force_index_13`` (/ close x mean volume), ``roc_10`` / 100, ``rsi_14`` / 100,
+  ``macd``, ``macd_signal``, ``macd_hist`` (/ close), ``atr_14`` (/ close).
+- ``levels``: ``level_distance`` (|close - nearest level| / close, capped at 5 %), ``support_distance_atr``
+  and ``resistance_distance_atr`` (to the nearest level in force at or below / above the close, in ATR(14),
+  capped at 10; no such level = the cap).
+- ``level_strength``: ``support_touches``, ``support_extrema``, ``support_age_days`` and the same for
+  ``resistance_*``: log(1 + 1d touches), log(1 + extrema in the cluster), days since the level's newest
+  extremum (capped at 365; no level: 0, 0, 365; touches are 0 when the touches filter is off).
+- ``context``: for each of ``features.context_timeframes`` longer than the bars' timeframe,
+  ``ctx_<tf>_log_return``, ``ctx_<tf>_rsi_14``, ``ctx_<tf>_atr_14``, ``ctx_<tf>_sma_gap_20`` of the last
+  closed candle, and ``ctx_<tf>_close_gap`` (log of the bar's close over that candle's close).
+- ``symbol``: not a column; the model's learned symbol embedding.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
 
-FEATURES = ("log_return", "log_range", "volume_change", "level_distance")
-#: Distances to the nearest level are clipped here: beyond 5 % a level no longer matters for the next bars,
+from pricelevel import indicators
+from pricelevel.feature_catalogue import GROUPS, SYMBOL, needed_timeframes, unknown_feature_names
+from pricelevel.levels import LevelHistory, nearest_level_distance
+from pricelevel.timeframes import Timeframe, utc_ns
+
+#: Distances to the nearest level are capped here: beyond 5 % a level no longer matters for the next bars,
 #: and a bar with no level in force is treated as "far away".
 MAX_LEVEL_DISTANCE = 0.05
-
-
+#: Support/resistance distances are capped at this many ATRs (and a missing level is this far away).
+MAX_LEVEL_ATR = 10.0
+MAX_AGE_DAYS = 365.0
+_DAY_NS = 86_400 * 10**9
 def compute_features(
-    candles: pd.DataFrame, names: Sequence[str], level_distance: np.ndarray | None = None
-) -> np.ndarray:
-    """``float32 [len(candles), len(names)]`` in ``names`` order, without NaN.
+    candles: pd.DataFrame,
+    timeframe: Timeframe,
+    columns: Iterable[str],
+    history: LevelHistory | None = None,
+    context: Mapping[Timeframe, pd.DataFrame | None] | None = None,
+) -> pd.DataFrame:
+    """``float64`` columns ``columns`` (in that order) for every row of ``candles``; NaN = not defined yet.
 
-    ``level_distance`` is ``|close - nearest level in force| / close`` per row (NaN where no level is in
-    force); it is required only when ``"level_distance"`` is requested.
+    ``history`` (the walk-forward levels of these candles) is needed for the ``levels`` and
+    ``level_strength`` columns, ``context[tf]`` (canonical candles of the same symbol) for ``ctx_<tf>_*``.
     """
-    unknown = [name for name in names if name not in FEATURES]
-    if unknown:
-        raise ValueError(f"unknown feature(s) {unknown}; known: {', '.join(FEATURES)}")
-    n = len(candles)
-    columns = []
-    with np.errstate(divide="ignore", invalid="ignore"):
-        for name in names:
-            if name == "log_return":
-                column = _first_difference(np.log(_column(candles, "close")))
-            elif name == "log_range":
-                column = np.log(_column(candles, "high") / _column(candles, "low"))
-            elif name == "volume_change":
-                column = _first_difference(np.log1p(_column(candles, "volume")))
-            else:
-                column = _level_distance(level_distance, n)
-            columns.append(column)
-    out = np.stack(columns, axis=1) if columns else np.empty((n, 0))
-    # A zero/negative price or volume (bad data validation let through) must not poison a whole window.
-    return np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
+    columns = list(columns)
+    unknown = unknown_feature_names(columns)
+    if unknown or SYMBOL in columns or any(c in GROUPS for c in columns):
+        raise ValueError(f"not feature columns: {unknown or [c for c in columns if c in GROUPS or c == SYMBOL]}")
+    values: dict[str, np.ndarray] = {}
+    wanted = set(columns)
+    if wanted & {*GROUPS["returns"], *GROUPS["indicators"]}:
+        values |= _bar_values(candles)
+    if wanted & {*GROUPS["levels"], *GROUPS["level_strength"]}:
+        if history is None:
+            raise ValueError("level features need the walk-forward level history")
+        values |= _level_values(candles, history)
+    for tf in needed_timeframes(columns):
+        frame = (context or {}).get(tf)
+        if frame is None:
+            raise ValueError(f"context features need {tf} candles of the same symbol")
+        values |= _context_values(candles, Timeframe(timeframe), frame, tf)
+    out = pd.DataFrame({name: values[name] for name in columns}, index=candles.index)
+    # Inf (a zero volume) is "not defined", like the warm-up: the dataset skips windows holding it.
+    return out.replace([np.inf, -np.inf], np.nan)
 
 
-def _column(candles: pd.DataFrame, name: str) -> np.ndarray:
+def _price(candles: pd.DataFrame, name: str) -> np.ndarray:
     return candles[name].to_numpy(dtype=np.float64)
 
 
-def _first_difference(values: np.ndarray) -> np.ndarray:
-    """``values[t] - values[t-1]``, 0 on the first row (no earlier bar to compare with)."""
-    out = np.zeros_like(values)
+def _bar_values(candles: pd.DataFrame) -> dict[str, np.ndarray]:
+    open_, high, low, close, volume = (_price(candles, c) for c in ("open", "high", "low", "close", "volume"))
+    log_volume = np.log1p(volume)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        bands = indicators.bollinger(close, 20, 2.0)
+        macd = indicators.macd(close, 12, 26, 9)
+        return {
+            "log_return": indicators.log_return(close, 1),
+            "log_return_6": indicators.log_return(close, 6),
+            "log_return_24": indicators.log_return(close, 24),
+            "log_range": np.log(high / low),
+            "volume_change": _difference(log_volume),
+            "volatility_24": indicators.rolling_volatility(close, 24),
+            "cci_20": indicators.cci(high, low, close, 20) / 100.0,
+            "eom_14": indicators.ease_of_movement(high, low, volume, 14) / 1e8
+            * indicators.sma(volume, 14) / close**2,
+            "sma_gap_20": close / indicators.sma(close, 20) - 1.0,
+            "ema_gap_50": close / indicators.ema(close, 50) - 1.0,
+            "bollinger_pct_b": (close - bands.lower) / (bands.upper - bands.lower),
+            "bollinger_width": (bands.upper - bands.lower) / bands.middle,
+            "force_index_13": indicators.force_index(close, volume, 13) / (close * indicators.sma(volume, 13)),
+            "roc_10": indicators.rate_of_change(close, 10) / 100.0,
+            "rsi_14": indicators.rsi(close, 14) / 100.0,
+            "macd": macd.macd / close,
+            "macd_signal": macd.signal / close,
+            "macd_hist": macd.histogram / close,
+            "atr_14": indicators.atr(high, low, close, 14) / close,
+        }
+
+
+def _difference(values: np.ndarray) -> np.ndarray:
+    """``values[t] - values[t-1]``; NaN on the first row (no earlier bar)."""
+    out = np.full_like(values, np.nan)
     out[1:] = np.diff(values)
     return out
 
 
-def _level_distance(level_distance: np.ndarray | None, n: int) -> np.ndarray:
-    if level_distance is None:
-        raise ValueError("feature 'level_distance' needs the level_distance array")
-    distance = np.asarray(level_distance, dtype=np.float64)
-    if distance.shape != (n,):
-        raise ValueError(f"level_distance has shape {distance.shape}, expected ({n},)")
-    return np.clip(np.nan_to_num(distance, nan=MAX_LEVEL_DISTANCE), 0.0, MAX_LEVEL_DISTANCE)
+def _level_values(candles: pd.DataFrame, history: LevelHistory) -> dict[str, np.ndarray]:
+    timestamps = pd.DatetimeIndex(candles["timestamp"])
+    high, low, close = (_price(candles, c) for c in ("high", "low", "close"))
+    atr = indicators.atr(high, low, close, 14)
+    distance = nearest_level_distance(timestamps, close, history)
+    below, above = bracketing_levels(timestamps, close, history)
+    levels = history.levels
+    price = levels["price"].to_numpy(dtype=np.float64)
+    touches = np.nan_to_num(levels["touches"].to_numpy(dtype=np.float64), nan=0.0)
+    extrema = levels["n_extrema"].to_numpy(dtype=np.float64)
+    last_seen = utc_ns(levels["last_seen"])
+    bar_ns = utc_ns(timestamps)
+    out = {"level_distance": np.clip(np.nan_to_num(distance, nan=MAX_LEVEL_DISTANCE), 0.0, MAX_LEVEL_DISTANCE)}
+    for side, row in (("support", below), ("resistance", above)):
+        has = row >= 0
+        at = np.where(has, row, 0)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gap = np.abs(close - price[at]) / atr if len(price) else np.full(close.shape, np.inf)
+        gap = np.where(has, gap, MAX_LEVEL_ATR)
+        out[f"{side}_distance_atr"] = np.where(np.isnan(atr), np.nan, np.minimum(gap, MAX_LEVEL_ATR))
+        out[f"{side}_touches"] = np.where(has, np.log1p(touches[at]) if len(price) else 0.0, 0.0)
+        out[f"{side}_extrema"] = np.where(has, np.log1p(extrema[at]) if len(price) else 0.0, 0.0)
+        age = (bar_ns - last_seen[at]) / _DAY_NS if len(price) else np.full(close.shape, MAX_AGE_DAYS)
+        out[f"{side}_age_days"] = np.where(has, np.clip(age, 0.0, MAX_AGE_DAYS), MAX_AGE_DAYS)
+    return out
+
+
+def bracketing_levels(
+    timestamps: pd.DatetimeIndex | pd.Series, close: np.ndarray, history: LevelHistory
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``history.levels`` of the nearest level in force at or below / strictly above each close;
+    -1 where there is none (or the close is NaN). One sort of bars and levels together, no per-bar loop."""
+    close = np.asarray(close, dtype=np.float64)
+    levels = history.levels
+    n_levels = len(levels)
+    refit_ns = utc_ns(history.refits)
+    block = np.searchsorted(refit_ns, utc_ns(timestamps), side="right") - 1  # set in force per bar; -1: none
+    level_block = np.searchsorted(refit_ns, utc_ns(levels["asof"]), side="left")
+    price = levels["price"].to_numpy(dtype=np.float64)
+    # Levels (kind 0) sort before a bar (kind 1) at the same price: a level equal to the close is support.
+    keys_block = np.concatenate([level_block, block])
+    keys_price = np.concatenate([price, close])
+    kind = np.concatenate([np.zeros(n_levels, dtype=np.int8), np.ones(len(close), dtype=np.int8)])
+    order = np.lexsort((kind, keys_price, keys_block))
+    levels_before = np.cumsum(kind[order] == 0)
+    position = np.empty(len(order), dtype=np.intp)
+    position[order] = np.arange(len(order))
+    count = levels_before[position[n_levels:]]  # levels sorted before each bar (global, by block then price)
+    level_order = order[kind[order] == 0]  # level rows in (block, price) order
+    block_start = np.searchsorted(level_block[level_order], block, side="left")
+    block_end = np.searchsorted(level_block[level_order], block, side="right")
+    valid = (block >= 0) & ~np.isnan(close)
+    has_below = valid & (count > block_start)
+    has_above = valid & (count < block_end)
+    below = np.where(has_below, level_order[np.clip(count - 1, 0, max(n_levels - 1, 0))] if n_levels else -1, -1)
+    above = np.where(has_above, level_order[np.clip(count, 0, max(n_levels - 1, 0))] if n_levels else -1, -1)
+    return below.astype(np.intp), above.astype(np.intp)
+
+
+def _context_values(
+    candles: pd.DataFrame, timeframe: Timeframe, frame: pd.DataFrame, context_tf: Timeframe
+) -> dict[str, np.ndarray]:
+    """Values of the last ``context_tf`` candle closed by each bar's close, joined on close times."""
+    high, low, close = (_price(frame, c) for c in ("high", "low", "close"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_candle = {
+            "log_return": indicators.log_return(close, 1),
+            "rsi_14": indicators.rsi(close, 14) / 100.0,
+            "atr_14": indicators.atr(high, low, close, 14) / close,
+            "sma_gap_20": close / indicators.sma(close, 20) - 1.0,
+        }
+    candle_close_ns = utc_ns(frame["timestamp"]) + context_tf.nanoseconds
+    bar_close_ns = utc_ns(candles["timestamp"]) + timeframe.nanoseconds
+    last_closed = np.searchsorted(candle_close_ns, bar_close_ns, side="right") - 1
+    known = last_closed >= 0
+    at = np.where(known, last_closed, 0)
+    out = {}
+    for name, values in per_candle.items():
+        out[f"ctx_{context_tf}_{name}"] = np.where(known, values[at] if len(values) else np.nan, np.nan)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        gap = np.log(_price(candles, "close") / close[at]) if len(close) else np.full(len(candles), np.nan)
+    out[f"ctx_{context_tf}_close_gap"] = np.where(known, gap, np.nan)
+    return out

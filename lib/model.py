@@ -53,7 +53,7 @@ class MultiSymbolLSTM(L.LightningModule):
         monitor: str = "val_pr_auc",
     ) -> None:
         super().__init__()
-        if n_features < 1 or n_symbols < 1:
+        if n_features < 1 or n_symbols < 1 or embedding_dim < 0:
             raise ValueError(f"need at least one feature and one symbol, got {n_features=} {n_symbols=}")
         # Plain Python types, so hparams (stored in ModelSpec) are JSON-safe even when given numpy scalars.
         n_features, n_symbols, embedding_dim = int(n_features), int(n_symbols), int(embedding_dim)
@@ -61,7 +61,8 @@ class MultiSymbolLSTM(L.LightningModule):
         dropout, learning_rate, weight_decay = float(dropout), float(learning_rate), float(weight_decay)
         pos_weight, monitor = float(pos_weight), str(monitor)
         self.save_hyperparameters()
-        self.embedding = nn.Embedding(n_symbols, embedding_dim)
+        # embedding_dim 0: a feature set without ``symbol``; the model cannot tell symbols apart.
+        self.embedding = nn.Embedding(n_symbols, embedding_dim) if embedding_dim > 0 else None
         self.lstm = nn.LSTM(
             input_size=n_features + embedding_dim,
             hidden_size=hidden_size,
@@ -77,6 +78,9 @@ class MultiSymbolLSTM(L.LightningModule):
 
     def forward(self, features: Tensor, symbol_id: Tensor) -> Tensor:
         """``[B]`` logits. ``symbol_id == -1`` (a symbol never trained on) gets the mean embedding."""
+        if self.embedding is None:
+            output, _ = self.lstm(features)
+            return self.head(output[:, -1, :]).squeeze(-1)
         known = symbol_id >= 0
         embedded = self.embedding(symbol_id.clamp(min=0))
         mean = self.embedding.weight.mean(dim=0).expand_as(embedded)

@@ -20,35 +20,42 @@ from pricelevel.backtest.run import BacktestResult, run_backtest
 from pricelevel.config import BacktestConfig, LabelsConfig, LevelsConfig
 from pricelevel.datafolder import CandleFolder, CandleFolderError
 from pricelevel.dataset import build_windows
-from pricelevel.levels import walk_forward_levels
 from pricelevel.spec import ModelSpec
 from pricelevel.timeframes import Timeframe
-from pricelevel.training import SymbolTable, labels_at, read_context, symbol_table
+from pricelevel.training import (
+    SymbolTable,
+    build_table,
+    input_timeframes,
+    labels_at,
+    read_frames,
+    symbol_table,
+)
 
 #: ``predict(features [B, T, F] float32, symbol_id [B] int64) -> probabilities [B]``
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
 
 
 def tables_for_spec(folder: CandleFolder, spec: ModelSpec, symbols: Sequence[str] | None = None) -> dict[str, SymbolTable]:
-    """Levels, labels and features of every symbol in ``folder`` that has candles of the model's timeframe."""
+    """Levels, features and labels of every symbol in ``folder`` that has candles of the model's timeframe."""
     timeframe = Timeframe(spec.timeframe)
     levels = LevelsConfig.model_validate(spec.levels)
     labels = LabelsConfig.model_validate(spec.labels)
+    features = spec.features_config()
     wanted = list(symbols) if symbols else [s for s in folder.symbols if folder.has(s, timeframe)]
     if not wanted:
         raise CandleFolderError(f"{folder.root}: no {timeframe} candle files (the model reads {timeframe})")
     tables = {}
     for symbol in wanted:
-        candles = folder.read(symbol, timeframe)
-        history = walk_forward_levels(candles, timeframe, levels, read_context(folder, symbol, levels))
-        tables[symbol] = symbol_table(symbol, candles, history, labels, spec.features)
+        frames = read_frames(folder, symbol, input_timeframes(timeframe, levels, features))
+        history, table = build_table(frames, timeframe, levels, labels, features)
+        tables[symbol] = symbol_table(symbol, table, history, spec.features)
     return tables
 
 
 def predict_tables(
     predict: Predict, spec: ModelSpec, tables: Mapping[str, SymbolTable], batch_size: int = 2048
 ) -> pd.DataFrame:
-    """One row per bar that has a full window: ``timestamp, symbol, probability, label, target``."""
+    """One row per bar that has a full window: ``timestamp, symbol, probability, near_level, target``."""
     frames = [tables[s].frame for s in sorted(tables)]
     windows = build_windows(
         frames, spec.normalization, {s: spec.symbol_id(s) for s in tables}, spec.seq_len,
@@ -67,7 +74,7 @@ def predict_tables(
             probability[chunk] = predict(features, symbol_id)
     rows = windows.ends()
     rows["probability"] = probability
-    rows["label"] = labels_at(tables, rows, "label")
+    rows["near_level"] = labels_at(tables, rows, "near_level")
     rows["target"] = labels_at(tables, rows, "target")
     return rows.sort_values(["timestamp", "symbol"], kind="stable").reset_index(drop=True)
 
@@ -148,7 +155,7 @@ def score_window(
         raise ValueError(f"no labelled bars from {start} on to score the model")
     scores = classification_scores(window["target"].to_numpy(), window["probability"].to_numpy())
     base = baseline_scores(
-        window["target"].to_numpy(), window["label"].to_numpy(), float(spec.extra.get("train_positive_rate", 0.0))
+        window["target"].to_numpy(), window["near_level"].to_numpy(), float(spec.extra.get("train_positive_rate", 0.0))
     )
     traded = backtest_probabilities(tables, scored, config, start=start)
     portfolio = traded.metrics.to_json_dict()["portfolio"]

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from pricelevel.config import FeaturesConfig
+
 #: Normalisation key used for symbols the model was not trained on (statistics pooled over all symbols).
 POOLED = "*"
 
@@ -34,6 +36,7 @@ class ModelSpec:
     """How inputs are built for one trained model; JSON round-trips exactly."""
 
     symbols: tuple[str, ...]
+    #: Feature columns, in the order of the model's input (``FeaturesConfig`` groups expanded).
     features: tuple[str, ...]
     seq_len: int
     timeframe: str
@@ -47,6 +50,15 @@ class ModelSpec:
     hparams: dict[str, Any]
     threshold: float = 0.5
     extra: dict[str, Any] = field(default_factory=dict)
+    #: ``FeaturesConfig`` as dumped by pydantic: how the ``features`` columns are computed (the set's name,
+    #: its context timeframes). Empty for a model from before feature sets: ``features`` alone then.
+    feature_config: dict[str, Any] = field(default_factory=dict)
+
+    def features_config(self) -> FeaturesConfig:
+        """The feature settings to recompute this model's inputs with."""
+        if self.feature_config:
+            return FeaturesConfig.model_validate(self.feature_config)
+        return FeaturesConfig(set="model", sets={"model": self.features})
 
     def symbol_id(self, symbol: str) -> int:
         """Index into the embedding; ``-1`` for a symbol the model never saw (it gets the mean embedding)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+import numpy as np
 import pandas as pd
 
 
@@ -37,3 +38,12 @@ class Timeframe(StrEnum):
 
 _DELTAS = {"1d": "1D", "4h": "4h", "1h": "1h", "15m": "15min", "1m": "1min"}
 _BYBIT_INTERVALS = {"1d": "D", "4h": "240", "1h": "60", "15m": "15", "1m": "1"}
+
+
+def utc_ns(values: pd.DatetimeIndex | pd.Series | np.ndarray) -> np.ndarray:
+    """UTC nanoseconds since the epoch of timestamps (naive ones are taken as UTC): the unit time is
+    compared in wherever "known by" rules are applied."""
+    index = pd.DatetimeIndex(values)
+    if index.tz is None:
+        index = index.tz_localize("UTC")
+    return index.as_unit("ns").asi8

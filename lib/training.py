@@ -17,16 +17,20 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricelevel.config import DatasetConfig, LabelsConfig, LevelsConfig
+from pricelevel.config import DatasetConfig, FeaturesConfig, LabelsConfig, LevelsConfig
 from pricelevel.datafolder import CandleFolder
 from pricelevel.dataset import SymbolFrame, TrainingData, build_training_data
+from pricelevel.feature_catalogue import feature_columns, needed_timeframes
 from pricelevel.features import compute_features
-from pricelevel.labels import level_label
-from pricelevel.levels import LevelHistory, MultiTimeframe, nearest_level_distance
+from pricelevel.labels import level_label, targets
+from pricelevel.levels import LevelHistory, MultiTimeframe, walk_forward_levels
 from pricelevel.timeframes import Timeframe
 
 #: The timeframe each multi-timeframe filter reads.
 FILTER_TIMEFRAMES = {"touches": Timeframe.D1, "volume": Timeframe.H4, "approach": Timeframe.H1}
+#: Columns of a feature table besides the ``feature_<name>`` ones.
+TABLE_COLUMNS = ("timestamp", "open", "high", "low", "close", "volume", "near_level", "target")
+FEATURE_PREFIX = "feature_"
 
 
 def context_timeframes(levels: LevelsConfig) -> tuple[Timeframe, ...]:
@@ -35,50 +39,93 @@ def context_timeframes(levels: LevelsConfig) -> tuple[Timeframe, ...]:
     return tuple(tf for name, tf in FILTER_TIMEFRAMES.items() if getattr(filters, name).enabled)
 
 
+def input_timeframes(timeframe: Timeframe, levels: LevelsConfig, features: FeaturesConfig) -> tuple[Timeframe, ...]:
+    """Every timeframe a symbol's feature table reads: the bars', the filters' and the context features'."""
+    wanted = {Timeframe(timeframe), *context_timeframes(levels)}
+    wanted |= set(needed_timeframes(feature_columns(features, timeframe)))
+    return tuple(sorted(wanted, key=lambda tf: tf.delta))
+
+
+def read_frames(folder: CandleFolder, symbol: str, timeframes: Sequence[Timeframe]) -> dict[Timeframe, pd.DataFrame | None]:
+    """Candles of ``symbol`` per timeframe (``None`` where the folder has none)."""
+    return {Timeframe(tf): folder.read_optional(symbol, tf) for tf in timeframes}
+
+
+def level_context(frames: Mapping[Timeframe, pd.DataFrame | None]) -> MultiTimeframe:
+    return MultiTimeframe(d1=frames.get(Timeframe.D1), h4=frames.get(Timeframe.H4), h1=frames.get(Timeframe.H1))
+
+
 def read_context(folder: CandleFolder, symbol: str, levels: LevelsConfig) -> MultiTimeframe:
     """The 1d/4h/1h candles of ``symbol`` that the enabled filters read (missing ones stay ``None``)."""
-    frames = {tf: folder.read_optional(symbol, tf) for tf in context_timeframes(levels)}
-    return MultiTimeframe(d1=frames.get(Timeframe.D1), h4=frames.get(Timeframe.H4), h1=frames.get(Timeframe.H1))
+    return level_context(read_frames(folder, symbol, context_timeframes(levels)))
 
 
 # --------------------------------------------------------------------------------------- levels + labels
 
 
+def feature_table(
+    candles: pd.DataFrame,
+    timeframe: Timeframe,
+    history: LevelHistory,
+    frames: Mapping[Timeframe, pd.DataFrame | None],
+    labels: LabelsConfig,
+    features: FeaturesConfig,
+) -> pd.DataFrame:
+    """The timestamped table training reads: candles, ``feature_<name>`` columns, ``near_level``, ``target``.
+
+    ``near_level`` is 1 when the close is within ``labels.threshold_frac`` of a level in force now (the
+    baseline); ``target`` is what the model predicts, NaN where its horizon runs past the data.
+    """
+    timestamps = pd.DatetimeIndex(candles["timestamp"])
+    close = candles["close"].to_numpy(dtype=np.float64)
+    near = level_label(timestamps, close, history, labels.threshold_frac)
+    columns = feature_columns(features, timeframe)
+    values = compute_features(candles, timeframe, columns, history, frames)
+    out = candles[["timestamp", "open", "high", "low", "close", "volume"]].reset_index(drop=True)
+    out["near_level"] = near
+    out["target"] = targets(candles, near, labels)
+    for name in columns:
+        out[FEATURE_PREFIX + name] = values[name].to_numpy()
+    return out
+
+
+def build_table(
+    frames: Mapping[Timeframe, pd.DataFrame | None],
+    timeframe: Timeframe,
+    levels: LevelsConfig,
+    labels: LabelsConfig,
+    features: FeaturesConfig,
+) -> tuple[LevelHistory, pd.DataFrame]:
+    """Walk-forward levels and the feature table of one symbol, from its candles alone (every timeframe)."""
+    candles = frames.get(Timeframe(timeframe))
+    if candles is None:
+        raise ValueError(f"no {timeframe} candles")
+    history = walk_forward_levels(candles, timeframe, levels, level_context(frames))
+    return history, feature_table(candles, timeframe, history, frames, labels, features)
+
+
 @dataclass(frozen=True)
 class SymbolTable:
-    """One symbol's bars with everything derived from them: levels in force, label, features, target."""
+    """One symbol's bars with everything derived from them: levels in force, the baseline flag, features,
+    target."""
 
     symbol: str
     candles: pd.DataFrame
     history: LevelHistory
-    distance: np.ndarray
-    label: np.ndarray
+    near_level: np.ndarray
     frame: SymbolFrame
 
 
-def targets_from_labels(label: np.ndarray, horizon: int) -> np.ndarray:
-    """``target[t] = label[t + horizon]``; the last ``horizon`` rows have no target (NaN)."""
-    target = np.full(len(label), np.nan, dtype=np.float32)
-    if horizon < len(label):
-        target[:-horizon] = label[horizon:]
-    return target
-
-
-def symbol_table(
-    symbol: str,
-    candles: pd.DataFrame,
-    history: LevelHistory,
-    labels: LabelsConfig,
-    features: Sequence[str],
-) -> SymbolTable:
-    """Label and features of every bar, from the walk-forward levels in force at that bar."""
-    timestamps = pd.DatetimeIndex(candles["timestamp"])
-    close = candles["close"].to_numpy(dtype=np.float64)
-    distance = nearest_level_distance(timestamps, close, history)
-    label = level_label(timestamps, close, history, labels.threshold_frac)
-    values = compute_features(candles, features, level_distance=distance)
-    frame = SymbolFrame(symbol=symbol, timestamps=timestamps, features=values, target=targets_from_labels(label, labels.horizon))
-    return SymbolTable(symbol, candles, history, distance, label, frame)
+def symbol_table(symbol: str, table: pd.DataFrame, history: LevelHistory, columns: Sequence[str]) -> SymbolTable:
+    """The model's view of a feature table: ``columns`` (in order) as float32 and the target."""
+    missing = [c for c in columns if FEATURE_PREFIX + c not in table.columns]
+    if missing:
+        raise KeyError(f"{symbol}: the feature table has no column(s) {missing}")
+    timestamps = pd.DatetimeIndex(table["timestamp"])
+    features = np.ascontiguousarray(table[[FEATURE_PREFIX + c for c in columns]].to_numpy(dtype=np.float32))
+    frame = SymbolFrame(symbol, timestamps, features, table["target"].to_numpy(dtype=np.float32))
+    candles = table[["timestamp", "open", "high", "low", "close", "volume"]]
+    return SymbolTable(symbol, candles, history, table["near_level"].to_numpy(np.int8), frame)
 
 
 def write_levels(folder: Path, symbol: str, history: LevelHistory) -> None:
@@ -92,26 +139,14 @@ def read_levels(folder: Path, symbol: str) -> LevelHistory:
     return LevelHistory(refits=refits, levels=levels)
 
 
-def write_table(folder: Path, table: SymbolTable, feature_names: Sequence[str]) -> None:
-    """One Parquet file per symbol: the candles with their label, target and features (what training reads)."""
-    out = table.candles[["timestamp", "open", "high", "low", "close", "volume"]].copy()
-    out["level_distance_raw"] = table.distance
-    out["label"] = table.label
-    out["target"] = table.frame.target
-    for i, name in enumerate(feature_names):
-        out[f"feature_{name}"] = table.frame.features[:, i]
-    out.to_parquet(folder / f"{table.symbol}.parquet", index=False)
+def write_table(folder: Path, symbol: str, table: pd.DataFrame) -> Path:
+    path = folder / f"{symbol}.parquet"
+    table.to_parquet(path, index=False)
+    return path
 
 
-def read_table(folder: Path, symbol: str, history: LevelHistory, feature_names: Sequence[str]) -> SymbolTable:
-    data = pd.read_parquet(folder / f"{symbol}.parquet")
-    timestamps = pd.DatetimeIndex(data["timestamp"])
-    features = np.ascontiguousarray(data[[f"feature_{n}" for n in feature_names]].to_numpy(dtype=np.float32))
-    frame = SymbolFrame(symbol, timestamps, features, data["target"].to_numpy(dtype=np.float32))
-    candles = data[["timestamp", "open", "high", "low", "close", "volume"]]
-    return SymbolTable(
-        symbol, candles, history, data["level_distance_raw"].to_numpy(), data["label"].to_numpy(np.int8), frame
-    )
+def read_table(folder: Path, symbol: str) -> pd.DataFrame:
+    return pd.read_parquet(folder / f"{symbol}.parquet")
 
 
 # --------------------------------------------------------------------------------------------- dataset
@@ -140,8 +175,8 @@ def dataset_summary(data: TrainingData) -> dict[str, object]:
     return summary
 
 
-def labels_at(tables: Mapping[str, SymbolTable], ends: pd.DataFrame, column: str = "label") -> np.ndarray:
-    """The label (or ``target``) of each ``(symbol, timestamp)`` row of ``ends`` (a dataset's window ends),
+def labels_at(tables: Mapping[str, SymbolTable], ends: pd.DataFrame, column: str = "near_level") -> np.ndarray:
+    """The ``near_level`` flag (or ``target``) of each ``(symbol, timestamp)`` row of ``ends`` (a dataset's window ends),
     in the rows' order whatever the frame's index."""
     out = np.empty(len(ends), dtype=np.float64)
     symbols = ends["symbol"].to_numpy()
@@ -149,7 +184,7 @@ def labels_at(tables: Mapping[str, SymbolTable], ends: pd.DataFrame, column: str
     for symbol in pd.unique(symbols):
         rows = np.flatnonzero(symbols == symbol)
         table = tables[symbol]
-        values = table.label if column == "label" else table.frame.target
+        values = table.near_level if column == "near_level" else table.frame.target
         position = table.frame.timestamps.get_indexer(timestamps[rows])
         if (position < 0).any():
             raise KeyError(f"{symbol}: window ends not in its table")

@@ -21,8 +21,10 @@ from prefect.cache_policies import NO_CACHE
 
 import pricelevel.dataset as dataset_module
 import pricelevel.features as features_module
+import pricelevel.indicators as indicators_module
 import pricelevel.labels as labels_module
 import pricelevel.levels as levels_module
+import pricelevel.lookahead as lookahead_module
 import pricelevel.model as model_module
 import pricelevel.training as training_module
 import pricelevel.tuning as tuning_module
@@ -31,7 +33,9 @@ from pricelevel.datafolder import CandleFolder
 from pricelevel.dataset import TrainingData
 from pricelevel.evaluation import baseline_scores, classification_scores, flat_scores
 from pricelevel.experiment import RUN_KEY_TAG, TrainingRun, TrialRuns
+from pricelevel.feature_catalogue import feature_columns
 from pricelevel.levels import walk_forward_levels
+from pricelevel.lookahead import check_lookahead, report_lines
 from pricelevel.model import MultiSymbolLSTM, predict_proba
 from pricelevel.project import project_root
 from pricelevel.registry import ALIAS_CHALLENGER, find_version_by_tag, register_version, set_alias
@@ -50,11 +54,14 @@ from pricelevel.tracking import (
 )
 from pricelevel.training import (
     SymbolTable,
-    context_timeframes,
+    build_table,
     dataset_summary,
     embargo_bars,
+    feature_table,
+    input_timeframes,
     labels_at,
-    read_context,
+    level_context,
+    read_frames,
     read_levels,
     read_table,
     symbol_table,
@@ -79,9 +86,12 @@ class StepOutput:
     data_fingerprint: str
 
 
+def _timeframes(config: Config) -> tuple:
+    return input_timeframes(config.dataset.timeframe, config.levels, config.features)
+
+
 def _input_files(config: Config, folder: CandleFolder, symbol: str) -> list[Path]:
-    timeframes = {config.dataset.timeframe, *context_timeframes(config.levels)}
-    return [folder.path(symbol, tf) for tf in sorted(timeframes) if folder.has(symbol, tf)] or [
+    return [folder.path(symbol, tf) for tf in _timeframes(config) if folder.has(symbol, tf)] or [
         folder.path(symbol, config.dataset.timeframe)
     ]
 
@@ -98,8 +108,8 @@ def find_levels(config: Config, symbol: str) -> StepOutput:
     )
 
     def write(out: Path) -> None:
-        candles = folder.read(symbol, timeframe)
-        history = walk_forward_levels(candles, timeframe, config.levels, read_context(folder, symbol, config.levels))
+        frames = read_frames(folder, symbol, _timeframes(config))
+        history = walk_forward_levels(frames[timeframe], timeframe, config.levels, level_context(frames))
         write_levels(out, symbol, history)
 
     out, built = DerivedStore(config.data.root).build("levels", key, write)
@@ -111,29 +121,67 @@ def find_levels(config: Config, symbol: str) -> StepOutput:
     return StepOutput(symbol, key, out, fingerprint)
 
 
-@task(name="labels", task_run_name="labels {levels.symbol}", cache_policy=NO_CACHE)
-def label_bars(config: Config, levels: StepOutput) -> StepOutput:
-    """Label (close near a level in force), features and target of every bar of one symbol."""
+@task(name="features", task_run_name="features {levels.symbol}", cache_policy=NO_CACHE)
+def feature_bars(config: Config, levels: StepOutput) -> StepOutput:
+    """The feature and label table of one symbol (``pricelevel features`` writes the same table)."""
     key = step_key(
-        "labels", levels=levels.key, labels=config.labels.model_dump(mode="json"),
-        features=list(config.dataset.features),
-        code=code_fingerprint(labels_module, features_module, training_module),
+        "features", levels=levels.key, labels=config.labels.model_dump(mode="json"),
+        features=config.features.model_dump(mode="json"),
+        code=code_fingerprint(labels_module, features_module, indicators_module, training_module),
     )
-
-    history = read_levels(levels.folder, levels.symbol)
 
     def write(out: Path) -> None:
-        candles = validated_folder(config).read(levels.symbol, config.dataset.timeframe)
-        write_table(out, symbol_table(levels.symbol, candles, history, config.labels, config.dataset.features),
-                    config.dataset.features)
+        timeframe = config.dataset.timeframe
+        frames = read_frames(validated_folder(config), levels.symbol, _timeframes(config))
+        history = read_levels(levels.folder, levels.symbol)
+        write_table(out, levels.symbol, feature_table(
+            frames[timeframe], timeframe, history, frames, config.labels, config.features
+        ))
 
-    out, built = DerivedStore(config.data.root).build("labels", key, write)
-    table = read_table(out, levels.symbol, history, config.dataset.features)
+    out, built = DerivedStore(config.data.root).build("features", key, write)
+    table = read_table(out, levels.symbol)
+    target = table["target"].to_numpy(dtype=np.float64)
     get_run_logger().info(
-        "%s: %s %d bars, %.2f%% labelled near a level -> %s", levels.symbol, "computed" if built else "reused",
-        len(table.label), 100 * float(np.mean(table.label)), out,
+        "%s: %s %d bars x %d features (set %r); %s target positive on %.2f%% of %d labelled bars -> %s",
+        levels.symbol, "computed" if built else "reused", len(table), len(feature_columns(config.features, config.dataset.timeframe)),
+        config.features.set, config.labels.kind, 100 * float(np.nanmean(target)), int(np.isfinite(target).sum()), out,
     )
     return StepOutput(levels.symbol, key, out, levels.data_fingerprint)
+
+
+@task(name="lookahead", cache_policy=NO_CACHE)
+def lookahead(config: Config, tables: list[StepOutput]) -> dict[str, Any]:
+    """Recompute features and labels on data cut at ``lookahead.cuts`` points; fail the run on any difference."""
+    key = step_key(
+        "lookahead", tables=sorted(o.key for o in tables), cuts=config.lookahead.cuts,
+        code=code_fingerprint(lookahead_module),
+    )
+    timeframe = config.dataset.timeframe
+    logger = get_run_logger()
+
+    def write(out: Path) -> None:
+        folder = validated_folder(config)
+        frames = {o.symbol: read_frames(folder, o.symbol, _timeframes(config)) for o in tables}
+        report = check_lookahead(
+            frames, timeframe,
+            lambda f: build_table(f, timeframe, config.levels, config.labels, config.features)[1],
+            config.labels.horizon, config.lookahead.cuts, {o.symbol: read_table(o.folder, o.symbol) for o in tables},
+        )
+        for line in report_lines(report):
+            (logger.info if report.ok else logger.error)("%s", line)
+        if not report.ok:
+            raise LookaheadError("\n".join(report_lines(report, limit=20)))
+        write_json(out / "report.json", report.summary())
+
+    out, built = DerivedStore(config.data.root).build("lookahead", key, write)
+    summary = json.loads((out / "report.json").read_text())
+    if not built:
+        logger.info("look-ahead check of these tables passed before (%s values compared); %s", summary["values_compared"], out)
+    return summary
+
+
+class LookaheadError(RuntimeError):
+    """Features or labels changed when later data was added: they use the future."""
 
 
 @dataclass(frozen=True)
@@ -154,21 +202,29 @@ class Dataset:
 def build_dataset(config: Config, labelled: list[StepOutput], levels: list[StepOutput]) -> Dataset:
     """Windows of every symbol, split chronologically with an embargo; the keys of the steps after it."""
     history = {out.symbol: read_levels(out.folder, out.symbol) for out in levels}
-    tables = {out.symbol: read_table(out.folder, out.symbol, history[out.symbol], config.dataset.features) for out in labelled}
+    columns = feature_columns(config.features, config.dataset.timeframe)
+    tables = {
+        out.symbol: symbol_table(out.symbol, read_table(out.folder, out.symbol), history[out.symbol], columns)
+        for out in labelled
+    }
     embargo = embargo_bars(config.dataset, config.tuning.space.seq_len, config.labels.horizon)
     data = training_data(tables, config.dataset, config.dataset.seq_len, embargo)
     code = code_fingerprint(dataset_module, model_module, tuning_module, training_module)
     tune_key = step_key(
         "tune", labels=sorted(o.key for o in labelled), dataset=config.dataset.model_dump(mode="json"),
-        model=config.model.model_dump(mode="json"), tuning=config.tuning.model_dump(mode="json"), code=code,
+        model=config.model_inputs.model_dump(mode="json"), tuning=config.tuning.model_dump(mode="json"), code=code,
     )
     model_key = step_key("model", tune=tune_key)
     run_key = step_key("run", model=model_key, backtest=config.backtest.model_dump(mode="json"))
     fingerprint = step_key("data", files=sorted(o.data_fingerprint for o in labelled))
-    summary = dataset_summary(data) | {"embargo": embargo, "tune_key": tune_key, "model_key": model_key}
+    summary = dataset_summary(data) | {
+        "embargo": embargo, "tune_key": tune_key, "model_key": model_key, "feature_set": config.features.set,
+        "features": list(columns), "label": config.labels.kind,
+    }
     get_run_logger().info(
-        "dataset: %s windows train/val/test = %d/%d/%d, embargo %d bars",
-        ",".join(data.symbols), len(data.train), len(data.val), len(data.test), embargo,
+        "dataset: %s; feature set %r (%d columns); windows train/val/test = %d/%d/%d, embargo %d bars",
+        ",".join(data.symbols), config.features.set, len(columns), len(data.train), len(data.val), len(data.test),
+        embargo,
     )
     return Dataset(tables, data, embargo, tune_key, model_key, run_key, fingerprint, summary)
 
@@ -181,8 +237,9 @@ def start_run(config: Config, dataset: Dataset, data_files: list[str]) -> tuple[
     lineage = lineage_tags(
         [Path(f) for f in data_files], config.model.seed, project_root()
     )
+    lineage |= {"pricelevel.feature_set": config.features.set, "pricelevel.label": config.labels.kind}
     run, created = TrainingRun.find_or_create(
-        client, experiment_id, dataset.run_key, f"train-{dataset.run_key[:8]}", lineage
+        client, experiment_id, dataset.run_key, f"train-{config.features.set}-{dataset.run_key[:8]}", lineage
     )
     if created:
         run.log_params(run_params(config.flat()))
@@ -205,7 +262,7 @@ def tune(config: Config, dataset: Dataset, run: TrainingRun, log: bool) -> dict[
     _threads(config)
     study = open_study(config.optuna_storage, study_name, config.tuning)
     work = DerivedStore(config.data.root).folder("trials", dataset.tune_key)
-    summary = run_study(study, data_for, config.model, config.tuning, work, TrialRuns(run, study_name))
+    summary = run_study(study, data_for, config.model_inputs, config.tuning, work, TrialRuns(run, study_name))
     if summary.trials_run_now or log:
         run.log_json(summary.to_dict(), "study_summary.json")
         run.log_params({f"best.{k}": v for k, v in summary.best_params.items()})
@@ -239,7 +296,7 @@ def fit_final(
     params = study["best_params"]
     seq_len = int(params.get("seq_len", config.dataset.seq_len))
     data = training_data(dataset.tables, config.dataset, seq_len, dataset.embargo)
-    model_config = with_params(config.model, params)
+    model_config = with_params(config.model_inputs, params)
     _threads(config)
 
     def write(out: Path) -> None:
@@ -248,11 +305,11 @@ def fit_final(
             epoch_callback=lambda epoch, metrics: run.log_metrics(metrics, step=epoch),
         )
         spec = ModelSpec(
-            symbols=data.symbols, features=tuple(config.dataset.features), seq_len=seq_len,
+            symbols=data.symbols, features=feature_columns(config.features, config.dataset.timeframe), seq_len=seq_len,
             timeframe=str(config.dataset.timeframe), horizon=config.labels.horizon,
             normalization=dict(data.normalization), levels=config.levels.model_dump(mode="json"),
             labels=config.labels.model_dump(mode="json"), hparams=dict(result.module.hparams),
-            threshold=config.backtest.threshold,
+            threshold=config.backtest.threshold, feature_config=config.features.model_dump(mode="json"),
             extra={
                 "train_end": str(data.bounds.train_end), "val_start": str(data.bounds.val_start),
                 "test_start": str(data.bounds.test_start),
@@ -290,7 +347,7 @@ def evaluate(config: Config, fitted: FittedModel, dataset: Dataset, run: Trainin
     test = fitted.data.test
     probability = predict_proba(fitted.module, test)
     target = test.targets()
-    label_now = labels_at(dataset.tables, test.ends(), "label")
+    label_now = labels_at(dataset.tables, test.ends(), "near_level")
     scores = flat_scores("test", classification_scores(target, probability))
     for name, values in baseline_scores(target, label_now, fitted.spec.extra["train_positive_rate"]).items():
         scores |= flat_scores(f"baseline_{name}", values)

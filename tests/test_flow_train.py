@@ -19,6 +19,7 @@ SMALL = [
     "data.start=2023-01-01",
     "levels.lookback_days=120",
     "labels.threshold_frac=0.005",
+    "labels.horizon=6",
     "dataset.timeframe=4h",
     "dataset.seq_len=16",
     "levels.refit_every=6",
@@ -89,6 +90,15 @@ def test_train_registers_a_challenger_with_lineage(trained):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"dataset_summary.json", "study_summary.json", "backtest"} <= artifacts
     assert Path(first["report"]).is_file()
+    # which inputs and label the model was trained on, searchable in the MLflow UI
+    assert tags["pricelevel.feature_set"] == "rich" and tags["pricelevel.label"] == "forward_move"
+    assert run.data.params["features.set"] == "rich" and run.info.run_name.startswith("train-rich-")
+    summary = json.loads((Path(client.download_artifacts(run.info.run_id, "dataset_summary.json"))).read_text())
+    assert "ctx_1d_rsi_14" in summary["features"] and "rsi_14" in summary["features"]
+    # the look-ahead check ran before the dataset and compared every table
+    (report,) = (root / "data" / "derived" / "lookahead").glob("*/report.json")
+    checked = json.loads(report.read_text())
+    assert checked["ok"] and checked["symbols"] == ["BTCUSDT", "ETHUSDT"] and checked["values_compared"] > 10_000
 
 
 def test_second_run_with_nothing_new_reuses_every_output(trained):
@@ -171,3 +181,30 @@ def test_champion_backtests_a_folder_it_has_never_seen(trained, tmp_path, cli, m
     assert document["metrics"]["portfolio"]["final_value"] > 0
     code, stdout, _ = cli("models", *sum((["--set", s] for s in SMALL), []))
     assert code == 0 and "champion" in stdout
+
+
+def test_a_leaky_feature_fails_the_training_run_before_anything_is_trained(tmp_path, prefect_harness, monkeypatch):
+    import shutil
+
+    import pricelevel.training as training
+    from flows.train import train
+    from tasks.train import LookaheadError
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
+    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    monkeypatch.setenv("PRICELEVEL_HOME", str(root))
+    real = training.compute_features
+
+    def peeking(candles, timeframe, columns, history=None, context=None):
+        values = real(candles, timeframe, columns, history, context)
+        values["rsi_14"] = values["rsi_14"].shift(-2)  # the RSI two bars ahead
+        return values
+
+    monkeypatch.setattr(training, "compute_features", peeking)
+    with pytest.raises(LookaheadError, match="feature_rsi_14 at"):
+        train(overrides=[*SMALL, "data.symbols=[ETHUSDT]"])
+    derived = root / "data" / "derived"
+    assert not (derived / "lookahead").exists() or not any((derived / "lookahead").glob("*/report.json"))
+    assert not (derived / "models").exists() and not (root / "mlruns").exists()

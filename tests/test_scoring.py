@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from pricelevel.config import BacktestConfig, LabelsConfig, LevelsConfig
+from pricelevel.config import BacktestConfig, FeaturesConfig, LabelsConfig, LevelsConfig
 from pricelevel.datafolder import CandleFolder, CandleFolderError
 from pricelevel.dataset import fit_normalization
-from pricelevel.features import FEATURES
 from pricelevel.levels import LevelHistory
 from pricelevel.model import MultiSymbolLSTM
 from pricelevel.scoring import (
@@ -36,7 +35,10 @@ LEVELS = LevelsConfig.model_validate(
     {"window": 6, "eps_frac": 0.01, "min_samples": 3, "lookback_days": 120, "refit_every": 6,
      "filters": {"volume": {"factor": 0.8}}}
 )
-LABELS = LabelsConfig(threshold_frac=0.005)
+LABELS = LabelsConfig(kind="level_label", threshold_frac=0.005, horizon=1)
+#: Columns without warm-up rows, so every bar from SEQ_LEN on has a full window.
+FEATURES = ("log_range", "level_distance")
+FEATURE_CONFIG = FeaturesConfig(set="scoring", sets={"scoring": (*FEATURES, "symbol")})
 
 
 @pytest.fixture(autouse=True)
@@ -61,7 +63,7 @@ def _spec(normalization, module: MultiSymbolLSTM) -> ModelSpec:
     return ModelSpec(
         symbols=TRAINED, features=FEATURES, seq_len=SEQ_LEN, timeframe="4h", horizon=1,
         normalization=normalization, levels=LEVELS.model_dump(mode="json"), labels=LABELS.model_dump(mode="json"),
-        hparams=dict(module.hparams),
+        hparams=dict(module.hparams), feature_config=FEATURE_CONFIG.model_dump(mode="json"),
     )
 
 
@@ -111,8 +113,8 @@ def test_tables_for_spec_reads_every_symbol_of_the_model_timeframe(scored_setup)
     folder, _, spec, tables = scored_setup
     assert sorted(tables) == ["BTCUSDT", "ETHUSDT", "SOLUSDT"]
     for symbol, table in tables.items():
-        assert len(table.label) == ROWS and table.frame.features.shape == (ROWS, len(FEATURES))
-        assert 0 < table.label.mean() < 0.5, symbol  # real levels were found and labelled
+        assert len(table.near_level) == ROWS and table.frame.features.shape == (ROWS, len(FEATURES))
+        assert 0 < table.near_level.mean() < 0.5, symbol  # real levels were found and labelled
     assert list(tables_for_spec(folder, spec, symbols=["ETHUSDT"])) == ["ETHUSDT"]
     with pytest.raises(CandleFolderError, match="no 15m candle files"):
         tables_for_spec(folder, dataclasses.replace(spec, timeframe="15m"))
@@ -124,7 +126,7 @@ def test_predict_tables_scores_every_full_window_exactly_as_the_module(scored_se
     predict = Recorder(module)
     rows = predict_tables(predict, spec, tables)
 
-    assert set(rows.columns) == {"symbol", "timestamp", "probability", "label", "target"}
+    assert set(rows.columns) == {"symbol", "timestamp", "probability", "near_level", "target"}
     assert len(rows) == sum(len(t.frame.timestamps) - SEQ_LEN + 1 for t in tables.values()) == 2 * (ROWS - SEQ_LEN + 1)
     ordered = rows.sort_values(["timestamp", "symbol"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(rows, ordered)
@@ -136,7 +138,7 @@ def test_predict_tables_scores_every_full_window_exactly_as_the_module(scored_se
     for symbol, table in tables.items():
         mine = rows[rows["symbol"] == symbol]
         assert pd.DatetimeIndex(mine["timestamp"]).equals(table.frame.timestamps[SEQ_LEN - 1 :])
-        np.testing.assert_array_equal(mine["label"].to_numpy(), table.label[SEQ_LEN - 1 :])
+        np.testing.assert_array_equal(mine["near_level"].to_numpy(), table.near_level[SEQ_LEN - 1 :])
         np.testing.assert_array_equal(mine["target"].to_numpy(), table.frame.target[SEQ_LEN - 1 :])
         # a few windows by hand: first, last, and some in between
         probability = mine["probability"].to_numpy()
@@ -173,7 +175,7 @@ def test_a_table_shorter_than_a_window_scores_nothing(scored_setup) -> None:
     n = SEQ_LEN - 1
     frame = dataclasses.replace(short.frame, timestamps=short.frame.timestamps[:n], features=short.frame.features[:n],
                                 target=short.frame.target[:n])
-    tiny = dataclasses.replace(short, frame=frame, label=short.label[:n])
+    tiny = dataclasses.replace(short, frame=frame, near_level=short.near_level[:n])
     rows = predict_tables(Recorder(module), spec, {"BTCUSDT": tiny, "ETHUSDT": tables["ETHUSDT"]})
     assert set(rows["symbol"]) == {"ETHUSDT"} and len(rows) == ROWS - SEQ_LEN + 1
 

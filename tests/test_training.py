@@ -13,24 +13,25 @@ import pytest
 
 import pricelevel.features as features_module
 import pricelevel.labels as labels_module
-from pricelevel.config import DatasetConfig, LabelsConfig, LevelsConfig
+from pricelevel.config import DatasetConfig, FeaturesConfig, LabelsConfig, LevelsConfig
 from pricelevel.datafolder import CandleFolder
 from pricelevel.dataset import SymbolFrame
-from pricelevel.features import FEATURES, MAX_LEVEL_DISTANCE
-from pricelevel.labels import level_label
-from pricelevel.levels import LevelHistory, MultiTimeframe, walk_forward_levels
+from pricelevel.feature_catalogue import feature_columns
+from pricelevel.features import MAX_LEVEL_DISTANCE
+from pricelevel.labels import forward_move, level_label, shifted
+from pricelevel.levels import LevelHistory, MultiTimeframe, nearest_level_distance, walk_forward_levels
 from pricelevel.steps import COMPLETE, DerivedStore, code_fingerprint, step_key
 from pricelevel.timeframes import Timeframe
 from pricelevel.training import (
     SymbolTable,
     context_timeframes,
     embargo_bars,
+    feature_table,
     labels_at,
     read_context,
     read_levels,
     read_table,
     symbol_table,
-    targets_from_labels,
     write_levels,
     write_table,
 )
@@ -41,7 +42,7 @@ LEVELS = LevelsConfig.model_validate(
     {"window": 6, "eps_frac": 0.01, "min_samples": 3, "lookback_days": 120, "refit_every": 6,
      "filters": {"volume": {"factor": 0.8}}}
 )
-LABELS = LabelsConfig(threshold_frac=0.005, horizon=1)
+LABELS = LabelsConfig(kind="level_label", threshold_frac=0.005, horizon=1)
 ROWS = 1500
 
 
@@ -50,16 +51,16 @@ ROWS = 1500
 
 def test_targets_shift_labels_by_the_horizon_with_a_nan_tail() -> None:
     label = np.array([0, 1, 1, 0, 1], dtype=np.int8)
-    one = targets_from_labels(label, 1)
+    one = shifted(label, 1)
     assert one.dtype == np.float32
     np.testing.assert_array_equal(one, [1, 1, 0, 1, np.nan])
-    np.testing.assert_array_equal(targets_from_labels(label, 2), [1, 0, 1, np.nan, np.nan])
-    np.testing.assert_array_equal(targets_from_labels(label, 4), [1, np.nan, np.nan, np.nan, np.nan])
+    np.testing.assert_array_equal(shifted(label, 2), [1, 0, 1, np.nan, np.nan])
+    np.testing.assert_array_equal(shifted(label, 4), [1, np.nan, np.nan, np.nan, np.nan])
 
 
 @pytest.mark.parametrize("horizon", [5, 6, 100])
 def test_targets_are_all_nan_when_the_horizon_reaches_past_the_end(horizon: int) -> None:
-    target = targets_from_labels(np.ones(5, dtype=np.int8), horizon)
+    target = shifted(np.ones(5, dtype=np.int8), horizon)
     assert target.shape == (5,) and np.isnan(target).all()
 
 
@@ -69,7 +70,7 @@ def _table(symbol: str, start: str, label: list[int], target: list[float]) -> Sy
     frame = SymbolFrame(symbol, stamps, np.zeros((n, 1), np.float32), np.asarray(target, np.float32))
     history = LevelHistory(refits=pd.DatetimeIndex([], tz="UTC"), levels=pd.DataFrame())
     candles = pd.DataFrame({"timestamp": stamps})
-    return SymbolTable(symbol, candles, history, np.full(n, np.nan), np.asarray(label, np.int8), frame)
+    return SymbolTable(symbol, candles, history, np.asarray(label, np.int8), frame)
 
 
 @pytest.fixture
@@ -165,11 +166,16 @@ def _context(candles: pd.DataFrame, symbol: str = "BTCUSDT") -> MultiTimeframe:
     return MultiTimeframe(d1=cut("1d"), h1=cut("1h"))
 
 
+BASE = FeaturesConfig(set="base")
+BASE_COLUMNS = feature_columns(BASE, Timeframe.H4)
+
+
 @pytest.fixture(scope="module")
 def btc_table() -> SymbolTable:
     candles = real_candles("BTCUSDT", "4h", ROWS)
     history = walk_forward_levels(candles, Timeframe.H4, LEVELS, _context(candles))
-    return symbol_table("BTCUSDT", candles, history, LABELS, FEATURES)
+    table = feature_table(candles, Timeframe.H4, history, {}, LABELS, BASE)
+    return symbol_table("BTCUSDT", table, history, BASE_COLUMNS)
 
 
 def test_symbol_table_on_real_candles(btc_table: SymbolTable) -> None:
@@ -177,26 +183,38 @@ def test_symbol_table_on_real_candles(btc_table: SymbolTable) -> None:
     candles = table.candles
     stamps = pd.DatetimeIndex(candles["timestamp"])
     close = candles["close"].to_numpy()
-    assert len(table.label) == ROWS and table.label.dtype == np.int8
+    assert len(table.near_level) == ROWS and table.near_level.dtype == np.int8
     assert len(table.history.levels) > 0
-    np.testing.assert_array_equal(table.label, level_label(stamps, close, table.history, LABELS.threshold_frac))
-    assert 0.02 < table.label.mean() < 0.3  # both classes, positives the minority
-    # target[t] = label[t + 1]; the last bar has none
+    np.testing.assert_array_equal(table.near_level, level_label(stamps, close, table.history, LABELS.threshold_frac))
+    assert 0.02 < table.near_level.mean() < 0.3  # both classes, positives the minority
+    # level_label: target[t] = near_level[t + 1]; the last bar has none
     target = table.frame.target
-    np.testing.assert_array_equal(target[:-1], table.label[1:].astype(np.float32))
+    np.testing.assert_array_equal(target[:-1], table.near_level[1:].astype(np.float32))
     assert np.isnan(target[-1]) and np.isfinite(target[:-1]).all()
-    # features: no NaN even where no level is in force (distance NaN there)
+    # base features: only the first row is warm-up (no earlier bar to difference against)
     features = table.frame.features
-    assert features.shape == (ROWS, len(FEATURES)) and features.dtype == np.float32
-    assert np.isfinite(features).all()
-    assert np.isnan(table.distance).any() and np.isfinite(table.distance).any()
-    column = features[:, FEATURES.index("level_distance")]
-    expected = np.clip(np.nan_to_num(table.distance, nan=MAX_LEVEL_DISTANCE), 0, MAX_LEVEL_DISTANCE)
+    assert features.shape == (ROWS, len(BASE_COLUMNS)) and features.dtype == np.float32
+    assert np.isfinite(features[1:]).all() and np.isnan(features[0, BASE_COLUMNS.index("log_return")])
+    distance = nearest_level_distance(stamps, close, table.history)
+    assert np.isnan(distance).any() and np.isfinite(distance).any()
+    column = features[:, BASE_COLUMNS.index("level_distance")]
+    expected = np.clip(np.nan_to_num(distance, nan=MAX_LEVEL_DISTANCE), 0, MAX_LEVEL_DISTANCE)
     np.testing.assert_allclose(column, expected.astype(np.float32), rtol=0, atol=0)
-    # label 1 exactly where the close is within threshold of the nearest level in force
-    near = np.nan_to_num(table.distance, nan=np.inf) <= LABELS.threshold_frac * (1 + 1e-12)
-    assert (table.label == near).mean() > 0.999
+    # near_level is 1 exactly where the close is within threshold of the nearest level in force
+    near = np.nan_to_num(distance, nan=np.inf) <= LABELS.threshold_frac * (1 + 1e-12)
+    assert (table.near_level == near).mean() > 0.999
     assert table.frame.timestamps.equals(stamps) and table.symbol == "BTCUSDT"
+
+
+def test_forward_move_table_targets_the_next_bars_highs() -> None:
+    candles = real_candles("BTCUSDT", "4h", 300)
+    labels = LabelsConfig(kind="forward_move", move_frac=0.02, horizon=6)
+    history = walk_forward_levels(candles, Timeframe.H4, LEVELS, _context(candles))
+    table = feature_table(candles, Timeframe.H4, history, {}, labels, BASE)
+    expected = forward_move(candles["open"], candles["high"], 6, 0.02)
+    np.testing.assert_array_equal(table["target"].to_numpy(np.float32), expected)
+    assert table["target"].iloc[-6:].isna().all() and table["target"].iloc[:-6].notna().all()
+    assert 0.05 < table["target"].mean() < 0.95
 
 
 def test_symbol_table_of_a_prefix_matches_the_full_table(btc_table: SymbolTable) -> None:
@@ -204,9 +222,8 @@ def test_symbol_table_of_a_prefix_matches_the_full_table(btc_table: SymbolTable)
     n = 1000
     candles = real_candles("BTCUSDT", "4h", n)
     history = walk_forward_levels(candles, Timeframe.H4, LEVELS, _context(candles))
-    prefix = symbol_table("BTCUSDT", candles, history, LABELS, FEATURES)
-    np.testing.assert_array_equal(prefix.label, btc_table.label[:n])
-    np.testing.assert_array_equal(prefix.distance, btc_table.distance[:n])
+    prefix = symbol_table("BTCUSDT", feature_table(candles, Timeframe.H4, history, {}, LABELS, BASE), history, BASE_COLUMNS)
+    np.testing.assert_array_equal(prefix.near_level, btc_table.near_level[:n])
     np.testing.assert_array_equal(prefix.frame.features, btc_table.frame.features[:n])
     np.testing.assert_array_equal(prefix.frame.target[:-1], btc_table.frame.target[: n - 1])
     assert np.isnan(prefix.frame.target[-1]) and np.isfinite(btc_table.frame.target[n - 1])
@@ -218,18 +235,26 @@ def test_table_and_levels_round_trip_exactly(btc_table: SymbolTable, tmp_path: P
     assert history.refits.equals(btc_table.history.refits)
     pd.testing.assert_frame_equal(history.levels, btc_table.history.levels, check_exact=True)
 
-    write_table(tmp_path, btc_table, FEATURES)
-    back = read_table(tmp_path, "BTCUSDT", history, FEATURES)
+    candles = real_candles("BTCUSDT", "4h", ROWS)
+    table = feature_table(candles, Timeframe.H4, history, {}, LABELS, BASE)
+    write_table(tmp_path, "BTCUSDT", table)
+    pd.testing.assert_frame_equal(read_table(tmp_path, "BTCUSDT"), table, check_exact=True)
+    back = symbol_table("BTCUSDT", read_table(tmp_path, "BTCUSDT"), history, BASE_COLUMNS)
     pd.testing.assert_frame_equal(back.candles.reset_index(drop=True), btc_table.candles[back.candles.columns],
                                   check_exact=True)
-    np.testing.assert_array_equal(back.label, btc_table.label)
-    assert back.label.dtype == np.int8
-    np.testing.assert_array_equal(back.distance, btc_table.distance)
+    np.testing.assert_array_equal(back.near_level, btc_table.near_level)
     np.testing.assert_array_equal(back.frame.features, btc_table.frame.features)
     assert back.frame.features.dtype == np.float32 and back.frame.features.flags.c_contiguous
     np.testing.assert_array_equal(back.frame.target, btc_table.frame.target)
     assert back.frame.timestamps.equals(btc_table.frame.timestamps)
     assert back.history is history
+
+
+def test_symbol_table_names_missing_feature_columns(btc_table: SymbolTable) -> None:
+    candles = real_candles("BTCUSDT", "4h", 50)
+    table = feature_table(candles, Timeframe.H4, btc_table.history, {}, LABELS, BASE)
+    with pytest.raises(KeyError, match="rsi_14"):
+        symbol_table("BTCUSDT", table, btc_table.history, ("log_return", "rsi_14"))
 
 
 def test_levels_round_trip_with_refits_that_found_nothing(tmp_path: Path) -> None:
