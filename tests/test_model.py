@@ -191,3 +191,14 @@ def test_resolve_precision() -> None:
     assert resolve_precision("auto", "cpu") == "32-true"
     expected = "bf16-mixed" if torch.cuda.is_available() else "32-true"
     assert resolve_precision("auto") == expected
+
+
+def test_without_the_symbol_embedding_every_symbol_gets_the_same_output() -> None:
+    """A feature set without ``symbol``: embedding_dim 0, the model reads the features alone."""
+    model = MultiSymbolLSTM(n_features=N_FEATURES, n_symbols=3, embedding_dim=0, hidden_size=8, num_layers=1).eval()
+    assert model.embedding is None and model.lstm.input_size == N_FEATURES
+    features = torch.randn(1, SEQ_LEN, N_FEATURES).repeat(4, 1, 1)
+    with torch.no_grad():
+        logits = model(features, torch.tensor([0, 1, 2, -1]))
+    assert torch.allclose(logits, logits[0].expand(4))
+    assert not any("embedding" in name for name in model.state_dict())
