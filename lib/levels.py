@@ -10,7 +10,10 @@ below is about *when* a piece of data becomes known:
 - **Confirmation.** An extremum at bar ``i`` is known at the close of bar ``i + w`` (``timestamp[i+w] +
   timeframe.delta``), when the ``w`` later closes exist.
 - **Clustering.** The known extrema prices (maxima and minima together, in bar order) are clustered with
-  sklearn's DBSCAN, ``eps = eps_frac * median(prices)``; a level is a cluster's mean price, noise makes none.
+  DBSCAN, ``eps = eps_frac * median(prices)``, labelled exactly as scikit-learn's ``DBSCAN`` labels them (its
+  numbering follows bar order and decides which cluster takes a border point; see
+  :mod:`pricelevel.clustering`). A level is a cluster's mean price (members summed in bar order), noise makes
+  none; a set is sorted by price, equal prices by cluster number.
 - **Refits.** Levels are re-clustered at the first bar present of every period of
   ``refit_every * timeframe.delta`` counted from the Unix epoch (the first bar of the data is always one).
   Fixed to the epoch, refit times do not move when data is appended. A refit at the bar opening at ``T``
@@ -29,7 +32,8 @@ below is about *when* a piece of data becomes known:
     ATR_1h[-1])``, positive when price moves toward the level. Keep ``<= max_speed``; a speed that cannot
     be computed yet (too few candles) drops the level.
 
-  ATR is Wilder's (as TA-Lib): true range from the second candle on, first ATR the mean of the first
+  ATR is Wilder's (:func:`pricelevel.indicators.atr`, equal to TA-Lib): true range from the second candle on,
+  first ATR the mean of the first
   ``atr_period`` true ranges, then ``atr = (atr * (p - 1) + tr) / p``; it depends only on earlier candles.
   A filter needs its timeframe's candles: taken from ``context``, or from ``candles`` when the levels are
   computed on that timeframe. ``raw=True`` computes the metrics it can but drops nothing.
@@ -37,6 +41,13 @@ below is about *when* a piece of data becomes known:
 Everything computed per bar from the whole input (extrema, ATR) depends only on that bar's past (extrema: on
 ``w`` later bars, which the confirmation time accounts for), so levels at ``T`` are the same whatever data
 follows ``T``: :func:`walk_forward_levels` on a prefix of the candles reproduces every earlier refit exactly.
+
+How it is computed (none of it changes a value): extrema by a compiled scan; refits by one compiled pass
+(:func:`pricelevel.clustering.cluster_windows`) that keeps the window's extrema sorted as refits advance, merging
+in newly confirmed ones and dropping those past the lookback, and clusters each window in linear time; the
+filters by compiled passes over every level row at once. The touch counts and volume sums reproduce numpy's
+``(levels x candles).sum(axis=1)`` to the bit: its pairwise summation tree is replayed, skipping blocks of
+candles whose widened ranges cannot contain the level (they add exact zeros).
 """
 
 from __future__ import annotations
@@ -45,10 +56,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import sklearn
-from numpy.lib.stride_tricks import sliding_window_view
-from sklearn.cluster import DBSCAN
+from numba import njit
 
+from pricelevel import indicators
+from pricelevel.clustering import cluster_windows, dbscan_1d
 from pricelevel.config import LevelsConfig
 from pricelevel.timeframes import Timeframe
 
@@ -104,32 +115,25 @@ def local_extrema(close: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarra
     """
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    values = np.asarray(close, dtype=np.float64)
-    n = values.shape[0]
-    is_max = np.zeros(n, dtype=bool)
-    is_min = np.zeros(n, dtype=bool)
-    if n >= 2 * window + 1:
-        view = sliding_window_view(values, 2 * window + 1)
-        center = values[window : n - window]
-        is_max[window : n - window] = center == view.max(axis=1)
-        is_min[window : n - window] = center == view.min(axis=1)
+    values = _writable(close)
+    is_max = np.zeros(values.shape[0], dtype=bool)
+    is_min = np.zeros(values.shape[0], dtype=bool)
+    _mark_extrema(values, int(window), is_max, is_min)
     return is_max, is_min
 
 
 def cluster_prices(prices: np.ndarray, eps_frac: float, min_samples: int) -> tuple[np.ndarray, np.ndarray]:
     """1-D DBSCAN with ``eps = eps_frac * median(prices)``: ``(label per point, -1 = noise; mean per label)``.
 
-    The eps scales with the price so one setting works for every symbol and era.
+    The eps scales with the price so one setting works for every symbol and era. Labels are scikit-learn's.
     """
     values = np.asarray(prices, dtype=np.float64).ravel()
     if values.size == 0:
         return np.empty(0, dtype=np.intp), np.empty(0, dtype=np.float64)
     eps = eps_frac * float(np.median(values))
     if not (np.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps = eps_frac x median price must be a positive number, got {eps}")
-    # Validation skipped: inputs are checked above, and sklearn's checks cost more than the clustering.
-    with sklearn.config_context(assume_finite=True, skip_parameter_validation=True):
-        labels = DBSCAN(eps=eps, min_samples=min_samples).fit(values[:, None]).labels_
+        raise ValueError(_bad_eps_message(eps))
+    labels = dbscan_1d(values, eps, min_samples)
     n_clusters = int(labels.max()) + 1
     if n_clusters <= 0:
         return labels, np.empty(0, dtype=np.float64)
@@ -137,29 +141,6 @@ def cluster_prices(prices: np.ndarray, eps_frac: float, min_samples: int) -> tup
     sums = np.bincount(labels[member], weights=values[member], minlength=n_clusters)
     counts = np.bincount(labels[member], minlength=n_clusters)
     return labels, sums / counts
-
-
-def wilder_atr(high: np.ndarray, low: np.ndarray, close: np.ndarray, period: int) -> np.ndarray:
-    """Wilder's ATR as TA-Lib computes it; NaN for the first ``period`` candles (no ATR yet).
-
-    A recursion over all earlier candles: ATR at a candle never depends on later ones.
-    """
-    high = np.asarray(high, dtype=np.float64)
-    low = np.asarray(low, dtype=np.float64)
-    close = np.asarray(close, dtype=np.float64)
-    n = high.shape[0]
-    atr = np.full(n, np.nan)
-    if n <= period:
-        return atr
-    prev = close[:-1]
-    true_range = np.maximum(high[1:] - low[1:], np.maximum(np.abs(high[1:] - prev), np.abs(low[1:] - prev)))
-    value = float(np.mean(true_range[:period]))
-    out = [value]
-    for tr in true_range[period:].tolist():
-        value = (value * (period - 1) + tr) / period
-        out.append(value)
-    atr[period:] = out
-    return atr
 
 
 def refit_times(
@@ -186,7 +167,9 @@ def levels_asof(
     Columns :data:`LEVEL_COLUMNS`, sorted by price; metrics of filters not computed are NaN.
     """
     prepared = _prepare(candles, Timeframe(timeframe), config, context, raw)
-    return _frame(_refit(prepared, _timestamp_ns(asof), config, raw))
+    columns = _refits(prepared, np.array([_timestamp_ns(asof)], dtype=np.int64), config, raw)
+    del columns["asof"]
+    return _frame(columns)
 
 
 def walk_forward_levels(
@@ -198,18 +181,13 @@ def walk_forward_levels(
 ) -> LevelHistory:
     """Every refit over ``candles``: each set equals ``levels_asof`` at its refit time.
 
-    Extrema, confirmation times and ATRs are computed once; each refit selects its slice by binary search.
+    Extrema, confirmation times and ATRs are computed once; all refits are then clustered in one compiled pass
+    that updates the window's sorted extrema as it advances, and filtered in one pass over all level rows.
     """
     timeframe = Timeframe(timeframe)
     prepared = _prepare(candles, timeframe, config, context, raw)
     refit_ns = prepared.bar_ns[_refit_mask(prepared.bar_ns, config.refit_every * timeframe.nanoseconds)]
-    blocks = [_refit(prepared, int(t), config, raw) for t in refit_ns]
-    sizes = np.array([len(block["price"]) for block in blocks], dtype=np.intp)
-    columns: dict[str, np.ndarray] = {"asof": np.repeat(refit_ns, sizes)}
-    for name in LEVEL_COLUMNS:
-        parts = [block[name] for block in blocks]
-        columns[name] = np.concatenate(parts) if parts else _EMPTY_LEVELS[name]
-    levels = _frame(columns)
+    levels = _frame(_refits(prepared, refit_ns, config, raw))
     return LevelHistory(refits=_to_utc(refit_ns), levels=levels)
 
 
@@ -349,69 +327,65 @@ def _context(frame: pd.DataFrame, timeframe: Timeframe, atr_period: int, atr_buf
     high = frame["high"].to_numpy(dtype=np.float64)
     low = frame["low"].to_numpy(dtype=np.float64)
     close = frame["close"].to_numpy(dtype=np.float64)
-    atr = wilder_atr(high, low, close, atr_period)
+    atr = indicators.atr(high, low, close, atr_period)
     return _Context(
         open_ns=open_ns,
         close_ns=open_ns + timeframe.nanoseconds,
         band_low=low - atr_buffer * atr,
         band_high=high + atr_buffer * atr,
         close=close,
-        volume=frame["volume"].to_numpy(dtype=np.float64),
+        volume=_writable(frame["volume"].to_numpy(dtype=np.float64)),
         atr=atr,
     )
 
 
-def _refit(prepared: _Prepared, t_ns: int, config: LevelsConfig, raw: bool) -> dict[str, np.ndarray]:
-    """One level set at ``t_ns`` (sorted by price), as column arrays."""
-    start_ns = t_ns - prepared.lookback_ns
-    lo = int(np.searchsorted(prepared.extremum_ns, start_ns, side="left"))
-    hi = int(np.searchsorted(prepared.known_ns, t_ns, side="right"))
-    if hi <= lo:
-        return _EMPTY_LEVELS
-    labels, level_price = cluster_prices(prepared.extremum_price[lo:hi], config.eps_frac, config.min_samples)
-    if level_price.size == 0:
-        return _EMPTY_LEVELS
-    member = labels >= 0
-    by_label = np.argsort(labels[member], kind="stable")  # chronological within each cluster
-    seen_ns = prepared.extremum_ns[lo:hi][member][by_label]
-    counts = np.bincount(labels[member], minlength=level_price.size)
-    group_end = np.cumsum(counts)
-    first_seen = seen_ns[group_end - counts]
-    last_seen = seen_ns[group_end - 1]
-
-    order = np.argsort(level_price, kind="stable")
-    price, counts, first_seen, last_seen = (
-        level_price[order],
-        counts[order],
-        first_seen[order],
-        last_seen[order],
+def _refits(prepared: _Prepared, refit_ns: np.ndarray, config: LevelsConfig, raw: bool) -> dict[str, np.ndarray]:
+    """The level sets of the refits at ``refit_ns`` (ascending) as column arrays, ``asof`` first."""
+    start_ns = _window_start(refit_ns, prepared.lookback_ns)
+    lo = np.searchsorted(prepared.extremum_ns, start_ns, side="left").astype(np.int64)
+    hi = np.searchsorted(prepared.known_ns, refit_ns, side="right").astype(np.int64)
+    refit, price, counts, first, last, bad_refit, bad_eps = cluster_windows(
+        prepared.extremum_price, lo, hi, float(config.eps_frac), int(config.min_samples)
     )
-    nan = np.full(price.shape, np.nan)
+    if bad_refit >= 0:
+        raise ValueError(_bad_eps_message(float(bad_eps)))
+    if price.size == 0:
+        return {"asof": np.empty(0, dtype=np.int64), **_EMPTY_LEVELS}
+    # Rows of refit r are rows[offsets[r]:offsets[r + 1]]; each row reads its refit's values.
+    offsets = np.searchsorted(refit, np.arange(refit_ns.size + 1), side="left").astype(np.int64)
+    asof = refit_ns[refit]
+    last_seen = prepared.extremum_ns[last]
     filters = config.filters
+    nan = np.full(price.shape, np.nan)
     keep = np.ones(price.shape, dtype=bool)
 
     touches = nan
     if prepared.d1 is not None:
-        touching, _ = _touching(prepared.d1, price, t_ns, start_ns)
-        touches = touching.sum(axis=1).astype(np.float64)
+        window_lo, window_hi = _windows(prepared.d1, refit_ns, start_ns)
+        touch_counts, _, _ = _touch_sums(
+            price, offsets, window_lo, window_hi, prepared.d1.band_low, prepared.d1.band_high, prepared.d1.volume,
+            False,
+        )
+        touches = touch_counts.astype(np.float64)
         keep &= touches >= filters.touches.min_touches
     age_days = nan
     if filters.age.enabled:
-        age_days = (t_ns - last_seen) / _DAY_NS
+        age_days = (asof - last_seen) / _DAY_NS
         keep &= age_days <= filters.age.max_age_days
     volume_ratio = nan
     if prepared.h4 is not None:
-        volume_ratio = _volume_ratio(prepared.h4, price, t_ns, start_ns)
+        volume_ratio = _volume_ratio(prepared.h4, price, offsets, refit_ns, start_ns)
         keep &= volume_ratio >= filters.volume.factor
     approach_speed = nan
     if prepared.h1 is not None:
-        approach_speed = _approach_speed(prepared.h1, price, t_ns, filters.approach.bars)
+        approach_speed = _approach_speed(prepared.h1, price, refit, refit_ns, filters.approach.bars)
         keep &= approach_speed <= filters.approach.max_speed
 
     columns = {
+        "asof": asof,
         "price": price,
-        "n_extrema": counts.astype(np.int64),
-        "first_seen": first_seen,
+        "n_extrema": counts,
+        "first_seen": prepared.extremum_ns[first],
         "last_seen": last_seen,
         "touches": touches,
         "age_days": age_days,
@@ -423,37 +397,282 @@ def _refit(prepared: _Prepared, t_ns: int, config: LevelsConfig, raw: bool) -> d
     return {name: values[keep] for name, values in columns.items()}
 
 
-def _window(ctx: _Context, t_ns: int, start_ns: int) -> slice:
-    """Candles closed at or before ``t_ns`` and opened at or after ``start_ns``."""
-    lo = int(np.searchsorted(ctx.open_ns, start_ns, side="left"))
-    hi = int(np.searchsorted(ctx.close_ns, t_ns, side="right"))
-    return slice(lo, max(lo, hi))
+def _window_start(refit_ns: np.ndarray, lookback_ns: int) -> np.ndarray:
+    """``refit_ns - lookback_ns``, saturated at the smallest int64 (a lookback longer than the calendar)."""
+    floor = np.iinfo(np.int64).min
+    if lookback_ns >= 2**63:
+        return np.full(refit_ns.shape, floor, dtype=np.int64)
+    with np.errstate(over="ignore"):
+        return np.where(refit_ns >= floor + lookback_ns, refit_ns - np.int64(lookback_ns), floor)
 
 
-def _touching(ctx: _Context, price: np.ndarray, t_ns: int, start_ns: int) -> tuple[np.ndarray, slice]:
-    """``(levels x candles)`` boolean: the candle's ATR-widened range contains the level."""
-    window = _window(ctx, t_ns, start_ns)
-    level = price[:, None]
-    return (ctx.band_low[window] <= level) & (level <= ctx.band_high[window]), window
+def _windows(ctx: _Context, refit_ns: np.ndarray, start_ns: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per refit, ``[lo, hi)``: the candles closed at or before the refit and opened at or after its start."""
+    lo = np.searchsorted(ctx.open_ns, start_ns, side="left").astype(np.int64)
+    hi = np.searchsorted(ctx.close_ns, refit_ns, side="right").astype(np.int64)
+    return lo, np.maximum(lo, hi)
 
 
-def _volume_ratio(ctx: _Context, price: np.ndarray, t_ns: int, start_ns: int) -> np.ndarray:
-    touching, window = _touching(ctx, price, t_ns, start_ns)
-    volume = ctx.volume[window]
-    if volume.size == 0:
-        return np.full(price.shape, np.nan)
+def _volume_ratio(
+    ctx: _Context, price: np.ndarray, offsets: np.ndarray, refit_ns: np.ndarray, start_ns: np.ndarray
+) -> np.ndarray:
+    """Mean volume of the touching candles over the mean volume of the window; NaN without a touching candle."""
+    window_lo, window_hi = _windows(ctx, refit_ns, start_ns)
+    counts, touched_sums, window_sums = _touch_sums(
+        price, offsets, window_lo, window_hi, ctx.band_low, ctx.band_high, ctx.volume, True
+    )
+    sizes = window_hi - window_lo
     with np.errstate(invalid="ignore", divide="ignore"):
-        touched_mean = np.where(touching, volume, 0.0).sum(axis=1) / touching.sum(axis=1)
-        return touched_mean / volume.mean()
+        window_mean = np.where(sizes > 0, window_sums / sizes, np.nan)
+        row_mean = np.repeat(window_mean, np.diff(offsets))
+        return touched_sums / counts / row_mean
 
 
-def _approach_speed(ctx: _Context, price: np.ndarray, t_ns: int, bars: int) -> np.ndarray:
-    last = int(np.searchsorted(ctx.close_ns, t_ns, side="right")) - 1
-    if last - bars < 0 or not np.isfinite(ctx.atr[last]):
-        return np.full(price.shape, np.nan)
-    then, now = ctx.close[last - bars], ctx.close[last]
+def _approach_speed(
+    ctx: _Context, price: np.ndarray, refit: np.ndarray, refit_ns: np.ndarray, bars: int
+) -> np.ndarray:
+    last = np.searchsorted(ctx.close_ns, refit_ns, side="right").astype(np.int64)[refit] - 1
+    known = last - bars >= 0
+    known[known] = np.isfinite(ctx.atr[last[known]])
+    speed = np.full(price.shape, np.nan)
+    at = last[known]
+    then, now, level = ctx.close[at - bars], ctx.close[at], price[known]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return (np.abs(then - price) - np.abs(now - price)) / (bars * ctx.atr[last])
+        speed[known] = (np.abs(then - level) - np.abs(now - level)) / (bars * ctx.atr[at])
+    return speed
+
+
+def _writable(values: np.ndarray) -> np.ndarray:
+    """Contiguous writable float64 (a copy only when needed): one compiled variant serves every caller."""
+    return np.require(values, dtype=np.float64, requirements=["C", "W"])
+
+
+def _bad_eps_message(eps: float) -> str:
+    return f"eps = eps_frac x median price must be a positive number, got {eps}"
+
+
+# ----------------------------------------------------------------------------------------------- compiled kernels
+# Compiled by numba and cached on disk next to this file. They only read arrays and write preallocated ones.
+
+#: numpy's pairwise summation: blocks of at most this many items are summed in 8 interleaved lanes.
+_PAIRWISE_BLOCK = 128
+
+
+@njit(cache=True)
+def _mark_extrema(values, window, is_max, is_min):
+    """The definition of :func:`local_extrema`, nearest neighbours first so most bars stop after one or two.
+
+    A comparison with NaN is false, so a NaN anywhere in the window (or at its centre) rules both out.
+    """
+    n = values.shape[0]
+    for i in range(window, n - window):
+        x = values[i]
+        maximum = True
+        minimum = True
+        for d in range(1, window + 1):
+            before = values[i - d]
+            after = values[i + d]
+            if maximum and not (before <= x and after <= x):
+                maximum = False
+            if minimum and not (before >= x and after >= x):
+                minimum = False
+            if not (maximum or minimum):
+                break
+        is_max[i] = maximum
+        is_min[i] = minimum
+
+
+@njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _pairwise_plan(n, leaf_start, leaf_size, program):
+    """numpy's pairwise-summation tree over ``n`` items: its leaves and a postfix program (leaf index, -1 = add).
+
+    numpy sums fewer than 8 items in order, up to 128 in 8 lanes, and splits longer runs at the half rounded
+    down to a multiple of 8, adding the two halves' sums. Returns ``(n_leaves, program length)``.
+    """
+    stack_start = np.empty(64, dtype=np.int64)
+    stack_size = np.empty(64, dtype=np.int64)
+    stack_state = np.empty(64, dtype=np.int64)
+    depth = 0
+    stack_start[0] = 0
+    stack_size[0] = n
+    stack_state[0] = 0
+    n_leaves = 0
+    n_program = 0
+    while depth >= 0:
+        start = stack_start[depth]
+        size = stack_size[depth]
+        if size <= _PAIRWISE_BLOCK:
+            leaf_start[n_leaves] = start
+            leaf_size[n_leaves] = size
+            program[n_program] = n_leaves
+            n_leaves += 1
+            n_program += 1
+            depth -= 1
+            continue
+        half = size // 2
+        half -= half % 8
+        state = stack_state[depth]
+        stack_state[depth] = state + 1
+        if state == 2:
+            program[n_program] = -1
+            n_program += 1
+            depth -= 1
+            continue
+        depth += 1
+        stack_state[depth] = 0
+        if state == 0:
+            stack_start[depth] = start
+            stack_size[depth] = half
+        else:
+            stack_start[depth] = start + half
+            stack_size[depth] = size - half
+    return n_leaves, n_program
+
+
+@njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _run_plan(leaf_sums, program, n_program, stack):
+    """Evaluate a postfix program of :func:`_pairwise_plan` on per-leaf sums."""
+    depth = 0
+    for k in range(n_program):
+        op = program[k]
+        if op >= 0:
+            stack[depth] = leaf_sums[op]
+            depth += 1
+        else:
+            depth -= 1
+            stack[depth - 1] = stack[depth - 1] + stack[depth]
+    return stack[0]
+
+
+@njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _leaf_sum(band_low, band_high, volume, start, size, level, every, lanes):
+    """``(touching candles, numpy's sum of where(touching, volume, 0))`` over one leaf of the pairwise tree.
+
+    With ``every`` all candles count (the plain sum of ``volume``). ``lanes``: 8 floats of scratch.
+    """
+    touching = 0
+    if size < 8:
+        total = -0.0
+        for q in range(start, start + size):
+            hit = every or (band_low[q] <= level and level <= band_high[q])
+            touching += hit
+            total += volume[q] if hit else 0.0
+        return touching, total
+    full = start + size - size % 8
+    for k in range(8):
+        lanes[k] = 0.0
+    for base in range(start, full, 8):
+        for k in range(8):
+            q = base + k
+            hit = every or (band_low[q] <= level and level <= band_high[q])
+            touching += hit
+            lanes[k] += volume[q] if hit else 0.0
+    total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    for q in range(full, start + size):
+        hit = every or (band_low[q] <= level and level <= band_high[q])
+        touching += hit
+        total += volume[q] if hit else 0.0
+    return touching, total
+
+
+@njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _leaf_count(band_low, band_high, start, size, level):
+    touching = 0
+    for q in range(start, start + size):
+        touching += (band_low[q] <= level) & (level <= band_high[q])
+    return touching
+
+
+#: Candles per block of the coarse band bounds that decide which leaves a level can touch.
+_BOUND_BLOCK = 16
+
+
+@njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _block_bounds(band_low, band_high):
+    """Lowest band low and highest band high of each ``_BOUND_BLOCK`` candles (NaN bands ignored)."""
+    n_blocks = (band_low.shape[0] + _BOUND_BLOCK - 1) // _BOUND_BLOCK
+    lows = np.full(n_blocks, np.inf)
+    highs = np.full(n_blocks, -np.inf)
+    for q in range(band_low.shape[0]):
+        block = q // _BOUND_BLOCK
+        if band_low[q] < lows[block]:
+            lows[block] = band_low[q]
+        if band_high[q] > highs[block]:
+            highs[block] = band_high[q]
+    return lows, highs
+
+
+@njit(cache=True)
+def _touch_sums(price, offsets, window_lo, window_hi, band_low, band_high, volume, with_volume):
+    """Per level row: candles of its refit's window whose band contains it, and numpy's sum of their volumes.
+
+    Exactly ``touching.sum(axis=1)`` and ``np.where(touching, volume, 0.0).sum(axis=1)`` on the
+    ``(levels x window)`` matrix: the window is cut into numpy's pairwise leaves; a leaf whose candles' lowest
+    band low is above the level or highest band high below it (bounds from the blocks covering it) holds no
+    touch, its sum is an exact zero, and it is skipped; the leaf sums are added along numpy's tree. Also
+    returns each window's volume sum (for its mean) when ``with_volume``.
+    """
+    n_rows = price.shape[0]
+    n_refits = window_lo.shape[0]
+    counts = np.zeros(n_rows, dtype=np.int64)
+    touched = np.zeros(n_rows, dtype=np.float64)
+    window_sums = np.zeros(n_refits, dtype=np.float64)
+    block_low, block_high = _block_bounds(band_low, band_high)
+    longest = 1
+    for r in range(n_refits):
+        longest = max(longest, window_hi[r] - window_lo[r])
+    max_leaves = longest // 64 + 2
+    leaf_start = np.empty(max_leaves, dtype=np.int64)
+    leaf_size = np.empty(max_leaves, dtype=np.int64)
+    program = np.empty(2 * max_leaves, dtype=np.int64)
+    stack = np.empty(2 * max_leaves, dtype=np.float64)
+    leaf_low = np.empty(max_leaves, dtype=np.float64)
+    leaf_high = np.empty(max_leaves, dtype=np.float64)
+    leaf_sums = np.empty(max_leaves, dtype=np.float64)
+    lanes = np.empty(8, dtype=np.float64)
+    planned = -1
+    n_leaves = 0
+    n_program = 0
+    for r in range(n_refits):
+        lo = window_lo[r]
+        n = window_hi[r] - lo
+        if n == 0 or offsets[r] == offsets[r + 1]:
+            continue
+        if n != planned:
+            n_leaves, n_program = _pairwise_plan(n, leaf_start, leaf_size, program)
+            planned = n
+        for leaf in range(n_leaves):
+            first = lo + leaf_start[leaf]
+            low = np.inf
+            high = -np.inf
+            for block in range(first // _BOUND_BLOCK, (first + leaf_size[leaf] - 1) // _BOUND_BLOCK + 1):
+                low = min(low, block_low[block])
+                high = max(high, block_high[block])
+            leaf_low[leaf] = low
+            leaf_high[leaf] = high
+            if with_volume:
+                leaf_sums[leaf] = _leaf_sum(band_low, band_high, volume, first, leaf_size[leaf], 0.0, True, lanes)[1]
+        if with_volume:
+            window_sums[r] = _run_plan(leaf_sums, program, n_program, stack)
+        for row in range(offsets[r], offsets[r + 1]):
+            level = price[row]
+            touching = 0
+            for leaf in range(n_leaves):
+                if level < leaf_low[leaf] or level > leaf_high[leaf]:
+                    leaf_sums[leaf] = 0.0
+                    continue
+                if with_volume:
+                    found, total = _leaf_sum(
+                        band_low, band_high, volume, lo + leaf_start[leaf], leaf_size[leaf], level, False, lanes
+                    )
+                    leaf_sums[leaf] = total
+                else:
+                    found = _leaf_count(band_low, band_high, lo + leaf_start[leaf], leaf_size[leaf], level)
+                touching += found
+            counts[row] = touching
+            if with_volume:
+                touched[row] = _run_plan(leaf_sums, program, n_program, stack)
+    return counts, touched, window_sums
 
 
 def _frame(columns: dict[str, np.ndarray]) -> pd.DataFrame:

@@ -8,6 +8,7 @@ import pytest
 from sklearn.cluster import DBSCAN
 
 from pricelevel.config import LevelsConfig
+from pricelevel.indicators import atr as wilder_atr
 from pricelevel.levels import (
     LEVEL_COLUMNS,
     LevelHistory,
@@ -17,7 +18,6 @@ from pricelevel.levels import (
     local_extrema,
     refit_times,
     walk_forward_levels,
-    wilder_atr,
 )
 from pricelevel.timeframes import Timeframe
 from tests.conftest import real_candles
