@@ -19,6 +19,7 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
+import pricelevel.clustering as clustering_module
 import pricelevel.dataset as dataset_module
 import pricelevel.features as features_module
 import pricelevel.indicators as indicators_module
@@ -104,7 +105,7 @@ def find_levels(config: Config, symbol: str) -> StepOutput:
     timeframe = config.dataset.timeframe
     key = step_key(
         "levels", symbol=symbol, timeframe=str(timeframe), data=fingerprint,
-        config=config.levels.model_dump(mode="json"), code=code_fingerprint(levels_module),
+        config=config.levels.model_dump(mode="json"), code=code_fingerprint(levels_module, clustering_module, indicators_module),
     )
 
     def write(out: Path) -> None:
