@@ -26,8 +26,8 @@ class SymbolFrame:
 
     A row with a non-finite feature (an indicator's warm-up) is kept in place but no window includes it.
 
-    ``target[t]`` is what the window ending at ``t`` predicts (the label ``horizon`` bars later); NaN where
-    there is no label (the last ``horizon`` bars, or no level in force).
+    ``target[t]`` is what the window ending at ``t`` predicts (see :mod:`pricelevel.labels`); NaN where
+    there is none (the last ``horizon`` bars).
     """
 
     symbol: str

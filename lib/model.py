@@ -54,7 +54,10 @@ class MultiSymbolLSTM(L.LightningModule):
     ) -> None:
         super().__init__()
         if n_features < 1 or n_symbols < 1 or embedding_dim < 0:
-            raise ValueError(f"need at least one feature and one symbol, got {n_features=} {n_symbols=}")
+            raise ValueError(
+                f"need at least one feature and one symbol and embedding_dim >= 0, got {n_features=} {n_symbols=} "
+                f"{embedding_dim=}"
+            )
         # Plain Python types, so hparams (stored in ModelSpec) are JSON-safe even when given numpy scalars.
         n_features, n_symbols, embedding_dim = int(n_features), int(n_symbols), int(embedding_dim)
         hidden_size, num_layers = int(hidden_size), int(num_layers)
@@ -77,7 +80,8 @@ class MultiSymbolLSTM(L.LightningModule):
         self._val_targets: list[Tensor] = []
 
     def forward(self, features: Tensor, symbol_id: Tensor) -> Tensor:
-        """``[B]`` logits. ``symbol_id == -1`` (a symbol never trained on) gets the mean embedding."""
+        """``[B]`` logits. ``symbol_id == -1`` (a symbol never trained on) gets the mean embedding; without an
+        embedding (``embedding_dim`` 0) the symbol id is ignored."""
         if self.embedding is None:
             output, _ = self.lstm(features)
             return self.head(output[:, -1, :]).squeeze(-1)

@@ -249,3 +249,14 @@ def test_features_command_names_what_a_folder_lacks(cli, project, tmp_path) -> N
                        "--out", str(tmp_path / "x.parquet"))
     assert code == 1 and "ETHUSDT_4h.parquet" in err
     assert not (tmp_path / "x.parquet").exists()
+
+
+def test_a_spec_without_feature_settings_recomputes_its_listed_columns() -> None:
+    from pricelevel.spec import ModelSpec
+
+    spec = ModelSpec(symbols=("BTCUSDT",), features=("log_return", "level_distance"), seq_len=4, timeframe="4h",
+                     horizon=1, normalization={}, levels={}, labels={}, hparams={})
+    assert feature_columns(spec.features_config(), Timeframe.H4) == spec.features
+    rich = ModelSpec(**{**spec.__dict__, "feature_config": RICH.model_dump(mode="json")})
+    assert rich.features_config() == RICH
+    assert ModelSpec.from_json(rich.to_json()) == rich
