@@ -50,11 +50,10 @@ def train(
     levels = [find_levels.submit(config, symbol) for symbol in symbols]
     tables = [feature_bars.submit(config, future) for future in levels]
     tables_done = [f.result() for f in tables]
-    if config.lookahead.enabled:
-        lookahead(config, tables_done)
+    checked = lookahead(config, tables_done) if config.lookahead.enabled else None
     dataset = build_dataset(config, tables_done, [f.result() for f in levels])
     data_files = [str(p) for s in symbols for p in folder.files.values() if p.name.startswith(f"{s}_")]
-    run, created = start_run(config, dataset, data_files)
+    run, created = start_run(config, dataset, data_files, checked)
     study = tune(config, dataset, run, log=created)
     fitted = fit_final(config, dataset, study, run, log=created)
     scores = evaluate(config, fitted, dataset, run, log=created)

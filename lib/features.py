@@ -88,7 +88,7 @@ def _price(candles: pd.DataFrame, name: str) -> np.ndarray:
 
 
 def _bar_values(candles: pd.DataFrame) -> dict[str, np.ndarray]:
-    open_, high, low, close, volume = (_price(candles, c) for c in ("open", "high", "low", "close", "volume"))
+    high, low, close, volume = (_price(candles, c) for c in ("high", "low", "close", "volume"))
     log_volume = np.log1p(volume)
     with np.errstate(divide="ignore", invalid="ignore"):
         bands = indicators.bollinger(close, 20, 2.0)

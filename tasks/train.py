@@ -231,8 +231,11 @@ def build_dataset(config: Config, labelled: list[StepOutput], levels: list[StepO
 
 
 @task(name="start-run", cache_policy=NO_CACHE)
-def start_run(config: Config, dataset: Dataset, data_files: list[str]) -> tuple[TrainingRun, bool]:
-    """The MLflow run for these inputs: the finished one if it exists, else a new one with params and lineage."""
+def start_run(
+    config: Config, dataset: Dataset, data_files: list[str], lookahead_report: dict[str, Any] | None = None
+) -> tuple[TrainingRun, bool]:
+    """The MLflow run for these inputs: the finished one if it exists, else a new one with params, lineage and
+    the look-ahead check's report."""
     client = mlflow_client(config.tracking)
     experiment_id = ensure_experiment(client, config.tracking.experiment, config.tracking.artifact_location)
     lineage = lineage_tags(
@@ -245,6 +248,8 @@ def start_run(config: Config, dataset: Dataset, data_files: list[str]) -> tuple[
     if created:
         run.log_params(run_params(config.flat()))
         run.log_json(dataset.summary, "dataset_summary.json")
+        if lookahead_report is not None:
+            run.log_json(lookahead_report, "lookahead_report.json")
     get_run_logger().info("MLflow run %s (%s)", run.run_id, "new" if created else "reused: these inputs were trained before")
     return run, created
 

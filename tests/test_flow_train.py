@@ -88,7 +88,7 @@ def test_train_registers_a_challenger_with_lineage(trained):
     trials = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert len(trials) == 2
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"dataset_summary.json", "study_summary.json", "backtest"} <= artifacts
+    assert {"dataset_summary.json", "study_summary.json", "lookahead_report.json", "backtest"} <= artifacts
     assert Path(first["report"]).is_file()
     # which inputs and label the model was trained on, searchable in the MLflow UI
     assert tags["pricelevel.feature_set"] == "rich" and tags["pricelevel.label"] == "forward_move"
