@@ -39,7 +39,7 @@ import pandas as pd
 
 from pricelevel import indicators
 from pricelevel.feature_catalogue import GROUPS, SYMBOL, needed_timeframes, unknown_feature_names
-from pricelevel.levels import LevelHistory, nearest_level_distance
+from pricelevel.levels import LevelHistory, bracketing_levels, nearest_of_brackets
 from pricelevel.timeframes import Timeframe, utc_ns
 
 #: Distances to the nearest level are capped here: beyond 5 % a level no longer matters for the next bars,
@@ -48,7 +48,6 @@ MAX_LEVEL_DISTANCE = 0.05
 #: Support/resistance distances are capped at this many ATRs (and a missing level is this far away).
 MAX_LEVEL_ATR = 10.0
 MAX_AGE_DAYS = 365.0
-_DAY_NS = 86_400 * 10**9
 def compute_features(
     candles: pd.DataFrame,
     timeframe: Timeframe,
@@ -128,10 +127,10 @@ def _level_values(candles: pd.DataFrame, history: LevelHistory) -> dict[str, np.
     timestamps = pd.DatetimeIndex(candles["timestamp"])
     high, low, close = (_price(candles, c) for c in ("high", "low", "close"))
     atr = indicators.atr(high, low, close, 14)
-    distance = nearest_level_distance(timestamps, close, history)
     below, above = bracketing_levels(timestamps, close, history)
     levels = history.levels
     price = levels["price"].to_numpy(dtype=np.float64)
+    distance = np.abs(close - nearest_of_brackets(close, price, below, above)) / close
     touches = np.nan_to_num(levels["touches"].to_numpy(dtype=np.float64), nan=0.0)
     extrema = levels["n_extrema"].to_numpy(dtype=np.float64)
     last_seen = utc_ns(levels["last_seen"])
@@ -146,41 +145,9 @@ def _level_values(candles: pd.DataFrame, history: LevelHistory) -> dict[str, np.
         out[f"{side}_distance_atr"] = np.where(np.isnan(atr), np.nan, np.minimum(gap, MAX_LEVEL_ATR))
         out[f"{side}_touches"] = np.where(has, np.log1p(touches[at]) if len(price) else 0.0, 0.0)
         out[f"{side}_extrema"] = np.where(has, np.log1p(extrema[at]) if len(price) else 0.0, 0.0)
-        age = (bar_ns - last_seen[at]) / _DAY_NS if len(price) else np.full(close.shape, MAX_AGE_DAYS)
+        age = (bar_ns - last_seen[at]) / Timeframe.D1.nanoseconds if len(price) else np.full(close.shape, MAX_AGE_DAYS)
         out[f"{side}_age_days"] = np.where(has, np.clip(age, 0.0, MAX_AGE_DAYS), MAX_AGE_DAYS)
     return out
-
-
-def bracketing_levels(
-    timestamps: pd.DatetimeIndex | pd.Series, close: np.ndarray, history: LevelHistory
-) -> tuple[np.ndarray, np.ndarray]:
-    """Rows of ``history.levels`` of the nearest level in force at or below / strictly above each close;
-    -1 where there is none (or the close is NaN). One sort of bars and levels together, no per-bar loop."""
-    close = np.asarray(close, dtype=np.float64)
-    levels = history.levels
-    n_levels = len(levels)
-    refit_ns = utc_ns(history.refits)
-    block = np.searchsorted(refit_ns, utc_ns(timestamps), side="right") - 1  # set in force per bar; -1: none
-    level_block = np.searchsorted(refit_ns, utc_ns(levels["asof"]), side="left")
-    price = levels["price"].to_numpy(dtype=np.float64)
-    # Levels (kind 0) sort before a bar (kind 1) at the same price: a level equal to the close is support.
-    keys_block = np.concatenate([level_block, block])
-    keys_price = np.concatenate([price, close])
-    kind = np.concatenate([np.zeros(n_levels, dtype=np.int8), np.ones(len(close), dtype=np.int8)])
-    order = np.lexsort((kind, keys_price, keys_block))
-    levels_before = np.cumsum(kind[order] == 0)
-    position = np.empty(len(order), dtype=np.intp)
-    position[order] = np.arange(len(order))
-    count = levels_before[position[n_levels:]]  # levels sorted before each bar (global, by block then price)
-    level_order = order[kind[order] == 0]  # level rows in (block, price) order
-    block_start = np.searchsorted(level_block[level_order], block, side="left")
-    block_end = np.searchsorted(level_block[level_order], block, side="right")
-    valid = (block >= 0) & ~np.isnan(close)
-    has_below = valid & (count > block_start)
-    has_above = valid & (count < block_end)
-    below = np.where(has_below, level_order[np.clip(count - 1, 0, max(n_levels - 1, 0))] if n_levels else -1, -1)
-    above = np.where(has_above, level_order[np.clip(count, 0, max(n_levels - 1, 0))] if n_levels else -1, -1)
-    return below.astype(np.intp), above.astype(np.intp)
 
 
 def _context_values(

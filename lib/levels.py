@@ -61,7 +61,7 @@ from numba import njit
 from pricelevel import indicators
 from pricelevel.clustering import cluster_windows, dbscan_1d
 from pricelevel.config import LevelsConfig
-from pricelevel.timeframes import Timeframe
+from pricelevel.timeframes import Timeframe, utc_ns
 
 #: Columns of a level set, in order (``walk_forward_levels`` puts ``asof`` first).
 LEVEL_COLUMNS = (
@@ -74,9 +74,9 @@ LEVEL_COLUMNS = (
     "volume_ratio",
     "approach_speed",
 )
-_DAY_NS = 86_400 * 10**9
+_DAY_NS = Timeframe.D1.nanoseconds
 #: filter name -> (timeframe it reads, MultiTimeframe attribute).
-_FILTER_TIMEFRAMES = {
+FILTER_TIMEFRAMES = {
     "touches": (Timeframe.D1, "d1"),
     "volume": (Timeframe.H4, "h4"),
     "approach": (Timeframe.H1, "h1"),
@@ -147,7 +147,7 @@ def refit_times(
     timestamps: pd.DatetimeIndex | pd.Series, timeframe: Timeframe, refit_every: int
 ) -> pd.DatetimeIndex:
     """Open times of the refit bars: the first bar present in each ``refit_every x delta`` epoch period."""
-    ns = _as_ns(timestamps)
+    ns = utc_ns(timestamps)
     return _to_utc(ns[_refit_mask(ns, refit_every * timeframe.nanoseconds)])
 
 
@@ -193,42 +193,62 @@ def walk_forward_levels(
 
 def level_in_force_index(timestamps: pd.DatetimeIndex | pd.Series, history: LevelHistory) -> np.ndarray:
     """Index into ``history.refits`` of the set in force at each timestamp; -1 before the first refit."""
-    refit_ns = _as_ns(history.refits)
-    return np.searchsorted(refit_ns, _as_ns(timestamps), side="right").astype(np.intp) - 1
+    refit_ns = utc_ns(history.refits)
+    return np.searchsorted(refit_ns, utc_ns(timestamps), side="right").astype(np.intp) - 1
 
 
 def nearest_level(
     timestamps: pd.DatetimeIndex | pd.Series, close: np.ndarray, history: LevelHistory
 ) -> np.ndarray:
-    """Price of the level in force closest to each close; NaN where no level is in force."""
+    """Price of the level in force closest to each close (the lower one on a tie); NaN where no level is in
+    force."""
     close = np.asarray(close, dtype=np.float64)
-    which = level_in_force_index(timestamps, history)
-    if which.shape != close.shape:
-        raise ValueError(f"timestamps ({which.shape[0]}) and close ({close.shape[0]}) differ in length")
-    out = np.full(close.shape, np.nan)
-    asof_ns = _as_ns(history.levels["asof"])
-    prices = history.levels["price"].to_numpy(dtype=np.float64)
-    order = np.lexsort((prices, asof_ns))  # a no-op for walk_forward_levels' output; cheap insurance
-    asof_ns, prices = asof_ns[order], prices[order]
-    refit_ns = _as_ns(history.refits)
-    starts = np.searchsorted(asof_ns, refit_ns, side="left")
-    ends = np.searchsorted(asof_ns, refit_ns, side="right")
+    if len(timestamps) != close.shape[0]:
+        raise ValueError(f"timestamps ({len(timestamps)}) and close ({close.shape[0]}) differ in length")
+    below, above = bracketing_levels(timestamps, close, history)
+    return nearest_of_brackets(close, history.levels["price"].to_numpy(dtype=np.float64), below, above)
 
-    bars = np.argsort(which, kind="stable")
-    groups, group_starts = np.unique(which[bars], return_index=True)
-    group_ends = np.append(group_starts[1:], bars.shape[0])
-    for refit, first, last in zip(groups.tolist(), group_starts.tolist(), group_ends.tolist(), strict=True):
-        if refit < 0 or starts[refit] == ends[refit]:
-            continue
-        block = prices[starts[refit] : ends[refit]]
-        rows = bars[first:last]
-        values = close[rows]
-        pos = np.searchsorted(block, values)
-        below = block[np.maximum(pos - 1, 0)]
-        above = block[np.minimum(pos, block.shape[0] - 1)]
-        nearest = np.where(np.abs(values - below) <= np.abs(above - values), below, above)
-        out[rows] = np.where(np.isnan(values), np.nan, nearest)
-    return out
+
+def nearest_of_brackets(close: np.ndarray, prices: np.ndarray, below: np.ndarray, above: np.ndarray) -> np.ndarray:
+    """:func:`nearest_level` from :func:`bracketing_levels`' rows (for callers that need both)."""
+    if not len(prices):
+        return np.full(close.shape, np.nan)
+    low = np.where(below >= 0, prices[np.maximum(below, 0)], np.nan)
+    high = np.where(above >= 0, prices[np.maximum(above, 0)], np.nan)
+    use_high = (below < 0) | ((above >= 0) & (np.abs(high - close) < np.abs(close - low)))
+    return np.where(use_high, high, low)
+
+
+def bracketing_levels(
+    timestamps: pd.DatetimeIndex | pd.Series, close: np.ndarray, history: LevelHistory
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``history.levels`` of the nearest level in force at or below / strictly above each close;
+    -1 where there is none (or the close is NaN). One sort of bars and levels together, no per-bar loop."""
+    close = np.asarray(close, dtype=np.float64)
+    levels = history.levels
+    n_levels = len(levels)
+    refit_ns = utc_ns(history.refits)
+    block = level_in_force_index(timestamps, history)  # -1: no set in force yet
+    level_block = np.searchsorted(refit_ns, utc_ns(levels["asof"]), side="left")
+    price = levels["price"].to_numpy(dtype=np.float64)
+    # Levels (kind 0) sort before a bar (kind 1) at the same price: a level equal to the close is support.
+    keys_block = np.concatenate([level_block, block])
+    keys_price = np.concatenate([price, close])
+    kind = np.concatenate([np.zeros(n_levels, dtype=np.int8), np.ones(len(close), dtype=np.int8)])
+    order = np.lexsort((kind, keys_price, keys_block))
+    levels_before = np.cumsum(kind[order] == 0)
+    position = np.empty(len(order), dtype=np.intp)
+    position[order] = np.arange(len(order))
+    count = levels_before[position[n_levels:]]  # levels sorted before each bar (global, by block then price)
+    level_order = order[kind[order] == 0]  # level rows in (block, price) order
+    block_start = np.searchsorted(level_block[level_order], block, side="left")
+    block_end = np.searchsorted(level_block[level_order], block, side="right")
+    valid = (block >= 0) & ~np.isnan(close)
+    has_below = valid & (count > block_start)
+    has_above = valid & (count < block_end)
+    below = np.where(has_below, level_order[np.clip(count - 1, 0, max(n_levels - 1, 0))] if n_levels else -1, -1)
+    above = np.where(has_above, level_order[np.clip(count, 0, max(n_levels - 1, 0))] if n_levels else -1, -1)
+    return below.astype(np.intp), above.astype(np.intp)
 
 
 def nearest_level_distance(
@@ -295,7 +315,7 @@ def _prepare(
     filters = config.filters
     touch = filters.touches
     contexts: dict[str, _Context | None] = {}
-    for name, (frame_tf, attr) in _FILTER_TIMEFRAMES.items():
+    for name, (frame_tf, attr) in FILTER_TIMEFRAMES.items():
         frame = getattr(context, attr) if context is not None else None
         if frame is None and frame_tf == timeframe:
             frame = candles
@@ -693,18 +713,10 @@ def _refit_mask(bar_ns: np.ndarray, period_ns: int) -> np.ndarray:
 
 
 def _candle_ns(frame: pd.DataFrame, what: str) -> np.ndarray:
-    ns = _as_ns(frame["timestamp"])
+    ns = utc_ns(frame["timestamp"])
     if ns.size > 1 and not bool(np.all(ns[1:] > ns[:-1])):
         raise ValueError(f"{what}: timestamps must be sorted and unique (canonical candles)")
     return ns
-
-
-def _as_ns(values: pd.DatetimeIndex | pd.Series | np.ndarray) -> np.ndarray:
-    """UTC nanoseconds since the epoch (naive timestamps are taken as UTC)."""
-    index = pd.DatetimeIndex(values)
-    if index.tz is None:
-        index = index.tz_localize("UTC")
-    return index.as_unit("ns").asi8
 
 
 def _timestamp_ns(value: pd.Timestamp) -> int:

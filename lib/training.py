@@ -23,11 +23,9 @@ from pricelevel.dataset import SymbolFrame, TrainingData, build_training_data
 from pricelevel.feature_catalogue import feature_columns, needed_timeframes
 from pricelevel.features import compute_features
 from pricelevel.labels import level_label, targets
-from pricelevel.levels import LevelHistory, MultiTimeframe, walk_forward_levels
+from pricelevel.levels import FILTER_TIMEFRAMES, LevelHistory, MultiTimeframe, walk_forward_levels
 from pricelevel.timeframes import Timeframe
 
-#: The timeframe each multi-timeframe filter reads.
-FILTER_TIMEFRAMES = {"touches": Timeframe.D1, "volume": Timeframe.H4, "approach": Timeframe.H1}
 #: Columns of a feature table besides the ``feature_<name>`` ones.
 TABLE_COLUMNS = ("timestamp", "open", "high", "low", "close", "volume", "near_level", "target")
 FEATURE_PREFIX = "feature_"
@@ -36,7 +34,7 @@ FEATURE_PREFIX = "feature_"
 def context_timeframes(levels: LevelsConfig) -> tuple[Timeframe, ...]:
     """The extra timeframes the enabled filters need."""
     filters = levels.filters
-    return tuple(tf for name, tf in FILTER_TIMEFRAMES.items() if getattr(filters, name).enabled)
+    return tuple(tf for name, (tf, _) in FILTER_TIMEFRAMES.items() if getattr(filters, name).enabled)
 
 
 def input_timeframes(timeframe: Timeframe, levels: LevelsConfig, features: FeaturesConfig) -> tuple[Timeframe, ...]:

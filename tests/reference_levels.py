@@ -17,7 +17,7 @@ from sklearn.cluster import DBSCAN
 from pricelevel.config import LevelsConfig
 from pricelevel.levels import (
     _DAY_NS,
-    _FILTER_TIMEFRAMES,
+    FILTER_TIMEFRAMES,
     LEVEL_COLUMNS,
     LevelHistory,
     MultiTimeframe,
@@ -167,7 +167,7 @@ def _prepare(
     filters = config.filters
     touch = filters.touches
     contexts: dict[str, _Context | None] = {}
-    for name, (frame_tf, attr) in _FILTER_TIMEFRAMES.items():
+    for name, (frame_tf, attr) in FILTER_TIMEFRAMES.items():
         frame = getattr(context, attr) if context is not None else None
         if frame is None and frame_tf == timeframe:
             frame = candles

@@ -10,8 +10,8 @@ import pytest
 from pricelevel import indicators
 from pricelevel.config import Config, ConfigError, FeaturesConfig, LevelsConfig, load_config
 from pricelevel.feature_catalogue import GROUPS, context_columns, feature_columns, needed_timeframes
-from pricelevel.features import MAX_AGE_DAYS, MAX_LEVEL_ATR, bracketing_levels, compute_features
-from pricelevel.levels import LevelHistory, walk_forward_levels
+from pricelevel.features import MAX_AGE_DAYS, MAX_LEVEL_ATR, compute_features
+from pricelevel.levels import LevelHistory, bracketing_levels, walk_forward_levels
 from pricelevel.timeframes import Timeframe
 from tests.conftest import ROOT, real_candles
 
