@@ -42,11 +42,13 @@ demo: install
 	$(BIN)/pricelevel models
 	@echo "Look at: the backtest report printed above · \`make ui\` (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)"
 
-test: install-dev
+# The lint (ruff and the import contract) runs first: a layering violation fails CI like a failing test.
+test: lint
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q
 
 lint: install-dev
 	$(BIN)/ruff check lib flows tasks tests bench
+	$(BIN)/lint-imports --no-cache
 
 bench: install-dev
 	$(BIN)/python bench/ingest.py

@@ -35,11 +35,11 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from pricelevel.backtest.config import BacktestConfig  # noqa: E402
 from pricelevel.backtest.engine import EngineState, step  # noqa: E402
 from pricelevel.backtest.market import Market  # noqa: E402
 from pricelevel.backtest.run import engine_params, run_backtest  # noqa: E402
-from pricelevel.config import BacktestConfig  # noqa: E402
-from pricelevel.timeframes import Timeframe  # noqa: E402
+from pricelevel.core.timeframes import Timeframe  # noqa: E402
 
 #: Random trading loses to costs: over 5M bars equity shrinks by about e^-28. A large initial cash keeps the
 #: orders far above vectorbt's ``min_size=1e-8`` units (a rule ours does not have), so both stay comparable.

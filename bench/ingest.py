@@ -23,20 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 from pricelevel.config import load_config  # noqa: E402
-from pricelevel.ingest import ingest_dataset  # noqa: E402
-from pricelevel.publish import validate_and_publish  # noqa: E402
-from pricelevel.sources.sample import SampleSource  # noqa: E402
-from pricelevel.store import CandleStore  # noqa: E402
+from pricelevel.data.catalogue import DataCatalogue  # noqa: E402
+from pricelevel.data.ingest import ingest_dataset  # noqa: E402
+from pricelevel.data.publish import validate_and_publish  # noqa: E402
+from pricelevel.data.sources.sample import SampleSource  # noqa: E402
 
 
-def run_once(store: CandleStore, source: SampleSource, config, symbols, timeframes) -> dict:
+def run_once(catalogue: DataCatalogue, source: SampleSource, config, symbols, timeframes) -> dict:
     timings = {"ingest_s": 0.0, "validate_s": 0.0, "rows": 0, "written": 0}
     for symbol in symbols:
         for tf in timeframes:
             t0 = time.perf_counter()
-            result = ingest_dataset(source, store, symbol, tf, pd.Timestamp(config.data.start), pd.Timestamp(config.data.end))
+            result = ingest_dataset(source, catalogue.store, symbol, tf, pd.Timestamp(config.data.start), pd.Timestamp(config.data.end))
             t1 = time.perf_counter()
-            outcome = validate_and_publish(store, result.key, config.validation)
+            outcome = validate_and_publish(catalogue, result.key, config.validation)
             timings["ingest_s"] += t1 - t0
             timings["validate_s"] += time.perf_counter() - t1
             timings["rows"] += result.rows_after
@@ -56,7 +56,7 @@ def main() -> None:
         overrides.append(f"data.timeframes=[{args.timeframes}]")
     config = load_config(ROOT / "conf" / "base.yaml", overrides=overrides).with_root(ROOT)
     with tempfile.TemporaryDirectory() as tmp:
-        store, source = CandleStore(Path(tmp)), SampleSource(config.data.sample_dir)
+        store, source = DataCatalogue(Path(tmp), "sample"), SampleSource(config.data.sample_dir)
         cold = run_once(store, source, config, config.data.symbols, config.data.timeframes)
         warm = run_once(store, source, config, config.data.symbols, config.data.timeframes)
     result = {

@@ -8,13 +8,14 @@ warmed up on a small input first):
 
 - ``extrema``: :func:`local_extrema` (window 12) on all bars; goal >= 20M bars/s.
 - ``walk_forward``: :func:`walk_forward_levels`, refit every 24 bars over a trailing 730-day window, every
-  filter off; goal <= 1 s. The scikit-learn path (``tests/reference_levels.py``, the code this replaced: DBSCAN
-  at every refit) is timed on ``--sklearn-refits`` refits spread over the run, and its full time *extrapolated*
-  (mean per refit x refits, plus its one-off preparation); those sampled level sets are compared to ours.
+  filter off; goal <= 1 s. The scikit-learn path (``tests/reference_levels.py``, the independent test oracle:
+  plain Python loops and DBSCAN at every refit, slower than the vectorised code this replaced) is timed on
+  ``--sklearn-refits`` refits spread over the run, and its full time *extrapolated* (mean per refit x refits,
+  plus its one-off preparation); those sampled level sets are compared to ours.
 - ``walk_forward_filters``: the same with every filter on (extra information, no goal).
 - ``btcusdt_1h``: the bundled BTCUSDT 1h candles with ``LevelsConfig()`` and their 1d/4h context, ours against
   the reference (both timed, results compared).
-- ``labels``: :func:`pricelevel.clustering.dbscan_1d` against ``sklearn.cluster.DBSCAN`` on random inputs
+- ``labels``: :func:`pricelevel.levels.clustering.dbscan_1d` against ``sklearn.cluster.DBSCAN`` on random inputs
   (integer grids where distances equal eps exactly, duplicates, floats) and on windows of real extrema prices.
 - ``compile``: the first call in fresh processes: ``cold_s`` with an empty numba cache, ``cached_s`` with the
   on-disk cache (what every later process pays).
@@ -41,12 +42,12 @@ from sklearn.cluster import DBSCAN
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the reference implementation lives with the tests
 
-from pricelevel.clustering import dbscan_1d  # noqa: E402
-from pricelevel.config import LevelsConfig  # noqa: E402
-from pricelevel.datafolder import CandleFolder  # noqa: E402
-from pricelevel.levels import MultiTimeframe, local_extrema, walk_forward_levels  # noqa: E402
-from pricelevel.timeframes import Timeframe  # noqa: E402
-from pricelevel.training import read_context  # noqa: E402
+from pricelevel.core.timeframes import Timeframe  # noqa: E402
+from pricelevel.data.folder import CandleFolder  # noqa: E402
+from pricelevel.levels.clustering import dbscan_1d  # noqa: E402
+from pricelevel.levels.config import LevelsConfig  # noqa: E402
+from pricelevel.levels.history import read_context  # noqa: E402
+from pricelevel.levels.walkforward import MultiTimeframe, local_extrema, walk_forward_levels  # noqa: E402
 from tests import reference_levels as reference  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample"
@@ -59,8 +60,8 @@ GOAL_WALK_FORWARD_S = 1.0
 FIRST_CALL = """
 import time, numpy as np, pandas as pd
 t = time.perf_counter()
-from pricelevel.config import LevelsConfig
-from pricelevel.levels import MultiTimeframe, walk_forward_levels
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.walkforward import MultiTimeframe, walk_forward_levels
 close = 100 + np.sin(np.arange(400) / 7.0)
 frame = pd.DataFrame({"timestamp": pd.date_range("2024-01-01", periods=400, freq="1h", tz="UTC"), "open": close,
                       "high": close + 1, "low": close - 1, "close": close, "volume": 1.0, "turnover": close})
@@ -110,12 +111,12 @@ def first_call_seconds(cache_dir: str | None) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def same_block(history, asof_ns: int, block: dict[str, np.ndarray]) -> bool:
-    """Our rows at one refit against the reference's column arrays for it."""
+def same_block(history, asof_ns: int, block: list[dict]) -> bool:
+    """Our rows at one refit against the reference's rows for it."""
     rows = history.levels[history.levels["asof"] == pd.Timestamp(asof_ns, tz="UTC")]
     rows = rows.drop(columns="asof").reset_index(drop=True)
     try:
-        pd.testing.assert_frame_equal(rows, reference._frame(block), check_exact=True)
+        pd.testing.assert_frame_equal(rows, reference.levels_frame(block, with_asof=False), check_exact=True)
     except AssertionError:
         return False
     return True
@@ -129,14 +130,14 @@ def bench_walk_forward(candles: pd.DataFrame, repeat: int, sklearn_refits: int) 
     n_refits = len(history.refits)
 
     started = time.perf_counter()
-    prepared = reference._prepare(candles, Timeframe.H1, config, None, False)
+    inputs = reference.prepare(candles, Timeframe.H1, config, None, False)
     prepare_s = time.perf_counter() - started
     refit_ns = history.refits.as_unit("ns").asi8
     sample = refit_ns[np.unique(np.linspace(0, n_refits - 1, min(sklearn_refits, n_refits)).round().astype(int))]
     per_refit, identical = [], True
     for t in sample.tolist():
         started = time.perf_counter()
-        block = reference._refit(prepared, t, config, False)
+        block = reference.levels_at(inputs, t, config, False)
         per_refit.append(time.perf_counter() - started)
         identical &= same_block(history, t, block)
     mean_refit_s = float(np.mean(per_refit))
@@ -154,7 +155,8 @@ def bench_walk_forward(candles: pd.DataFrame, repeat: int, sklearn_refits: int) 
         "sklearn_refits_timed": len(sample),
         "sklearn_s_per_refit": round(mean_refit_s, 6),
         "sklearn_extrapolated_full_s": round(extrapolated, 1),
-        "sklearn_time_is": "extrapolated: mean of the timed refits x refits + the reference's preparation",
+        "sklearn_time_is": "extrapolated: mean of the timed refits x refits + the oracle's preparation "
+                           "(tests/reference_levels.py: plain Python loops around DBSCAN)",
         "speedup_vs_sklearn_extrapolated": round(extrapolated / seconds, 1),
         "sampled_refits_identical_to_sklearn_path": bool(identical),
     }

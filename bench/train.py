@@ -19,15 +19,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pricelevel.config import ModelConfig
-from pricelevel.datafolder import CandleFolder
-from pricelevel.dataset import SymbolFrame, build_training_data
-from pricelevel.feature_catalogue import feature_columns
-from pricelevel.levels import walk_forward_levels
-from pricelevel.model import build_module, fit_model
-from pricelevel.project import load_project_config
-from pricelevel.timeframes import Timeframe
-from pricelevel.training import read_context
+from pricelevel.config import load_project_config
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.folder import CandleFolder
+from pricelevel.features.catalogue import feature_columns
+from pricelevel.levels.history import read_context
+from pricelevel.levels.walkforward import walk_forward_levels
+from pricelevel.ml.config import ModelConfig
+from pricelevel.ml.dataset import SymbolFrame, build_training_data
+from pricelevel.ml.fit import fit_model
+from pricelevel.ml.model import build_module
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 

@@ -2,7 +2,8 @@
 
     load-contenders -> score challenger, score champion (same newest window, same data) -> decide
 
-``rollback=True`` instead puts ``champion`` back on the previous champion.
+``rollback=True`` instead puts ``champion`` back on the previous champion. Promotions and rollbacks are
+serialised: one at a time per store (an inter-process lock; the deployment also has a concurrency limit of 1).
 """
 
 from __future__ import annotations
@@ -10,24 +11,25 @@ from __future__ import annotations
 import pandas as pd
 from prefect import flow, get_run_logger
 
-from tasks.config import load_run_config
 from tasks.promote import decide_and_record, decision_dict, load_contenders, rollback, score
+from tasks.runtime import load_run_config
 
 
 @flow(name="promote")
 def promote(config_file: str | None = None, overrides: list[str] | None = None, rollback_champion: bool = False) -> dict:
     config = load_run_config(config_file, overrides)
-    if rollback_champion:
-        return rollback(config)
-    challenger, champion = load_contenders(config)
-    if challenger is None:
-        get_run_logger().warning("no @challenger version: run `pricelevel train` first")
-        return {"promote": False, "reason": "no challenger"}
-    if champion is not None and champion.version == challenger.version:
-        return {"promote": False, "reason": f"version {challenger.version} is already champion"}
-    challenger_score = score(config, challenger, "challenger", None)
-    champion_score = score(config, champion, "champion", challenger_score.start) if champion else None
-    decision = decide_and_record(
-        config, challenger, champion, challenger_score, champion_score, pd.Timestamp.now(tz="UTC").isoformat()
-    )
+    with config.catalogue.lock("registry", config.tracking.registered_model):
+        if rollback_champion:
+            return rollback(config)
+        challenger, champion = load_contenders(config)
+        if challenger is None:
+            get_run_logger().warning("no @challenger version: run `pricelevel train` first")
+            return {"promote": False, "reason": "no challenger"}
+        if champion is not None and champion.version == challenger.version:
+            return {"promote": False, "reason": f"version {challenger.version} is already champion"}
+        challenger_score = score(config, challenger, "challenger", None)
+        champion_score = score(config, champion, "champion", challenger_score.start) if champion else None
+        decision = decide_and_record(
+            config, challenger, champion, challenger_score, champion_score, pd.Timestamp.now(tz="UTC").isoformat()
+        )
     return decision_dict(decision) | {"challenger": challenger.version, "champion": champion.version if champion else None}

@@ -12,17 +12,16 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from pricelevel.config import Config
-from pricelevel.promotion import Decision, Scores, decide, decision_tags
-from pricelevel.registry import (
+from pricelevel.inference.scoring import WindowScore, newest_window, score_window, tables_for_spec
+from pricelevel.registry.promotion import Decision, Scores, decide, decision_tags
+from pricelevel.registry.tracking import LoadedModel, load_model, mlflow_client
+from pricelevel.registry.versions import (
     ALIAS_CHALLENGER,
     ALIAS_CHAMPION,
     move_champion,
     rollback_champion,
     version_for_alias,
 )
-from pricelevel.scoring import WindowScore, newest_window, score_window, tables_for_spec
-from pricelevel.tracking import LoadedModel, load_model, mlflow_client
-from tasks.train import validated_folder
 
 
 @task(name="load-contenders", cache_policy=NO_CACHE)
@@ -40,7 +39,7 @@ def load_contenders(config: Config) -> tuple[LoadedModel | None, LoadedModel | N
 @task(name="score", task_run_name="score {role}", cache_policy=NO_CACHE)
 def score(config: Config, model: LoadedModel, role: str, start: pd.Timestamp | None) -> WindowScore:
     """Recompute levels and features from the validated data with the model's own settings, then score it."""
-    folder = validated_folder(config)
+    folder = config.catalogue.validated()
     tables = tables_for_spec(folder, model.spec, [s for s in model.spec.symbols if folder.has(s, model.spec.timeframe)])
     if start is None:
         start = newest_window(tables, config.promotion.window_days, pd.Timestamp(model.spec.extra["test_start"]))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -27,6 +28,24 @@ os.environ.update(
         "PREFECT_HOME": tempfile.mkdtemp(prefix="pricelevel-prefect-home-"),
     }
 )
+
+
+_HAD_PREFECT = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    item.stash[_HAD_PREFECT] = "prefect" in sys.modules
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    """A test (or its fixtures) that brings Prefect in must carry the ``flow`` marker, so that
+    ``-m "not flow"`` really runs without Prefect (checked on every test that is first to import it)."""
+    yield
+    if not item.stash[_HAD_PREFECT] and "prefect" in sys.modules and item.get_closest_marker("flow") is None:
+        pytest.fail(f"{item.nodeid} imported Prefect but is not marked `flow`", pytrace=False)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import Market, market_from_candles
 from pricelevel.backtest.metrics import symbol_equity
 from pricelevel.backtest.run import run_backtest
-from pricelevel.config import BacktestConfig
-from pricelevel.timeframes import Timeframe
+from pricelevel.core.timeframes import Timeframe
 from tests.conftest import real_candles
 
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

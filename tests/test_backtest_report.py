@@ -12,11 +12,11 @@ import pandas as pd
 import pytest
 from plotly.offline import get_plotlyjs
 
+from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import align_signals, market_from_candles
 from pricelevel.backtest.metrics import compute_metrics, format_duration, format_metric
 from pricelevel.backtest.report import coarsen_candles, coarsen_line, write_report
 from pricelevel.backtest.run import run_backtest
-from pricelevel.config import BacktestConfig
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 SYMBOLS = ("BTCUSDT", "ETHUSDT")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pricelevel.store import file_sha256
+from pricelevel.core.files import file_sha256
 from tests.conftest import real_candles
 
 
@@ -65,7 +65,7 @@ def test_config_errors_are_one_line_with_a_hint(cli, project: Path) -> None:
 
 
 def test_debug_shows_the_traceback(cli, project: Path) -> None:
-    from pricelevel.config import ConfigError
+    from pricelevel.core.config import ConfigError
 
     with pytest.raises(ConfigError):
         cli("data", "status", "--set", "data.source=ftp", "--debug")

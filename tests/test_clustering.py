@@ -8,9 +8,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sklearn.cluster import DBSCAN
 
-from pricelevel.clustering import cluster_windows, dbscan_1d
-from pricelevel.config import LevelsConfig
-from pricelevel.levels import local_extrema
+from pricelevel.levels.clustering import cluster_windows, dbscan_1d
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.walkforward import local_extrema
 from tests.conftest import real_candles
 
 SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])

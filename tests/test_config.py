@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from pricelevel.config import Config, ConfigError, load_config
-from pricelevel.timeframes import Timeframe
+from pricelevel.config import Config, load_config
+from pricelevel.core.config import ConfigError
+from pricelevel.core.timeframes import Timeframe
 
 BASE = Path(__file__).resolve().parents[1] / "conf" / "base.yaml"
 

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pricelevel.dataset import (
+from pricelevel.ml.dataset import (
     SymbolFrame,
     build_training_data,
     build_windows,
@@ -15,7 +15,7 @@ from pricelevel.dataset import (
     positive_weight,
     split_bounds,
 )
-from pricelevel.spec import POOLED
+from pricelevel.ml.spec import POOLED
 
 START = pd.Timestamp("2024-01-01", tz="UTC")
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from pricelevel.evaluation import (
+from pricelevel.ml.evaluation import (
     BASELINES,
     METRICS,
     baseline_scores,

@@ -7,12 +7,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricelevel import indicators
-from pricelevel.config import Config, ConfigError, FeaturesConfig, LevelsConfig, load_config
-from pricelevel.feature_catalogue import GROUPS, context_columns, feature_columns, needed_timeframes
-from pricelevel.features import MAX_AGE_DAYS, MAX_LEVEL_ATR, compute_features
-from pricelevel.levels import LevelHistory, bracketing_levels, walk_forward_levels
-from pricelevel.timeframes import Timeframe
+from pricelevel.config import Config, load_config
+from pricelevel.core.config import ConfigError
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.features.catalogue import GROUPS, context_columns, feature_columns, needed_timeframes
+from pricelevel.features.compute import MAX_AGE_DAYS, MAX_LEVEL_ATR, compute_features
+from pricelevel.features.config import FeaturesConfig
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.walkforward import LevelHistory, bracketing_levels, walk_forward_levels
+from pricelevel.ta import indicators
 from tests.conftest import ROOT, real_candles
 
 RICH = FeaturesConfig()
@@ -216,9 +219,9 @@ def test_missing_inputs_are_named() -> None:
 
 
 def test_features_command_writes_the_table_training_reads(cli, project, tmp_path) -> None:
-    from pricelevel.config import LabelsConfig
-    from pricelevel.datafolder import CandleFolder
-    from pricelevel.training import TABLE_COLUMNS, build_table, input_timeframes, read_frames
+    from pricelevel.data.folder import CandleFolder
+    from pricelevel.features.config import LabelsConfig
+    from pricelevel.features.tables import TABLE_COLUMNS, TableSpec
     from tests.conftest import SAMPLE
 
     out = tmp_path / "sol.parquet"
@@ -230,8 +233,8 @@ def test_features_command_writes_the_table_training_reads(cli, project, tmp_path
     columns = feature_columns(RICH, Timeframe.H4)
     assert list(table.columns) == [*TABLE_COLUMNS, *(f"feature_{c}" for c in columns)]
     config = load_config(ROOT / "conf" / "base.yaml")
-    frames = read_frames(CandleFolder.open(SAMPLE), "SOLUSDT", input_timeframes(Timeframe.H4, config.levels, RICH))
-    _, expected = build_table(frames, Timeframe.H4, config.levels, config.labels, config.features)
+    spec = TableSpec(Timeframe.H4, config.levels, config.labels, config.features)
+    _, expected = spec.build(spec.read_frames(CandleFolder.open(SAMPLE), "SOLUSDT"))
     pd.testing.assert_frame_equal(table, expected, check_exact=True)
     assert config.labels == LabelsConfig() and table["target"].iloc[-24:].isna().all()
 
@@ -252,7 +255,7 @@ def test_features_command_names_what_a_folder_lacks(cli, project, tmp_path) -> N
 
 
 def test_a_spec_without_feature_settings_recomputes_its_listed_columns() -> None:
-    from pricelevel.spec import ModelSpec
+    from pricelevel.ml.spec import ModelSpec
 
     spec = ModelSpec(symbols=("BTCUSDT",), features=("log_return", "level_distance"), seq_len=4, timeframe="4h",
                      horizon=1, normalization={}, levels={}, labels={}, hparams={})

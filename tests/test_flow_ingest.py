@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from flows.ingest import IngestFailed, ingest
-from pricelevel.store import file_sha256
+from pricelevel.core.files import file_sha256
 
 pytestmark = [pytest.mark.flow, pytest.mark.usefixtures("prefect_harness")]
 SLICE = dict(symbols=["BTCUSDT", "ETHUSDT"], timeframes=["1d", "4h"], start="2024-01-01", end="2024-07-01")

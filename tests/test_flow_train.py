@@ -14,6 +14,8 @@ import torch
 
 from tests.conftest import SAMPLE
 
+pytestmark = pytest.mark.flow
+
 SMALL = [
     "data.symbols=[BTCUSDT,ETHUSDT]",
     "data.start=2023-01-01",
@@ -60,8 +62,8 @@ def trained(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
 
 
 def _client(root: Path):
-    from pricelevel.project import load_project_config
-    from pricelevel.tracking import mlflow_client
+    from pricelevel.config import load_project_config
+    from pricelevel.registry.tracking import mlflow_client
 
     config = load_project_config(None, SMALL)
     return config, mlflow_client(config.tracking)
@@ -115,48 +117,62 @@ def test_second_run_with_nothing_new_reuses_every_output(trained):
     assert len(client.search_model_versions("name='pricelevel'")) == 1
 
 
-def test_promotion_first_model_then_a_worse_challenger_is_not_promoted_and_rollback(trained, tmp_path):
-    root, _ = trained
-    import mlflow
+def _register_constant_model(config, client, like: str, probability: float) -> str:
+    """A challenger whose output is the same for every window (zero weights, head bias = logit(p)): it ranks
+    nothing, so its PR-AUC is exactly the positive rate, the majority baseline's score. Guaranteed no better."""
+    from pricelevel.ml.model import MultiSymbolLSTM
+    from pricelevel.registry.tracking import ensure_experiment, load_model, log_pricelevel_model
+    from pricelevel.registry.versions import register_version
 
-    from flows.promote import promote
-    from pricelevel.registry import move_champion, register_version, set_alias
-    from pricelevel.tracking import load_model, log_pricelevel_model, tracking_session
-
-    config, client = _client(root)
-    first = promote(overrides=SMALL)
-    v1 = client.get_model_version("pricelevel", "1")
-    assert v1.tags["promotion.decision"] in ("promoted", "rejected")
-    if not first["promote"]:  # the tiny model did not beat the baselines: the rule said so, make it champion to go on
-        assert "baseline" in first["reason"]
-        move_champion(client, "pricelevel", "1")
-
-    # A deliberately worse challenger: the champion's weights with the head's sign flipped (inverted ranking).
-    champion = load_model("models:/pricelevel@champion", client)
-    from pricelevel.model import MultiSymbolLSTM
-
-    module = MultiSymbolLSTM(**champion.spec.hparams)
-    module.load_state_dict(champion.pyfunc_model.unwrap_python_model().module.state_dict())
+    spec = load_model(like, client).spec
+    module = MultiSymbolLSTM(**spec.hparams)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            if name.startswith("head"):
-                param.neg_()
-    example = {"features": np.zeros((1, champion.spec.seq_len, len(champion.spec.features)), np.float32),
-               "symbol_id": np.zeros(1, np.int64)}
-    with tracking_session(config.tracking), mlflow.start_run() as run:
-        info = log_pricelevel_model(module, champion.spec, example)
-    worse = register_version(client, "pricelevel", info.model_uri, run.info.run_id, {})
-    set_alias(client, "pricelevel", "challenger", worse.version)
+            param.zero_()
+            if name == "head.bias":
+                param.fill_(float(np.log(probability / (1 - probability))))
+    run = client.create_run(ensure_experiment(client, config.tracking.experiment, config.tracking.artifact_location))
+    example = {"features": np.zeros((1, spec.seq_len, len(spec.features)), np.float32), "symbol_id": np.zeros(1, np.int64)}
+    logged = log_pricelevel_model(client, run.info.run_id, module, spec, example)
+    client.set_terminated(run.info.run_id)
+    return str(register_version(client, "pricelevel", logged, run.info.run_id, {"test.constant": str(probability)}).version)
 
-    decision = promote(overrides=SMALL)
-    assert not decision["promote"]
-    assert str(client.get_model_version_by_alias("pricelevel", "champion").version) == "1"
-    assert client.get_model_version("pricelevel", worse.version).tags["promotion.decision"] == "rejected"
 
-    # Force the worse one in, then roll back.
-    move_champion(client, "pricelevel", worse.version)
+def _rule_says_promote(tags: dict[str, str]) -> bool:
+    """The first-promotion rule recomputed from the numbers the flow recorded: strictly above every baseline."""
+    challenger = float(tags["promotion.metric.challenger"])
+    baselines = [float(v) for k, v in tags.items() if k.startswith("promotion.metric.baseline.")]
+    return bool(baselines) and all(challenger > b or np.isnan(b) for b in baselines) and not np.isnan(challenger)
+
+
+def test_promotion_follows_the_rule_a_constant_model_never_wins_and_rollback(trained, tmp_path):
+    root, _ = trained
+    from flows.promote import promote
+    from pricelevel.registry.versions import move_champion, set_alias
+
+    config, client = _client(root)
+    # A constant-probability challenger, first in line: it only ties the majority baseline, so it is refused.
+    constant = _register_constant_model(config, client, "models:/pricelevel/1", probability=0.3)
+    set_alias(client, "pricelevel", "challenger", constant)
+    refused = promote(overrides=SMALL)
+    assert not refused["promote"] and "baseline majority" in refused["reason"]
+    assert client.get_registered_model("pricelevel").aliases.get("champion") is None
+    assert client.get_model_version("pricelevel", constant).tags["promotion.decision"] == "rejected"
+
+    # The trained model: the decision is exactly what the rule says about the numbers it was scored with.
+    set_alias(client, "pricelevel", "challenger", "1")
+    first = promote(overrides=SMALL)
+    tags = client.get_model_version("pricelevel", "1").tags
+    assert first["promote"] == _rule_says_promote(tags)
+    assert tags["promotion.decision"] == ("promoted" if first["promote"] else "rejected")
+    champion = client.get_registered_model("pricelevel").aliases.get("champion")
+    assert (champion is not None and str(champion) == "1") == first["promote"]
+
+    # Rollback puts back the former champion, whatever moved the alias since.
+    move_champion(client, "pricelevel", "1")
+    move_champion(client, "pricelevel", constant)
     rolled = promote(overrides=SMALL, rollback_champion=True)
-    assert rolled["to"] == "1"
+    assert (rolled["from"], rolled["to"]) == (constant, "1")
     assert str(client.get_model_version_by_alias("pricelevel", "champion").version) == "1"
 
 
@@ -165,7 +181,7 @@ def test_champion_backtests_a_folder_it_has_never_seen(trained, tmp_path, cli, m
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
     config, client = _client(root)
     if client.get_registered_model("pricelevel").aliases.get("champion") is None:
-        from pricelevel.registry import move_champion
+        from pricelevel.registry.versions import move_champion
 
         move_champion(client, "pricelevel", "1")
     unseen = tmp_path / "unseen"
@@ -178,7 +194,10 @@ def test_champion_backtests_a_folder_it_has_never_seen(trained, tmp_path, cli, m
                             "--json", str(out), *sum((["--set", s] for s in SMALL), []))
     assert code == 0, err
     document = json.loads(out.read_text())
-    assert document["metrics"]["portfolio"]["final_value"] > 0
+    final, trades = document["metrics"]["portfolio"]["final_value"], document["trades"]
+    # Every dollar is accounted for: the equity's change is the sum of the trades' P&L, fees included.
+    assert final == pytest.approx(10_000 + sum(trade["pnl"] for trade in trades), rel=1e-9)
+    assert document["period"]["symbols"] == ["SOLUSDT"] and document["period"]["start"] >= "2023-09-01"
     code, stdout, _ = cli("models", *sum((["--set", s] for s in SMALL), []))
     assert code == 0 and "champion" in stdout
 
@@ -186,9 +205,9 @@ def test_champion_backtests_a_folder_it_has_never_seen(trained, tmp_path, cli, m
 def test_a_leaky_feature_fails_the_training_run_before_anything_is_trained(tmp_path, prefect_harness, monkeypatch):
     import shutil
 
-    import pricelevel.training as training
+    import pricelevel.features.tables as training
     from flows.train import train
-    from tasks.train import LookaheadError
+    from pricelevel.features.lookahead import LookaheadError
 
     root = tmp_path / "project"
     (root / "data").mkdir(parents=True)

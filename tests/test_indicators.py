@@ -18,9 +18,9 @@ import talib
 from ta.volume import EaseOfMovementIndicator, ForceIndexIndicator
 from talib import abstract
 
-from pricelevel import indicators
-from pricelevel.datafolder import CandleFolder
-from pricelevel.timeframes import Timeframe
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.folder import CandleFolder
+from pricelevel.ta import indicators
 from tests.conftest import SAMPLE
 
 DATASETS = [("BTCUSDT", "1h"), ("DOGEUSDT", "1h"), ("ETHUSDT", "1d")]

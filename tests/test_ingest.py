@@ -6,12 +6,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pricelevel.candles import to_canonical
-from pricelevel.ingest import ingest_dataset, missing_ranges
-from pricelevel.sources import SourceError
-from pricelevel.sources.sample import SampleSource
-from pricelevel.store import CandleStore, DatasetKey, Layer, file_sha256
-from pricelevel.timeframes import Timeframe
+from pricelevel.core.candles import to_canonical
+from pricelevel.core.files import file_sha256
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.ingest import ingest_dataset, missing_ranges
+from pricelevel.data.sources import SourceError
+from pricelevel.data.sources.sample import SampleSource
+from pricelevel.data.store import CandleStore, DatasetKey, Layer
 from tests.conftest import real_candles
 
 T = pd.Timestamp

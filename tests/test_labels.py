@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricelevel.config import LevelsConfig
-from pricelevel.labels import level_label
-from pricelevel.levels import (
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.features.labels import level_label
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.walkforward import (
     LevelHistory,
     MultiTimeframe,
     cluster_prices,
@@ -20,7 +21,6 @@ from pricelevel.levels import (
     nearest_level_distance,
     walk_forward_levels,
 )
-from pricelevel.timeframes import Timeframe
 from tests.conftest import real_candles
 
 T0, T1, T2 = (pd.Timestamp(day, tz="UTC") for day in ("2024-01-01", "2024-01-02", "2024-01-03"))

@@ -7,9 +7,9 @@ import pandas as pd
 import pytest
 from sklearn.cluster import DBSCAN
 
-from pricelevel.config import LevelsConfig
-from pricelevel.indicators import atr as wilder_atr
-from pricelevel.levels import (
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.walkforward import (
     LEVEL_COLUMNS,
     LevelHistory,
     MultiTimeframe,
@@ -19,7 +19,7 @@ from pricelevel.levels import (
     refit_times,
     walk_forward_levels,
 )
-from pricelevel.timeframes import Timeframe
+from pricelevel.ta.indicators import atr as wilder_atr
 from tests.conftest import real_candles
 
 H1 = Timeframe.H1

@@ -1,7 +1,11 @@
-"""The compiled levels against the scikit-learn implementation they replaced (tests/reference_levels.py): equal
-to the bit on real candles and on random ones, every column, filters on and off, raw or not."""
+"""The compiled levels against an independent, slow oracle (tests/reference_levels.py: the documented rules written
+afresh around scikit-learn's DBSCAN): equal to the bit on real candles and on random ones, every column, filters
+on and off, raw or not."""
 
 from __future__ import annotations
+
+import ast
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -9,8 +13,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pricelevel.config import LevelsConfig
-from pricelevel.levels import (
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.walkforward import (
     MultiTimeframe,
     _touch_sums,
     cluster_prices,
@@ -18,7 +23,6 @@ from pricelevel.levels import (
     local_extrema,
     walk_forward_levels,
 )
-from pricelevel.timeframes import Timeframe
 from tests import reference_levels as reference
 from tests.conftest import real_candles
 
@@ -36,6 +40,17 @@ def context_of(symbol: str, timeframe: str) -> MultiTimeframe:
     own = {"4h": "h4", "1h": "h1"}.get(timeframe)
     timeframes = (("d1", "1d"), ("h4", "4h"), ("h1", "1h"))
     return MultiTimeframe(**{attr: real_candles(symbol, tf) for attr, tf in timeframes if attr != own})
+
+
+def test_the_reference_shares_no_code_with_production():
+    """A helper imported from production would carry its bugs into the oracle, where no comparison can see them."""
+    allowed = {"pricelevel.core.timeframes": {"Timeframe"}, "pricelevel.levels.config": {"LevelsConfig"}}
+    tree = ast.parse(Path(reference.__file__).read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            assert not any(alias.name.startswith("pricelevel") for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("pricelevel"):
+            assert {alias.name for alias in node.names} <= allowed.get(node.module, set()), node.module
 
 
 def assert_same_history(candles, timeframe, levels_config, context, raw):

@@ -9,12 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import pricelevel.training as training
-from pricelevel.config import FeaturesConfig, LabelsConfig, LevelsConfig
-from pricelevel.datafolder import CandleFolder
-from pricelevel.lookahead import check_lookahead, compare, cut_frames, cut_rows, report_lines
-from pricelevel.timeframes import Timeframe
-from pricelevel.training import build_table, input_timeframes, read_frames
+import pricelevel.features.tables as training
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.folder import CandleFolder
+from pricelevel.features.config import FeaturesConfig, LabelsConfig
+from pricelevel.features.lookahead import check_lookahead, compare, cut_frames, cut_rows, report_lines
+from pricelevel.features.tables import TableSpec
+from pricelevel.levels.config import LevelsConfig
 from tests.conftest import SAMPLE
 
 LEVELS = LevelsConfig.model_validate({"lookback_days": 120, "refit_every": 6, "filters": {"volume": {"factor": 0.8}}})
@@ -26,7 +27,7 @@ ROWS = 2500
 
 def _frames(symbol: str) -> dict[Timeframe, pd.DataFrame | None]:
     """The first ROWS 4h bars of a symbol and the other timeframes up to the same time."""
-    frames = read_frames(CandleFolder.open(SAMPLE), symbol, input_timeframes(TF, LEVELS, RICH))
+    frames = TableSpec(TF, LEVELS, FORWARD, RICH).read_frames(CandleFolder.open(SAMPLE), symbol)
     end = frames[TF]["timestamp"].iloc[ROWS - 1] + TF.delta
     return cut_frames(frames, int(end.value))
 
@@ -37,7 +38,7 @@ def frames() -> dict[str, dict[Timeframe, pd.DataFrame | None]]:
 
 
 def real_build(labels: LabelsConfig = FORWARD):
-    return lambda f: build_table(f, TF, LEVELS, labels, RICH)[1]
+    return TableSpec(TF, LEVELS, labels, RICH).table
 
 
 def test_cut_frames_keep_only_candles_closed_by_then(frames) -> None:

@@ -9,17 +9,15 @@ import pandas as pd
 import pytest
 import torch
 
-from pricelevel.config import ModelConfig
-from pricelevel.dataset import SymbolFrame, TrainingData, build_training_data
-from pricelevel.model import (
+from pricelevel.ml.config import ModelConfig
+from pricelevel.ml.dataset import SymbolFrame, TrainingData, build_training_data
+from pricelevel.ml.fit import TrainResult, fit_model, resolve_precision
+from pricelevel.ml.model import (
     EPOCH_METRICS,
     MultiSymbolLSTM,
-    TrainResult,
     build_module,
     classification_metrics,
-    fit_model,
     predict_proba,
-    resolve_precision,
 )
 
 SEQ_LEN = 8
@@ -168,14 +166,43 @@ def test_rebuild_from_hparams_round_trips(data: TrainingData, fitted) -> None:
     np.testing.assert_array_equal(predict_proba(rebuilt, data.test), predict_proba(module, data.test))
 
 
-def test_predict_proba_matches_forward_in_dataset_order(data: TrainingData, fitted) -> None:
+def _reference_probability(module: MultiSymbolLSTM, windows: np.ndarray, symbol_id: np.ndarray) -> np.ndarray:
+    """The model's forward pass written out from the LSTM equations in numpy (no torch module is called):
+    symbol embedding joined to every step, stacked LSTM cells, a linear head on the last step, sigmoid."""
+    weights = {name: value.detach().numpy().astype(np.float64) for name, value in module.state_dict().items()}
+    table = weights["embedding.weight"]
+    embedded = np.where((symbol_id >= 0)[:, None], table[np.clip(symbol_id, 0, None)], table.mean(axis=0))
+    inputs = np.concatenate([windows, np.repeat(embedded[:, None, :], windows.shape[1], axis=1)], axis=-1)
+
+    def sigmoid(x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-x))
+
+    for layer in range(module.hparams.num_layers):
+        w_ih, w_hh = weights[f"lstm.weight_ih_l{layer}"], weights[f"lstm.weight_hh_l{layer}"]
+        bias = weights[f"lstm.bias_ih_l{layer}"] + weights[f"lstm.bias_hh_l{layer}"]
+        h = np.zeros((len(inputs), w_hh.shape[1]))
+        c = np.zeros_like(h)
+        outputs = []
+        for step in range(inputs.shape[1]):
+            gates = inputs[:, step] @ w_ih.T + h @ w_hh.T + bias
+            i, f, g, o = np.split(gates, 4, axis=1)  # PyTorch's gate order: input, forget, cell, output
+            c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+            h = sigmoid(o) * np.tanh(c)
+            outputs.append(h)
+        inputs = np.stack(outputs, axis=1)
+    return sigmoid(inputs[:, -1] @ weights["head.weight"].T[:, 0] + weights["head.bias"][0])
+
+
+def test_predict_proba_matches_the_lstm_equations_in_dataset_order(data: TrainingData, fitted) -> None:
     module = fitted[0].module
     probability = predict_proba(module, data.test, batch_size=7)
-    features = torch.stack([data.test[i][0] for i in range(len(data.test))])
-    symbol_id = torch.stack([data.test[i][1] for i in range(len(data.test))])
+    windows = np.stack([data.test[i][0].numpy() for i in range(len(data.test))]).astype(np.float64)
+    symbol_id = np.array([int(data.test[i][1]) for i in range(len(data.test))])
+    np.testing.assert_allclose(probability, _reference_probability(module, windows, symbol_id), rtol=1e-5, atol=1e-6)
+    unknown = _reference_probability(module, windows[:3], np.full(3, -1))  # an unseen symbol: the mean embedding
     with torch.no_grad():
-        expected = torch.sigmoid(module(features, symbol_id)).numpy()
-    np.testing.assert_allclose(probability, expected, rtol=1e-5, atol=1e-6)
+        actual = torch.sigmoid(module(torch.from_numpy(windows[:3]).float(), torch.full((3,), -1))).numpy()
+    np.testing.assert_allclose(actual, unknown, rtol=1e-5, atol=1e-6)
 
 
 def test_one_class_targets_do_not_crash() -> None:

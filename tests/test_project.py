@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pricelevel.project import apply_quiet_environment, load_project_config, project_root, quiet_environment
+from pricelevel.config import load_project_config
+from pricelevel.core.runtime import apply_quiet_environment, project_root, quiet_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from pricelevel.config import PromotionConfig
-from pricelevel.promotion import Decision, Scores, decide, decision_tags
+from pricelevel.registry.config import PromotionConfig
+from pricelevel.registry.promotion import Decision, Scores, decide, decision_tags
 
 NAN = math.nan
 BASELINES = {"majority": 0.30, "near_level_now": 0.35}

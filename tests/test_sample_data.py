@@ -7,7 +7,7 @@ import re
 import pandas as pd
 import pytest
 
-from pricelevel.store import file_sha256
+from pricelevel.core.files import file_sha256
 from tests.conftest import SAMPLE
 
 PROVENANCE = (SAMPLE / "PROVENANCE.md").read_text()

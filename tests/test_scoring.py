@@ -12,20 +12,21 @@ import pandas as pd
 import pytest
 import torch
 
-from pricelevel.config import BacktestConfig, FeaturesConfig, LabelsConfig, LevelsConfig
-from pricelevel.datafolder import CandleFolder, CandleFolderError
-from pricelevel.dataset import fit_normalization
-from pricelevel.levels import LevelHistory
-from pricelevel.model import MultiSymbolLSTM
-from pricelevel.scoring import (
+from pricelevel.backtest.config import BacktestConfig
+from pricelevel.data.folder import CandleFolder, CandleFolderError
+from pricelevel.features.config import FeaturesConfig, LabelsConfig
+from pricelevel.inference.scoring import (
     backtest_probabilities,
     levels_at_end,
     newest_window,
     predict_tables,
     tables_for_spec,
 )
-from pricelevel.spec import POOLED, ModelSpec
-from pricelevel.training import SymbolTable
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.walkforward import LevelHistory
+from pricelevel.ml.dataset import SymbolTable, fit_normalization
+from pricelevel.ml.model import MultiSymbolLSTM
+from pricelevel.ml.spec import POOLED, ModelSpec
 from tests.conftest import SAMPLE
 
 ROWS = 1200

@@ -4,7 +4,7 @@ import logging
 
 import pytest
 
-from pricelevel.secrets import MASK, MissingSecretError, Secrets, install_log_redaction, redact
+from pricelevel.core.secrets import MASK, MissingSecretError, Secrets, install_log_redaction, redact
 
 KEY, SECRET = "AbCdEfGh12345678", "zyxwVUTS98765432secret"
 

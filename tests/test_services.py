@@ -5,36 +5,24 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from pricelevel.config import TrackingConfig
-from pricelevel.services import Service, run_services, ui_commands
+from pricelevel.core.services import Service, ServiceGroup, run_services, stop_on_signals, ui_commands
+from pricelevel.registry.config import TrackingConfig
 
 #: A service that spawns a child (``sleep``, or a Python that ignores SIGTERM), writes "own_pid child_pid"
-#: to argv[1] once the child is ready, and sleeps. argv[2] == "ignore" also makes the service ignore SIGTERM.
-SPAWNER = r"""
-import os, signal, subprocess, sys, time
-if sys.argv[3] == "stubborn-child":
-    child = subprocess.Popen([sys.executable, "-c",
-        "import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(30)"],
-        stdout=subprocess.PIPE, text=True)
-    child.stdout.readline()
-else:
-    child = subprocess.Popen(["sleep", "30"])
-if sys.argv[2] == "ignore":
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-tmp = sys.argv[1] + ".tmp"
-with open(tmp, "w") as f:
-    f.write(f"{os.getpid()} {child.pid}")
-os.replace(tmp, sys.argv[1])
-time.sleep(30)
-"""
+#: to its first argument once the child is ready, and sleeps; "ignore" also makes it ignore SIGTERM.
+FAKE_SERVICE = Path(__file__).parent / "fakes" / "service.py"
+#: Runs fake services through run_services in a process of its own, so that it can be sent signals.
+DRIVER = Path(__file__).parent / "fakes" / "service_driver.py"
 
 #: Exits with code 3 once the file argv[1] exists (so the other service is surely running by then).
 EXITER = r"""
@@ -47,7 +35,7 @@ sys.exit(3)
 
 
 def _spawner(name: str, pidfile: Path, term: str = "default", child: str = "sleep") -> Service:
-    return Service(name, "http://127.0.0.1:0", (sys.executable, "-c", SPAWNER, str(pidfile), term, child))
+    return Service(name, "http://127.0.0.1:0", (sys.executable, str(FAKE_SERVICE), str(pidfile), term, child))
 
 
 def _alive(pid: int) -> bool:
@@ -157,7 +145,7 @@ def test_services_run_in_the_given_folder_with_the_given_environment(tmp_path: P
 
 def test_ui_commands_bind_localhost_and_read_the_project_tracking_store(tmp_path: Path) -> None:
     tracking = TrackingConfig(tracking_uri="sqlite:////proj/mlruns/mlflow.db", artifact_location="/proj/mlruns/artifacts")
-    prefect, mlflow = ui_commands(tmp_path / "bin", tracking, prefect_port=4321, mlflow_port=5432)
+    prefect, mlflow = ui_commands(tmp_path / "bin", tracking.tracking_uri, tracking.artifact_location, prefect_port=4321, mlflow_port=5432)
 
     def option(argv: tuple[str, ...], name: str) -> str:
         assert argv.count(name) == 1, (name, argv)
@@ -193,3 +181,214 @@ def test_a_service_that_cannot_start_leaves_nothing_running(tmp_path: Path, clea
     monkeypatch.undo()
     assert len(started) == 1  # the first service was started
     assert _gone([*started, *_pids(pidfile)], within_s=1.0)
+
+
+def test_stop_on_signals_sets_the_event_and_restores_the_handlers() -> None:
+    previous_int = signal.signal(signal.SIGINT, signal.SIG_IGN)  # as inherited by `cmd &` in a script
+    previous_term = signal.getsignal(signal.SIGTERM)
+    try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            event = threading.Event()
+            with stop_on_signals(event) as installed:
+                assert installed
+                assert callable(signal.getsignal(sig))  # else the kill below would end pytest itself
+                os.kill(os.getpid(), sig)
+                deadline = time.monotonic() + 2
+                while not event.is_set() and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                assert event.is_set(), sig
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) == previous_term
+    finally:
+        signal.signal(signal.SIGINT, previous_int)
+
+
+def test_stop_on_signals_installs_nothing_off_the_main_thread() -> None:
+    seen: list[object] = []
+
+    def run() -> None:
+        with stop_on_signals(threading.Event()) as installed:
+            seen.extend([installed, signal.getsignal(signal.SIGTERM)])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(5)
+    assert seen == [False, signal.getsignal(signal.SIGTERM)]
+
+
+def test_run_services_off_the_main_thread_stops_on_the_event(tmp_path: Path, cleanup) -> None:
+    pidfile = tmp_path / "a.pid"
+    cleanup.append(pidfile)
+    stop = threading.Event()
+    result: list[int] = []
+    thread = threading.Thread(target=lambda: result.append(
+        run_services([_spawner("A", pidfile)], env=dict(os.environ), cwd=tmp_path, stop=stop, grace_s=2)))
+    thread.start()
+    _stop_when_ready(stop, [pidfile], after_s=0.1).join(20)
+    thread.join(10)
+    assert result == [0]
+    assert _gone(_pids(pidfile))
+
+
+def test_a_service_killed_by_a_signal_ends_the_run_with_128_plus_the_signal(tmp_path: Path) -> None:
+    killed = Service("killed", "-", (sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"))
+    assert run_services([killed], env=dict(os.environ), cwd=tmp_path, grace_s=1) == 128 + signal.SIGKILL
+
+
+def _driver_output(driver: subprocess.Popen, timeout_s: float) -> str:
+    out, _ = driver.communicate(timeout=timeout_s)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("sig", "inherit_ignored_sigint"),
+    [(signal.SIGTERM, False), (signal.SIGINT, False), (signal.SIGINT, True)],
+    ids=["SIGTERM", "SIGINT", "SIGINT-inherited-ignored"],
+)
+def test_a_signal_to_the_runner_stops_every_service_and_what_they_spawned(
+    tmp_path: Path, cleanup, sig: signal.Signals, inherit_ignored_sigint: bool
+) -> None:
+    """What systemd, ``docker stop``, ``kill -INT`` (also on ``cmd &`` in a script) and Ctrl-C do."""
+    files = [tmp_path / "plain.pid", tmp_path / "deaf.pid"]  # deaf: ignores SIGTERM, and so does its child
+    cleanup.extend(files)
+
+    def ignore_sigint() -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    driver = subprocess.Popen(
+        [sys.executable, str(DRIVER), "1.0", f"{files[0]},default,sleep", f"{files[1]},ignore,stubborn-child"],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        preexec_fn=ignore_sigint if inherit_ignored_sigint else None,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not all(f.exists() for f in files):
+            assert driver.poll() is None, _driver_output(driver, 5)
+            assert time.monotonic() < deadline, "fake services not up"
+            time.sleep(0.02)
+        pids = _pids(*files)
+        assert len(set(pids)) == 4 and all(_alive(p) for p in pids)
+        started = time.monotonic()
+        driver.send_signal(sig)
+        out = _driver_output(driver, 10)
+        elapsed = time.monotonic() - started
+        assert driver.returncode == 0, out
+        assert f"sigint={'ignored' if inherit_ignored_sigint else 'handled'}" in out
+        assert "code=0 restored=True" in out
+        assert elapsed < 6  # 1 s grace for the deaf one, then SIGKILL; not the fakes' 30 s sleep
+        assert _gone(pids), [p for p in pids if _alive(p)]
+    finally:
+        if driver.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(driver.pid, signal.SIGKILL)
+            driver.communicate()
+
+
+def test_a_service_group_waits_for_health_and_stops_as_a_group(tmp_path: Path) -> None:
+    port = _free_ports(1)[0]
+    server = Service("http", f"http://127.0.0.1:{port}",
+                     (sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"),
+                     health_url=f"http://127.0.0.1:{port}/")
+    with ServiceGroup([server], env=dict(os.environ), cwd=tmp_path, grace_s=2) as group:
+        assert group.wait_healthy(timeout_s=20)
+        assert group.exit_code() is None
+        pid = group.processes[0].pid
+    assert group.processes[0].returncode is not None and _gone([pid])
+
+    exits = Service("exits", "http://127.0.0.1:9/", (sys.executable, "-c", "raise SystemExit(4)"))
+    with ServiceGroup([exits], env=dict(os.environ), cwd=tmp_path) as group, \
+            pytest.raises(RuntimeError, match="code 4"):
+        group.wait_healthy(timeout_s=20, poll_s=0.05)
+
+
+def _free_ports(n: int) -> list[int]:
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
+def _processes() -> dict[int, tuple[int, int, str]]:
+    """Every running process (zombies left out): pid -> (parent pid, process group, command line)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            state, ppid, pgrp = (entry / "stat").read_text().rsplit(")", 1)[1].split()[:3]
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+        if state not in ("Z", "X"):
+            found[int(entry.name)] = (int(ppid), int(pgrp), cmdline)
+    return found
+
+
+def _descendants(root: int, processes: dict[int, tuple[int, int, str]]) -> set[int]:
+    tree, added = {root}, True
+    while added:
+        new = {pid for pid, (ppid, _, _) in processes.items() if ppid in tree} - tree
+        tree |= new
+        added = bool(new)
+    return tree - {root}
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the processes left in /proc")
+def test_pricelevel_ui_leaves_nothing_running_after_sigterm(project: Path, tmp_path: Path) -> None:
+    """The real command, as systemd or ``docker stop`` ends it: Prefect, MLflow and their workers all go."""
+    exe = Path(sys.executable).with_name("pricelevel")
+    prefect_port, mlflow_port = _free_ports(2)
+    env = {**os.environ, "PRICELEVEL_HOME": str(project), "PREFECT_HOME": str(tmp_path / "prefect-home"),
+           "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    log = tmp_path / "ui.log"
+    with log.open("wb") as out:
+        ui = subprocess.Popen([str(exe), "ui", "--prefect-port", str(prefect_port), "--mlflow-port", str(mlflow_port)],
+                              env=env, cwd=project, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    groups = {ui.pid}
+    ports = (str(prefect_port), str(mlflow_port))
+
+    def ours(cmdline: str) -> bool:
+        return any(arg in ports or arg.endswith((f":{prefect_port}", f":{mlflow_port}")) for arg in cmdline.split())
+
+    def left() -> list[str]:
+        return [f"{pid} {cmd[:150]}" for pid, (_, pgrp, cmd) in _processes().items()
+                if pid != ui.pid and (pgrp in groups or ours(cmd))]
+
+    try:
+        deadline = time.monotonic() + 90
+        urls = [f"http://127.0.0.1:{prefect_port}/api/health", f"http://127.0.0.1:{mlflow_port}/"]
+        while not all(_answers(u) for u in urls):
+            assert ui.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "pricelevel ui not up after 90 s:\n" + log.read_text()[-3000:]
+            time.sleep(0.5)
+        running = _processes()
+        tree = _descendants(ui.pid, running)
+        groups |= {running[pid][1] for pid in tree}
+        assert len(groups) >= 3 and len(tree) >= 3, (groups, tree)  # its own, Prefect's, MLflow's (+ workers)
+
+        ui.send_signal(signal.SIGTERM)
+        ui.wait(timeout=20)
+        assert ui.returncode == 0, log.read_text()[-3000:]
+        deadline = time.monotonic() + 3
+        while left() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not left(), left()
+        assert not [pid for pid in tree if _alive(pid)]
+    finally:
+        if ui.poll() is None:
+            ui.kill()
+            ui.wait()
+        for pid, (_, pgrp, cmd) in _processes().items():  # only what this test started is still matched here
+            if pgrp in groups or ours(cmd):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)

@@ -15,11 +15,11 @@ import requests
 from pandas.testing import assert_frame_equal
 from werkzeug.test import Client
 
-from pricelevel.config import BybitConfig
-from pricelevel.secrets import Secrets
-from pricelevel.sources import SourceError
-from pricelevel.sources.bybit import BybitSource
-from pricelevel.timeframes import Timeframe
+from pricelevel.core.secrets import Secrets
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.config import BybitConfig
+from pricelevel.data.sources import SourceError
+from pricelevel.data.sources.bybit import BybitSource
 from tests.fakes.bybit_server import KLINE_PATH, FakeBybit, Fault, random_candles
 
 NOW = pd.Timestamp("2024-07-01 12:34:56", tz="UTC")
@@ -239,7 +239,7 @@ def test_a_transient_fault_is_retried_then_succeeds(fake, make_source, sleeps, c
     fake.add(SYMBOL, "1h", served)
     fake.fail_next(fault)
 
-    with caplog.at_level(logging.WARNING, logger="pricelevel.sources.bybit"):
+    with caplog.at_level(logging.WARNING, logger="pricelevel.data.sources.bybit"):
         pages = list(make_source(timeout_s=1.0).fetch(SYMBOL, "1h", T0, T0 + 24 * HOUR))
 
     assert_frame_equal(concat(pages), served, check_exact=True)

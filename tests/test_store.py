@@ -9,16 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pricelevel.candles import CANDLE_COLUMNS, to_canonical
-from pricelevel.store import (
-    CandleStore,
-    DatasetKey,
-    Layer,
-    file_sha256,
-    parse_dataset_filename,
-    write_candles,
-)
-from pricelevel.timeframes import Timeframe
+from pricelevel.core.candles import CANDLE_COLUMNS, to_canonical
+from pricelevel.core.files import file_sha256
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.store import CandleStore, DatasetKey, Layer, parse_dataset_filename, write_candles
 from tests.conftest import real_candles
 
 KEY = DatasetKey("sample", "BTCUSDT", Timeframe.H1)
@@ -88,7 +82,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path: Path, monkeypatch: p
         Path(where).write_bytes(b"PAR1 half a file")
         raise OSError("disk full")
 
-    monkeypatch.setattr("pricelevel.store.pq.write_table", broken_write)
+    monkeypatch.setattr("pricelevel.data.store.pq.write_table", broken_write)
     with pytest.raises(OSError, match="disk full"):
         store.upsert(Layer.RAW, KEY, real_candles(rows=200))
     assert file_sha256(path) == digest

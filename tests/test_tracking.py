@@ -17,9 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-from pricelevel.config import TrackingConfig
-from pricelevel.model import MultiSymbolLSTM
-from pricelevel.registry import (
+from pricelevel.core.files import files_fingerprint as data_fingerprint
+from pricelevel.core.secrets import MASK
+from pricelevel.ml.model import MultiSymbolLSTM
+from pricelevel.ml.spec import POOLED, FeatureStats, ModelSpec
+from pricelevel.registry.config import TrackingConfig
+from pricelevel.registry.tracking import (
+    PARAM_VALUE_LIMIT,
+    LoadedModel,
+    ModelNotFoundError,
+    ensure_experiment,
+    lineage_tags,
+    load_model,
+    log_pricelevel_model,
+    mlflow_client,
+    pip_requirements,
+    run_params,
+)
+from pricelevel.registry.versions import (
     ALIAS_CHALLENGER,
     ALIAS_CHAMPION,
     CHAMPION_HISTORY_TAG,
@@ -32,21 +47,6 @@ from pricelevel.registry import (
     rollback_champion,
     set_alias,
     version_for_alias,
-)
-from pricelevel.secrets import MASK
-from pricelevel.spec import POOLED, FeatureStats, ModelSpec
-from pricelevel.tracking import (
-    PARAM_VALUE_LIMIT,
-    LoadedModel,
-    ModelNotFoundError,
-    data_fingerprint,
-    ensure_experiment,
-    lineage_tags,
-    load_model,
-    log_pricelevel_model,
-    pip_requirements,
-    run_params,
-    tracking_session,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -162,17 +162,18 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
     example = {"features": _features(3, SEQ_LEN, seed=1), "symbol_id": np.array([0, 1, -1], dtype=np.int64)}
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        with tracking_session(tracking) as client:
-            experiment_id = ensure_experiment(client, "pricelevel", tracking.artifact_location)
-            with mlflow.start_run() as run:  # the session's experiment, not MLflow's "Default"
-                mlflow.log_metrics({"val_pr_auc": 0.41, "test_pr_auc": 0.38, "backtest_sharpe": 1.2, "train_loss": 0.6})
-                started = time.perf_counter()
-                info = log_pricelevel_model(module, spec, example)
-                seconds = time.perf_counter() - started
-            version = register_version(client, NAME, info.model_uri, run.info.run_id, {"pricelevel.train_key": "k1"})
-            set_alias(client, NAME, ALIAS_CHALLENGER, version.version)
-        assert run.info.experiment_id == experiment_id
-        yield Logged(client, tracking, module, spec, run.info.run_id, info.model_uri, seconds)
+        client = mlflow_client(tracking)
+        experiment_id = ensure_experiment(client, "pricelevel", tracking.artifact_location)
+        run = client.create_run(experiment_id)
+        for key, value in {"val_pr_auc": 0.41, "test_pr_auc": 0.38, "backtest_sharpe": 1.2, "train_loss": 0.6}.items():
+            client.log_metric(run.info.run_id, key, value)
+        started = time.perf_counter()
+        logged = log_pricelevel_model(client, run.info.run_id, module, spec, example)
+        seconds = time.perf_counter() - started
+        client.set_terminated(run.info.run_id)
+        version = register_version(client, NAME, logged, run.info.run_id, {"pricelevel.train_key": "k1"})
+        set_alias(client, NAME, ALIAS_CHALLENGER, version.version)
+        yield Logged(client, tracking, module, spec, run.info.run_id, f"models:/{logged.model_id}", seconds)
 
 
 def _features(batch: int, steps: int, seed: int) -> np.ndarray:
@@ -184,8 +185,8 @@ def _reference(module: MultiSymbolLSTM, features: np.ndarray, symbol_id: np.ndar
         return torch.sigmoid(module(torch.from_numpy(features), torch.from_numpy(symbol_id))).numpy()
 
 
-def test_log_model_is_fast_and_lands_under_the_artifact_location(logged: Logged) -> None:
-    assert logged.seconds < 5, f"log_model took {logged.seconds:.2f} s"
+def test_log_model_lands_under_the_artifact_location(logged: Logged) -> None:
+    # (how long it takes is a benchmark figure: bench/train.py reports log_model_s)
     experiment = logged.client.get_experiment_by_name("pricelevel")
     assert experiment.artifact_location.startswith("file://")
     assert experiment.artifact_location.endswith("mlruns/artifacts")
@@ -244,14 +245,26 @@ def test_missing_models_raise_model_not_found(logged: Logged) -> None:
         load_model(f"runs:/{logged.run_id}/not-a-model", logged.client)
 
 
-def test_load_without_client_uses_the_session(logged: Logged) -> None:
-    with tracking_session(logged.tracking):
-        assert load_model(f"models:/{NAME}@{ALIAS_CHALLENGER}").version == "1"
+def test_logging_and_loading_never_touch_mlflow_globals(logged: Logged, tmp_path: Path) -> None:
+    """Two stores in one process: each client sees its own models; MLflow's global URIs and env stay unset."""
+    def state() -> tuple:
+        env = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
+        return mlflow.is_tracking_uri_set(), *map(os.environ.get, env)
 
-
-def test_log_model_needs_an_active_run(logged: Logged) -> None:
-    with tracking_session(logged.tracking), pytest.raises(RuntimeError, match="active MLflow run"):
-        log_pricelevel_model(logged.module, logged.spec, {"features": _features(1, SEQ_LEN, 0), "symbol_id": np.zeros(1)})
+    before = state()
+    other = TrackingConfig(tracking_uri=f"sqlite:///{tmp_path}/a/b/mlflow.db", artifact_location=str(tmp_path / "artifacts"))
+    client = mlflow_client(other)
+    assert (tmp_path / "a" / "b").is_dir()  # SQLite does not create the database's folder
+    run = client.create_run(ensure_experiment(client, "other", other.artifact_location))
+    example = {"features": _features(1, SEQ_LEN, 0), "symbol_id": np.zeros(1, np.int64)}
+    version = register_version(client, NAME, log_pricelevel_model(client, run.info.run_id, logged.module, logged.spec, example),
+                               run.info.run_id, {})
+    assert str(version.version) == "1" and state() == before
+    assert load_model(f"models:/{NAME}/1", client).version == "1"
+    assert load_model(f"models:/{NAME}@{ALIAS_CHALLENGER}", logged.client).version == "1"  # the first store's alias
+    with pytest.raises(ModelNotFoundError):
+        load_model(f"models:/{NAME}@{ALIAS_CHALLENGER}", client)
+    assert state() == before
 
 
 # ------------------------------------------------------------------------------------------ registry
@@ -268,7 +281,8 @@ def test_register_twice_gives_versions_and_tags(logged: Logged) -> None:
     assert find_version_by_tag(logged.client, "no-such-model", "pricelevel.train_key", "a") is None
     # A runs:/ URI resolves to the same logged model.
     third = register_version(logged.client, name, f"runs:/{logged.run_id}/model", logged.run_id, {})
-    assert str(third.version) == "3" and third.source == logged.model_uri
+    assert str(third.version) == "3" and third.source == first.source
+    assert first.source == logged.client.get_logged_model(logged.model_uri.removeprefix("models:/")).artifact_location
 
 
 def test_aliases(logged: Logged) -> None:
@@ -335,28 +349,6 @@ def test_rollback_skips_deleted_versions(logged: Logged) -> None:
 def test_rollback_of_unknown_model_raises(logged: Logged) -> None:
     with pytest.raises(NothingToRollBackError):
         rollback_champion(logged.client, "no-such-model")
-
-
-def test_tracking_session_restores_global_uris(logged: Logged, tmp_path: Path) -> None:
-    def state() -> tuple:
-        env = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "MLFLOW_EXPERIMENT_ID")
-        return mlflow.get_tracking_uri(), mlflow.get_registry_uri(), mlflow.is_tracking_uri_set(), *map(
-            os.environ.get, env
-        )
-
-    before = state()
-    with tracking_session(logged.tracking) as client:
-        assert mlflow.get_tracking_uri() == logged.tracking.tracking_uri == client.tracking_uri
-        assert mlflow.get_registry_uri() == logged.tracking.tracking_uri
-        inside = state()
-        other = TrackingConfig(
-            tracking_uri=f"sqlite:///{tmp_path}/a/b/mlflow.db", artifact_location=str(tmp_path / "artifacts")
-        )
-        with tracking_session(other) as other_client:
-            assert mlflow.get_tracking_uri() == other.tracking_uri == other_client.tracking_uri
-            assert (tmp_path / "a" / "b").is_dir()  # SQLite does not create the database's folder
-        assert state() == inside
-    assert state() == before
 
 
 def test_ensure_experiment(logged: Logged, tmp_path: Path) -> None:

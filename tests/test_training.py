@@ -11,30 +11,29 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import pricelevel.features as features_module
-import pricelevel.labels as labels_module
-from pricelevel.config import DatasetConfig, FeaturesConfig, LabelsConfig, LevelsConfig
-from pricelevel.datafolder import CandleFolder
-from pricelevel.dataset import SymbolFrame
-from pricelevel.feature_catalogue import feature_columns
-from pricelevel.features import MAX_LEVEL_DISTANCE
-from pricelevel.labels import forward_move, level_label, shifted
-from pricelevel.levels import LevelHistory, MultiTimeframe, nearest_level_distance, walk_forward_levels
-from pricelevel.steps import COMPLETE, DerivedStore, code_fingerprint, step_key
-from pricelevel.timeframes import Timeframe
-from pricelevel.training import (
-    SymbolTable,
-    context_timeframes,
-    embargo_bars,
-    feature_table,
-    labels_at,
-    read_context,
-    read_levels,
-    read_table,
-    symbol_table,
-    write_levels,
-    write_table,
+import pricelevel.features.compute as features_module
+import pricelevel.features.labels as labels_module
+from pricelevel.core.cache import COMPLETE, DerivedStore, code_fingerprint, step_key
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.folder import CandleFolder
+from pricelevel.features.catalogue import feature_columns
+from pricelevel.features.compute import MAX_LEVEL_DISTANCE
+from pricelevel.features.config import FeaturesConfig, LabelsConfig
+from pricelevel.features.labels import forward_move, level_label, shifted
+from pricelevel.features.tables import feature_table, read_table, write_table
+from pricelevel.levels.config import LevelsConfig
+from pricelevel.levels.history import filter_timeframes as context_timeframes
+from pricelevel.levels.history import read_context
+from pricelevel.levels.history import read_history as read_levels
+from pricelevel.levels.history import write_history as write_levels
+from pricelevel.levels.walkforward import (
+    LevelHistory,
+    MultiTimeframe,
+    nearest_level_distance,
+    walk_forward_levels,
 )
+from pricelevel.ml.config import DatasetConfig
+from pricelevel.ml.dataset import SymbolFrame, SymbolTable, embargo_bars, labels_at, symbol_table
 from tests.conftest import SAMPLE, real_candles
 
 #: Levels that exist on the first 1500 BTCUSDT 4h bars (2021, a trending market) with every filter on.
@@ -358,3 +357,26 @@ def test_code_fingerprint_follows_the_source(tmp_path: Path) -> None:
     sys.modules.pop("pricelevel_test_stepmod", None)
     assert fingerprints["v1"] != fingerprints["v2"]
     assert fingerprints["v1"] == fingerprints["v3"]
+
+
+def test_a_step_key_follows_every_module_the_step_imports(tmp_path: Path) -> None:
+    """The code part of a key is the transitive import closure, derived, never listed by hand: an edit deep in
+    it (the indicators under the levels) changes the key; an edit outside it (the registry) does not."""
+    import shutil
+
+    from pricelevel.core.cache import module_closure
+
+    package = tmp_path / "pricelevel"
+    shutil.copytree(Path(features_module.__file__).parents[1], package, ignore=shutil.ignore_patterns("__pycache__", "*.nbi", "*.nbc"))
+    closure = module_closure(["pricelevel.levels.history"], package)
+    assert {"pricelevel.levels.walkforward", "pricelevel.levels.clustering", "pricelevel.ta.indicators",
+            "pricelevel.data.folder", "pricelevel.core.files"} <= set(closure)
+    assert "pricelevel.registry.promotion" not in closure and "pricelevel.ml.model" not in closure
+    before = code_fingerprint("pricelevel.levels.history", package_dir=package)
+    (package / "registry" / "promotion.py").write_text("# an edit outside the closure\n", "utf-8")
+    assert code_fingerprint("pricelevel.levels.history", package_dir=package) == before
+    indicators = package / "ta" / "indicators.py"
+    indicators.write_text(indicators.read_text() + "\n# an engine fix\n")
+    assert code_fingerprint("pricelevel.levels.history", package_dir=package) != before
+    # The run key's closure reaches the backtest engine: an engine fix makes a new run, not a reused one.
+    assert "pricelevel.backtest.engine" in module_closure(["pricelevel.registry.experiment"], package)

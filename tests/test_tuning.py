@@ -14,11 +14,12 @@ import torch
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-import pricelevel.tuning as tuning_module
-from pricelevel.config import ModelConfig, SearchSpace, TuningConfig
-from pricelevel.dataset import SymbolFrame, TrainingData, build_training_data
-from pricelevel.model import MultiSymbolLSTM, TrainResult
-from pricelevel.tuning import SEARCHED, open_study, run_study, with_params
+import pricelevel.ml.fit as fit_module
+from pricelevel.ml.config import ModelConfig, SearchSpace, TuningConfig
+from pricelevel.ml.dataset import SymbolFrame, TrainingData, build_training_data
+from pricelevel.ml.fit import TrainResult, with_params
+from pricelevel.ml.model import MultiSymbolLSTM
+from pricelevel.ml.tuning import SEARCHED, open_study, run_study
 
 SEQ_LENS = (4, 6)
 SPACE = SearchSpace(
@@ -172,7 +173,7 @@ def test_each_trial_fit_gets_a_pruning_callback_for_its_own_trial(tmp_path: Path
         assert Path(kwargs["checkpoint_dir"]).parent == tmp_path / "work"
         return _fake_result(0.1 * len(seen))
 
-    monkeypatch.setattr(tuning_module, "fit_model", fake_fit)
+    monkeypatch.setattr(fit_module, "fit_model", fake_fit)
     tuning = _tuning(tmp_path, n_trials=3)
     study = open_study(tuning.storage, "fake", tuning)
     summary = run_study(study, data_for, MODEL, tuning, tmp_path / "work")
@@ -203,7 +204,7 @@ def test_a_pruned_trial_is_counted_and_reported(tmp_path: Path, data_for, monkey
             raise outcome
         return outcome
 
-    monkeypatch.setattr(tuning_module, "fit_model", fake_fit)
+    monkeypatch.setattr(fit_module, "fit_model", fake_fit)
     tuning = _tuning(tmp_path, n_trials=3)
     observer = Observer()
     summary = run_study(open_study(tuning.storage, "pruned", tuning), data_for, MODEL, tuning, tmp_path / "w", observer)
@@ -218,14 +219,14 @@ def test_a_failing_fit_is_reported_and_does_not_count_as_finished(tmp_path: Path
     def broken(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(tuning_module, "fit_model", broken)
+    monkeypatch.setattr(fit_module, "fit_model", broken)
     tuning = _tuning(tmp_path, n_trials=1)
     observer = Observer()
     with pytest.raises(RuntimeError, match="out of memory"):
         run_study(open_study(tuning.storage, "fails", tuning), data_for, MODEL, tuning, tmp_path / "w", observer)
     assert observer.of("end") == [("end", 0, "fail", None)]
 
-    monkeypatch.setattr(tuning_module, "fit_model", lambda *a, **k: _fake_result(0.5))
+    monkeypatch.setattr(fit_module, "fit_model", lambda *a, **k: _fake_result(0.5))
     summary = run_study(open_study(tuning.storage, "fails", tuning), data_for, MODEL, tuning, tmp_path / "w")
     assert summary.trials_run_now == 1 and summary.trials_complete == 1 and len(summary.trials) == 2
     assert summary.trials[0]["state"] == "FAIL"
@@ -235,7 +236,7 @@ def test_a_study_where_every_trial_was_pruned_says_so(tmp_path: Path, data_for, 
     def pruned(*args, **kwargs):
         raise optuna.TrialPruned()
 
-    monkeypatch.setattr(tuning_module, "fit_model", pruned)
+    monkeypatch.setattr(fit_module, "fit_model", pruned)
     tuning = _tuning(tmp_path)
     with pytest.raises(RuntimeError, match="no trial completed"):
         run_study(open_study(tuning.storage, "all-pruned", tuning), data_for, MODEL, tuning, tmp_path / "w")

@@ -10,10 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricelevel.config import GapPolicy, ValidationConfig
-from pricelevel.store import parse_dataset_filename
-from pricelevel.timeframes import Timeframe
-from pricelevel.validation import (
+from pricelevel.core.candles import to_canonical
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.data.config import GapPolicy, ValidationConfig
+from pricelevel.data.store import parse_dataset_filename
+from pricelevel.data.validation import (
     DataValidationError,
     ValidationIssue,
     ValidationReport,
@@ -111,6 +112,28 @@ def test_real_4h_and_1d_files_pass_without_warnings(name: str, timeframe: str) -
     assert report.error_message().startswith("Candle validation passed for test BTCUSDT")
 
 
+def test_real_file_stored_without_turnover_passes_with_null_turnover() -> None:
+    """The bundled files have no turnover; stored in the canonical form it is all null, which is allowed."""
+    frame = to_canonical(read_sample("BNBUSDT_1d"))
+    assert frame["turnover"].isna().all()
+
+    report = validate(frame, timeframe="1d")
+
+    assert report.success, report.error_message()
+    assert report.warnings == ()
+    finite = {
+        e.check: e.status for e in report.expectations if e.check.endswith(("is finite", "finite or null"))
+    }
+    assert finite == {
+        "open is finite": "passed",
+        "high is finite": "passed",
+        "low is finite": "passed",
+        "close is finite": "passed",
+        "volume is finite": "passed",
+        "turnover is finite or null": "passed",
+    }
+
+
 # --------------------------------------------------------------------------------------------- values
 
 
@@ -158,6 +181,29 @@ def _off_grid(f: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
     return f, [25]
 
 
+# Infinities pass "> 0" and the OHLC order rules (inf >= anything), so only the finite rule catches them.
+def _inf_high(f: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
+    f.loc[17, "high"] = np.inf
+    return f, [17]
+
+
+def _minus_inf_low(f: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
+    f.loc[19, "low"] = -np.inf
+    return f, [19]
+
+
+def _inf_volume(f: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
+    f.loc[23, "volume"] = np.inf
+    return f, [23]
+
+
+def _inf_turnover(f: pd.DataFrame) -> tuple[pd.DataFrame, list[int]]:
+    f = f.assign(turnover=f["close"] * f["volume"])
+    f.loc[[4, 8], "turnover"] = np.nan  # null turnover is allowed and must not be reported
+    f.loc[27, "turnover"] = np.inf
+    return f, [27]
+
+
 VALUE_CORRUPTIONS: dict[str, tuple[Callable, set[tuple[str, str]]]] = {
     "nan": (_nan_close, {(NOT_NULL, "close is not null")}),
     "high<low": (_high_below_low, {(PAIR, "high >= low"), (PAIR, "high >= open"), (PAIR, "high >= close")}),
@@ -168,6 +214,11 @@ VALUE_CORRUPTIONS: dict[str, tuple[Callable, set[tuple[str, str]]]] = {
     "duplicate timestamp": (_duplicated_row, {(UNIQUE, "timestamps are unique")}),
     "out of order": (_swapped_rows, {(INCREASING, "timestamps increase row by row")}),
     "off grid": (_off_grid, {(IN_SET, "open time is a multiple of 4h since 1970-01-01 UTC")}),
+    "+inf high": (_inf_high, {(BETWEEN, "high is finite")}),
+    # -inf is not > 0 either; both rules are true, and the finite one says what is really wrong.
+    "-inf low": (_minus_inf_low, {(BETWEEN, "low is finite"), (BETWEEN, "low > 0")}),
+    "+inf volume": (_inf_volume, {(BETWEEN, "volume is finite")}),
+    "+inf turnover": (_inf_turnover, {(BETWEEN, "turnover is finite or null")}),
 }
 
 
@@ -191,6 +242,54 @@ def test_value_corruption_fails_naming_the_rule_and_the_rows(btc_4h: pd.DataFram
     for expectation, check in expected:
         assert f"{expectation} [{check}]" in first_line
     assert all(t in rest for t in bad_times)
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "row"),
+    [("high", np.inf, 17), ("low", -np.inf, 19), ("volume", np.inf, 23), ("turnover", np.inf, 27)],
+)
+def test_infinity_is_shown_with_its_row_and_the_file_in_the_message(
+    btc_4h: pd.DataFrame, column: str, value: float, row: int
+) -> None:
+    frame = btc_4h.assign(turnover=btc_4h["close"] * btc_4h["volume"])
+    frame.loc[row, column] = value
+    dataset = "sample BTCUSDT 4h (data/raw/sample/BTCUSDT_4h.parquet)"
+
+    report = validate_candles(frame, Timeframe("4h"), DEFAULT, dataset=dataset)
+
+    check = f"{column} is finite" if column != "turnover" else "turnover is finite or null"
+    issue = issue_for(report.failures, BETWEEN, check)
+    assert issue.column == column
+    assert issue.unexpected_count == 1
+    assert [r["row"] for r in issue.examples] == [row]
+    assert issue.examples[0][column] == ("inf" if value > 0 else "-inf")
+    assert issue.summary == f"1 of 120 rows break '{check}'"
+    # No rule crashed on the infinity (a GE exception would be a failure with "could not evaluate").
+    assert not any("could not evaluate" in i.summary for i in report.failures)
+    table = [e for e in report.expectations if e.check == check]
+    assert [(e.expectation, e.column, e.status, e.unexpected_count) for e in table] == [
+        (BETWEEN, column, "failed", 1)
+    ]
+    message = report.error_message()
+    assert message.splitlines()[0].startswith(f"Candle validation failed for {dataset}: ")
+    assert f"{BETWEEN} [{check}]" in message.splitlines()[0]
+    inf_text = "inf" if value > 0 else "-inf"
+    assert f"    row {row}: timestamp={iso(frame.loc[row, 'timestamp'])} " in message
+    assert f" {column}={inf_text}" in message
+    json.dumps(report.to_dict(), allow_nan=False)
+
+
+def test_nan_close_is_reported_by_not_null_only_not_as_infinite(btc_4h: pd.DataFrame) -> None:
+    """GE's value rules skip nulls, so the finite rule must not report the NaN a second time."""
+    frame = btc_4h.copy()
+    frame.loc[5, "close"] = np.nan
+
+    report = validate(frame)
+
+    assert failed(report) == {(NOT_NULL, "close is not null")}
+    finite_close = [e for e in report.expectations if e.check == "close is finite"]
+    assert [(e.status, e.unexpected_count) for e in finite_close] == [("passed", 0)]
+    assert "row 5: " in report.error_message()
 
 
 def test_null_value_is_reported_once_not_as_an_ohlc_violation_too(btc_4h: pd.DataFrame) -> None:
@@ -343,6 +442,16 @@ def test_optional_turnover_column_is_allowed_and_may_be_null(btc_4h: pd.DataFram
 
     assert report.success, report.error_message()
     assert any(e.check == "turnover has dtype float64" for e in report.expectations)
+    assert [e.status for e in report.expectations if e.check == "turnover is finite or null"] == ["passed"]
+
+
+def test_finite_turnover_rule_only_exists_when_the_column_does(btc_4h: pd.DataFrame) -> None:
+    """turnover is optional: a frame without it must not get a rule on it (GE would error on the column)."""
+    report = validate(btc_4h)
+
+    assert report.success, report.error_message()
+    checks = [e.check for e in report.expectations]
+    assert "volume is finite" in checks and "turnover is finite or null" not in checks
 
 
 @pytest.mark.parametrize(

@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pricelevel.backtest.market import MarketDataError
-from pricelevel.backtest.metrics import BacktestMetrics
-from pricelevel.backtest.run import BacktestResult
-from pricelevel.store import atomic_write, parse_dataset_filename
+from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.market import MarketDataError, align_signals, market_from_candles
+from pricelevel.backtest.metrics import BacktestMetrics, compute_metrics
+from pricelevel.backtest.run import BacktestResult, run_backtest
+from pricelevel.core.files import atomic_write
+from pricelevel.data.store import parse_dataset_filename
 
 
 def read_frame(path: Path, what: str) -> pd.DataFrame:
@@ -68,3 +70,11 @@ def _json_default(value: object) -> object:
     if isinstance(value, np.integer | np.floating):
         return value.item()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def backtest_files(candles: Path, signals: Path, config: BacktestConfig) -> tuple[BacktestResult, BacktestMetrics]:
+    """Backtest a signal file on a candle file with ``config`` (``pricelevel backtest --candles --signals``)."""
+    market = market_from_candles(read_frame(candles, "candles"), timeframe=config.timeframe)
+    entries, exits = align_signals(market, read_frame(signals, "signals"), config.threshold, config.exit_threshold)
+    result = run_backtest(market, entries, exits, config)
+    return result, compute_metrics(result)

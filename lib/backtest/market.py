@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from pricelevel.candles import PRICE_COLUMNS
-from pricelevel.signals import signals_from_probability
-from pricelevel.timeframes import Timeframe
+from pricelevel.core.candles import PRICE_COLUMNS
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.strategy.signals import signals_from_probability
 
 #: Symbol given to candles and signals without a ``symbol`` column.
 DEFAULT_SYMBOL = "ASSET"

@@ -36,8 +36,8 @@ from pricelevel.backtest.metrics import (
     format_metric,
 )
 from pricelevel.backtest.run import BacktestResult
-from pricelevel.candles import PRICE_COLUMNS
-from pricelevel.store import atomic_write
+from pricelevel.core.candles import PRICE_COLUMNS
+from pricelevel.core.files import atomic_write
 
 PLOTLY_JS = "plotly.min.js"
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.engine import (
     REJECT_LABELS,
     TRADE_FIELDS,
@@ -18,7 +19,6 @@ from pricelevel.backtest.engine import (
     step,
 )
 from pricelevel.backtest.market import Market
-from pricelevel.config import BacktestConfig
 
 TRADE_COLUMNS = (
     "symbol", "entry_time", "exit_time", "entry_price", "exit_price", "size", "pnl", "return", "exit_reason",

@@ -31,8 +31,8 @@ from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
-from pricelevel.candles import CANDLE_COLUMNS, TIMESTAMP, to_canonical
-from pricelevel.timeframes import Timeframe
+from pricelevel.core.candles import CANDLE_COLUMNS, TIMESTAMP, to_canonical
+from pricelevel.core.timeframes import Timeframe
 
 KLINE_PATH = "/v5/market/kline"
 CATEGORIES = ("spot", "linear", "inverse")

@@ -1,0 +1,1 @@
+"""The ``pricelevel`` command groups; :mod:`flows.cli` is the entry point that assembles them."""

@@ -1,0 +1,42 @@
+"""What every step's configuration is built from: a frozen pydantic base, shared field types, one error.
+
+Each stage package owns the config class of its step (``pricelevel.data.config``, ``pricelevel.levels.config``
+...); :mod:`pricelevel.config` only composes them into the whole run and loads the layers.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+#: Keys that must never be put in a config file or ``--set``: they come from the environment only.
+SECRET_KEYS = frozenset({"api_key", "api_secret", "token", "bot_token", "password", "secret"})
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; ``str()`` is one line naming the key and why."""
+
+
+class Frozen(BaseModel):
+    """Base of every config section: immutable, no unknown keys, defaults validated too."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+def _utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
+Symbol = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}USDT?$|^[A-Z0-9]{2,20}USDC$")]
+
+
+class FlowConfig(Frozen):
+    """Orchestration knobs (not what is computed, only how it is scheduled)."""
+
+    #: Tasks run at once by every flow's fan-out (datasets in ingest, symbols in training).
+    max_workers: int = Field(4, ge=1, le=64)
+    task_retries: int = Field(2, ge=0)
+    task_retry_delay_s: float = Field(10.0, ge=0)

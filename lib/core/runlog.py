@@ -1,0 +1,26 @@
+"""What a step may record about its run, whatever the tracking backend: the library's steps log through this
+protocol, and :class:`pricelevel.registry.experiment.TrainingRun` implements it on MLflow."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class TrialObserver(Protocol):
+    """Receives each tuning trial's progress (the tracking edge logs it as a nested run)."""
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None: ...
+    def epoch_ended(self, number: int, epoch: int, metrics: dict[str, float]) -> None: ...
+    def trial_ended(self, number: int, state: str, value: float | None) -> None: ...
+
+
+class RunLog(Protocol):
+    """A tracked run: parameters, metrics (per step), JSON documents and files."""
+
+    def log_params(self, params: Mapping[str, str]) -> None: ...
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None: ...
+    def log_json(self, payload: Mapping[str, Any], name: str, artifact_path: str | None = None) -> None: ...
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None: ...
+    def trials(self, study_name: str) -> TrialObserver: ...

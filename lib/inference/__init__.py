@@ -1,0 +1,1 @@
+"""Scoring: the one path from any folder of candles to a model's probabilities and trades."""

@@ -1,0 +1,203 @@
+"""Score a trained model on candles it has never seen, exactly as it was trained: the one inference path.
+
+Levels, labels and features are recomputed from the given data alone with the settings stored in the model's
+:class:`~pricelevel.ml.spec.ModelSpec`; every bar with ``seq_len`` bars of history gets a probability. The
+backtest (``pricelevel backtest --model``), the promotion flow and the live trader all go through here, and
+turn probabilities into orders with :func:`pricelevel.strategy.signals.signals_from_probability`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.files import write_result_json
+from pricelevel.backtest.market import align_signals, market_from_candles
+from pricelevel.backtest.metrics import BacktestMetrics, compute_metrics
+from pricelevel.backtest.run import BacktestResult, run_backtest
+from pricelevel.core.cache import DerivedStore, code_fingerprint, step_key
+from pricelevel.core.runlog import RunLog
+from pricelevel.data.folder import CandleFolder, CandleFolderError
+from pricelevel.ml.artifacts import TrainedModel
+from pricelevel.ml.dataset import DatasetPlan, SymbolTable, build_windows, labels_at, symbol_table
+from pricelevel.ml.spec import ModelSpec
+
+#: ``predict(features [B, T, F] float32, symbol_id [B] int64) -> probabilities [B]``
+Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+
+def tables_for_spec(folder: CandleFolder, spec: ModelSpec, symbols: Sequence[str] | None = None) -> dict[str, SymbolTable]:
+    """Levels, features and labels of every symbol in ``folder`` that has candles of the model's timeframe."""
+    table_spec = spec.table_spec()
+    timeframe = table_spec.timeframe
+    wanted = list(symbols) if symbols else [s for s in folder.symbols if folder.has(s, timeframe)]
+    if not wanted:
+        raise CandleFolderError(f"{folder.root}: no {timeframe} candle files (the model reads {timeframe})")
+    tables = {}
+    for symbol in wanted:
+        history, table = table_spec.build(table_spec.read_frames(folder, symbol))
+        tables[symbol] = symbol_table(symbol, table, history, spec.features)
+    return tables
+
+
+def predict_tables(
+    predict: Predict, spec: ModelSpec, tables: Mapping[str, SymbolTable], batch_size: int = 2048
+) -> pd.DataFrame:
+    """One row per bar that has a full window: ``timestamp, symbol, probability, near_level, target``."""
+    frames = [tables[s].frame for s in sorted(tables)]
+    windows = build_windows(
+        frames, spec.normalization, {s: spec.symbol_id(s) for s in tables}, spec.seq_len,
+        start=None, end=None, require_target=False,
+    )
+    probability = np.empty(len(windows), dtype=np.float64)
+    for f, array in enumerate(windows.arrays):
+        positions = np.flatnonzero(windows.index[:, 0] == f)
+        # (n - seq_len + 1, F, seq_len) strided view: a batch is gathered from it without per-window copies.
+        view = np.lib.stride_tricks.sliding_window_view(array, spec.seq_len, axis=0)
+        for first in range(0, len(positions), batch_size):
+            chunk = positions[first:first + batch_size]
+            starts = windows.index[chunk, 1] - spec.seq_len + 1
+            features = np.ascontiguousarray(view[starts].transpose(0, 2, 1))
+            symbol_id = np.full(len(chunk), windows.symbol_ids[f], dtype=np.int64)
+            probability[chunk] = predict(features, symbol_id)
+    rows = windows.ends()
+    rows["probability"] = probability
+    rows["near_level"] = labels_at(tables, rows, "near_level")
+    rows["target"] = labels_at(tables, rows, "target")
+    return rows.sort_values(["timestamp", "symbol"], kind="stable").reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class ScoredBacktest:
+    result: BacktestResult
+    metrics: BacktestMetrics
+    levels: dict[str, list[float]]
+
+
+def backtest_probabilities(
+    tables: Mapping[str, SymbolTable],
+    scored: pd.DataFrame,
+    config: BacktestConfig,
+    start: pd.Timestamp | None = None,
+) -> ScoredBacktest:
+    """Trade ``probability >= threshold`` (the shared signal path) on the candles from ``start`` on."""
+    candles = pd.concat([t.candles.assign(symbol=s) for s, t in tables.items()], ignore_index=True)
+    if start is not None:
+        candles = candles[candles["timestamp"] >= start]
+        scored = scored[scored["timestamp"] >= start]
+    market = market_from_candles(candles, timeframe=config.timeframe)
+    entries, exits = align_signals(
+        market, scored[["timestamp", "symbol", "probability"]], config.threshold, config.exit_threshold
+    )
+    result = run_backtest(market, entries, exits, config)
+    return ScoredBacktest(result, compute_metrics(result), levels_at_end(tables))
+
+
+def backtest_model(
+    predict: Predict, spec: ModelSpec, folder: CandleFolder, config: BacktestConfig, start: pd.Timestamp | None = None
+) -> ScoredBacktest:
+    """Score every bar of ``folder`` with the model (its own inputs, recomputed from that folder alone) and
+    trade the probabilities from ``start`` on."""
+    tables = tables_for_spec(folder, spec)
+    return backtest_probabilities(tables, predict_tables(predict, spec, tables), config, start=start)
+
+
+def write_backtest(traded: ScoredBacktest, folder: Path) -> tuple[Path, Path]:
+    """``report.html`` (+ one page per symbol) and ``backtest.json`` (metrics and every trade) in ``folder``."""
+    from pricelevel.backtest.report import write_report
+
+    pages = write_report(traded.result, traded.metrics, folder / "report.html", levels=traded.levels)
+    return pages[0], write_result_json(traded.result, traded.metrics, folder / "backtest.json")
+
+
+def backtest_step(
+    plan: DatasetPlan, trained: TrainedModel, config: BacktestConfig, derived: DerivedStore, run: RunLog | None
+) -> dict[str, object]:
+    """Trade the model's test-segment probabilities with the backtest engine: report, JSON, metrics to ``run``.
+
+    Kept under a key of the model, the backtest settings and the backtest code (an engine fix trades again).
+    """
+    key = step_key("backtest", model=trained.key, backtest=config.model_dump(mode="json"), code=code_fingerprint(backtest_step))
+
+    def write(out: Path) -> None:
+        start = pd.Timestamp(trained.spec.extra["test_start"])
+        write_backtest(backtest_probabilities(plan.load(), trained.predictions(), config, start=start), out)
+
+    out, _ = derived.build("backtests", key, write)
+    portfolio = json.loads((out / "backtest.json").read_text())["metrics"]["portfolio"]
+    metrics = {f"backtest_{k}": v for k, v in portfolio.items() if isinstance(v, int | float)}
+    if run is not None:
+        run.log_metrics(metrics)
+        run.log_artifact(out, "backtest")
+    return {"metrics": metrics, "report": str(out / "report.html"), "folder": str(out)}
+
+
+def levels_at_end(tables: Mapping[str, SymbolTable]) -> dict[str, list[float]]:
+    """The levels in force at each symbol's last bar (drawn on the report's charts)."""
+    out = {}
+    for symbol, table in tables.items():
+        if len(table.history.refits):
+            levels = table.history.levels
+            in_force = levels["asof"] == table.history.refits[-1]
+            out[symbol] = sorted(levels.loc[in_force, "price"].astype(float).tolist())
+    return out
+
+
+@dataclass(frozen=True)
+class WindowScore:
+    """A model's scores on one window of bars: the tuned metric, the backtest, and the no-model baselines."""
+
+    start: pd.Timestamp
+    end: pd.Timestamp
+    rows: int
+    metric: float
+    backtest: float
+    scores: dict[str, float]
+    baselines: dict[str, float]
+    backtest_metrics: dict[str, object]
+
+
+def newest_window(tables: Mapping[str, SymbolTable], days: float, not_before: pd.Timestamp | None) -> pd.Timestamp:
+    """Start of the last ``days`` of data, never earlier than ``not_before`` (where the model's test began)."""
+    end = max(t.candles["timestamp"].iloc[-1] for t in tables.values())
+    start = end - pd.Timedelta(days=days)
+    return max(start, not_before) if not_before is not None else start
+
+
+def score_window(
+    predict: Predict,
+    spec: ModelSpec,
+    tables: Mapping[str, SymbolTable],
+    start: pd.Timestamp,
+    tuned_metric: str,
+    backtest_metric: str,
+    config: BacktestConfig,
+) -> WindowScore:
+    """Score one model on the bars from ``start`` on: classification against the labels, and a backtest."""
+    from pricelevel.ml.evaluation import baseline_scores, classification_scores, metric_value
+
+    scored = predict_tables(predict, spec, tables)
+    window = scored[(scored["timestamp"] >= start) & np.isfinite(scored["target"])]
+    if window.empty:
+        raise ValueError(f"no labelled bars from {start} on to score the model")
+    scores = classification_scores(window["target"].to_numpy(), window["probability"].to_numpy())
+    base = baseline_scores(
+        window["target"].to_numpy(), window["near_level"].to_numpy(), float(spec.extra.get("train_positive_rate", 0.0))
+    )
+    traded = backtest_probabilities(tables, scored, config, start=start)
+    portfolio = traded.metrics.to_json_dict()["portfolio"]
+    value = portfolio.get(backtest_metric)
+    return WindowScore(
+        start=start, end=window["timestamp"].max(), rows=len(window),
+        metric=metric_value(scores, tuned_metric),
+        backtest=float(value) if value is not None else float("nan"),
+        scores=scores,
+        baselines={name: metric_value(s, tuned_metric) for name, s in base.items()},
+        backtest_metrics=portfolio,
+    )

@@ -1,0 +1,31 @@
+"""Configuration of tracking and the registry: where MLflow keeps runs and models, when a challenger wins."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pricelevel.core.config import Frozen
+
+
+class TrackingConfig(Frozen):
+    """MLflow. Relative paths in the URIs are relative to the project folder."""
+
+    tracking_uri: str = "sqlite:///mlruns/mlflow.db"
+    #: Where new experiments keep their artifacts (a path or URI).
+    artifact_location: str = "mlruns/artifacts"
+    experiment: str = "pricelevel"
+    registered_model: str = "pricelevel"
+
+
+class PromotionConfig(Frozen):
+    """When the challenger replaces the champion (rule in README "Promotion")."""
+
+    #: The newest out-of-sample window both models are scored on: the last ``window_days`` of data.
+    window_days: float = Field(90.0, gt=0)
+    #: Tuned metric: challenger must beat the champion by more than this.
+    min_improvement: float = Field(0.0, ge=0)
+    #: Backtest metric on the same window; the challenger may be worse by at most ``backtest_tolerance``.
+    backtest_metric: Literal["sharpe", "total_return", "calmar", "sortino"] = "sharpe"
+    backtest_tolerance: float = Field(0.0, ge=0)

@@ -1,0 +1,166 @@
+"""The promotion rule: when a challenger replaces the champion. Pure: scores in, decision out, no MLflow.
+
+Both models are scored on the same newest window (see :class:`pricelevel.config.PromotionConfig`).
+
+- No champion yet: the challenger must beat every no-model baseline on the tuned metric, strictly.
+- A champion: the challenger's tuned metric must beat the champion's by more than ``min_improvement``
+  (in the metric's direction) AND its backtest metric may be worse by at most ``backtest_tolerance``.
+
+A NaN score (an undefined metric, a backtest without trades) loses to any number and never wins: a NaN
+challenger is never promoted; a NaN champion or baseline is beaten by any finite challenger.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pricelevel.registry.config import PromotionConfig
+
+Direction = Literal["maximize", "minimize"]
+TAG_PREFIX = "promotion."
+
+
+@dataclass(frozen=True)
+class Scores:
+    """One model's scores on the promotion window; ``baselines`` are the no-model baselines' tuned metric."""
+
+    metric: float
+    backtest: float
+    baselines: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Decision:
+    promote: bool
+    #: One human sentence with the numbers that decided it.
+    reason: str
+    details: dict[str, float | str | None]
+
+
+def decide(
+    challenger: Scores,
+    champion: Scores | None,
+    config: PromotionConfig,
+    metric: str,
+    direction: Direction,
+) -> Decision:
+    """Apply the rule in the module docstring."""
+    if direction not in ("maximize", "minimize"):
+        raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
+    details: dict[str, float | str | None] = {
+        "metric": metric,
+        "direction": direction,
+        "challenger": challenger.metric,
+        "champion": champion.metric if champion else None,
+        "min_improvement": config.min_improvement,
+        "backtest_metric": config.backtest_metric,
+        "challenger_backtest": challenger.backtest,
+        "champion_backtest": champion.backtest if champion else None,
+        "backtest_tolerance": config.backtest_tolerance,
+    }
+    details.update({f"baseline.{name}": value for name, value in sorted(challenger.baselines.items())})
+    if champion is None:
+        promote, reason = _against_baselines(challenger, metric, direction)
+    else:
+        promote, reason = _against_champion(challenger, champion, config, metric, direction)
+    return Decision(promote, reason, details)
+
+
+def _beats(value: float, reference: float, margin: float, direction: Direction) -> bool:
+    """``value`` better than ``reference`` by more than ``margin``; NaN never wins and always loses."""
+    if math.isnan(value):
+        return False
+    if math.isnan(reference):
+        return True
+    return value > reference + margin if direction == "maximize" else value < reference - margin
+
+
+def _against_baselines(challenger: Scores, metric: str, direction: Direction) -> tuple[bool, str]:
+    value = challenger.metric
+    if not challenger.baselines:
+        return False, f"no champion and no baselines to compare with: challenger {metric} {value:.3f} cannot be judged"
+    if math.isnan(value):
+        return False, f"challenger {metric} is NaN: a first model must beat every baseline"
+    losses = {name: ref for name, ref in challenger.baselines.items() if not _beats(value, ref, 0.0, direction)}
+    op = ">" if direction == "maximize" else "<"
+    if losses:
+        name, ref = sorted(losses.items())[0]
+        left, right = _pair(value, ref)
+        return False, f"challenger {metric} {left} is not {op} baseline {name} {right}; no champion is set"
+    finite = {name: ref for name, ref in challenger.baselines.items() if not math.isnan(ref)}
+    if not finite:
+        return True, f"challenger {metric} {value:.3f} is finite and every baseline is NaN; no champion yet"
+    pick = max if direction == "maximize" else min
+    name = pick(finite, key=finite.__getitem__)
+    left, right = _pair(value, finite[name])
+    return True, f"challenger {metric} {left} {op} every baseline (best: {name} {right}); no champion yet"
+
+
+def _against_champion(
+    challenger: Scores, champion: Scores, config: PromotionConfig, metric: str, direction: Direction
+) -> tuple[bool, str]:
+    op, sign = (">", "+") if direction == "maximize" else ("<", "-")
+    metric_ok = _beats(challenger.metric, champion.metric, config.min_improvement, direction)
+    left, right = _pair(challenger.metric, champion.metric)
+    metric_text = f"challenger {metric} {left} {op if metric_ok else 'is not ' + op} champion {right} {sign} {config.min_improvement:.3f}"
+    tolerance = config.backtest_tolerance
+    backtest_ok = not math.isnan(challenger.backtest) and (
+        math.isnan(champion.backtest) or challenger.backtest >= champion.backtest - tolerance
+    )
+    b_left, b_right = _pair(challenger.backtest, champion.backtest, digits=2)
+    backtest_text = f"{config.backtest_metric} {b_left} {'>=' if backtest_ok else '<'} {b_right} - {tolerance:.2f}"
+    if math.isnan(challenger.backtest):
+        backtest_text = f"{config.backtest_metric} is NaN for the challenger (champion {b_right})"
+    elif math.isnan(champion.backtest):
+        backtest_text = f"{config.backtest_metric} {b_left} (the champion's is NaN)"
+    if metric_ok and backtest_ok:
+        return True, f"{metric_text} and {backtest_text}"
+    if metric_ok:
+        return False, f"{metric_text} but {backtest_text}"
+    return False, f"{metric_text} ({backtest_text})"
+
+
+def _pair(a: float, b: float, digits: int = 3) -> tuple[str, str]:
+    """Both numbers with enough decimals that different values do not print the same."""
+    for places in range(digits, 9):
+        left, right = f"{a:.{places}f}", f"{b:.{places}f}"
+        if left != right or a == b or math.isnan(a) or math.isnan(b):
+            return left, right
+    return left, right
+
+
+def decision_tags(
+    decision: Decision, challenger_version: str | None, champion_version: str | None, decided_at: str
+) -> dict[str, str]:
+    """Version tags recording a decision; the same tags go on the challenger and the champion.
+
+    ``promotion.decision`` is ``promoted`` (the challenger takes ``champion``), ``kept`` (the challenger
+    already is the champion, so nothing moves) or ``rejected``.
+    """
+    if decision.promote and challenger_version != champion_version:
+        outcome = "promoted"
+    elif challenger_version is not None and challenger_version == champion_version:
+        outcome = "kept"
+    else:
+        outcome = "rejected"
+    tags = {
+        f"{TAG_PREFIX}decision": outcome,
+        f"{TAG_PREFIX}reason": decision.reason,
+        f"{TAG_PREFIX}challenger": str(challenger_version) if challenger_version is not None else "none",
+        f"{TAG_PREFIX}champion": str(champion_version) if champion_version is not None else "none",
+        f"{TAG_PREFIX}decided_at": decided_at,
+    }
+    for key, value in decision.details.items():
+        tags[f"{TAG_PREFIX}metric.{key}"] = _tag_value(value)
+    return tags
+
+
+def _tag_value(value: float | str | None) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)

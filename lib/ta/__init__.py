@@ -1,0 +1,1 @@
+"""Technical indicators (numba kernels, equal to TA-Lib / ta on real candles)."""

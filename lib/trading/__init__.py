@@ -1,0 +1,1 @@
+"""The live/paper trader (reserved for the trading stage)."""
