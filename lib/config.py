@@ -42,23 +42,34 @@ BASE_CONFIG = Path("conf") / "base.yaml"
 BASE_LAYER, DEFAULT_LAYER = "base", "default"
 
 
-class Config(Frozen):
-    """The whole run. Each step receives only its own section."""
-
+class _DataSections(Frozen):
     data: DataConfig
     bybit: BybitConfig = BybitConfig()
     validation: ValidationConfig = ValidationConfig()
-    flow: FlowConfig = FlowConfig()
-    backtest: BacktestConfig = BacktestConfig()
+
+
+class _ResearchSections(Frozen):
     levels: LevelsConfig = LevelsConfig()
     labels: LabelsConfig = LabelsConfig()
     features: FeaturesConfig = FeaturesConfig()
     lookahead: LookaheadConfig = LookaheadConfig()
+
+
+class _TrainingSections(Frozen):
     dataset: DatasetConfig = DatasetConfig()
     model: ModelConfig = ModelConfig()
     tuning: TuningConfig = TuningConfig()
+
+
+class _RunSections(Frozen):
+    flow: FlowConfig = FlowConfig()
+    backtest: BacktestConfig = BacktestConfig()
     tracking: TrackingConfig = TrackingConfig()
     promotion: PromotionConfig = PromotionConfig()
+
+
+class Config(_DataSections, _ResearchSections, _TrainingSections, _RunSections):
+    """The whole run, one section per step (grouped by stage above). Each step receives only its own section."""
 
     @property
     def catalogue(self) -> DataCatalogue:

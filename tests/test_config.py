@@ -109,3 +109,65 @@ def test_with_root_resolves_relative_paths(tmp_path: Path) -> None:
 def test_flat_view_for_parameter_logging() -> None:
     flat = load_config(BASE).flat()
     assert flat["data.source"] == "sample" and flat["validation.gaps.max_gap_bars"] == 24
+
+
+def _leaves(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_defaults_live_once_base_yaml_and_the_models_agree() -> None:
+    """Every key of the config models is written in conf/base.yaml, and where a model has a default of its
+    own it is the same value: reading the YAML or constructing the section in code gives one configuration."""
+    import yaml
+
+    from pricelevel.config import Config
+
+    written = dict(_leaves(yaml.safe_load(BASE.read_text())))
+    from_yaml = load_config(BASE)
+    assert set(written) == set(from_yaml.flat()), "a key is in the models but not in base.yaml, or the reverse"
+    required = {"data": {k: getattr(from_yaml.data, k) for k in ("symbols", "timeframes", "start", "end")}}
+    assert Config.model_validate(required) == from_yaml  # the models' own defaults are base.yaml's values
+
+
+def test_explain_config_names_the_layer_of_every_key(project: Path, tmp_path: Path) -> None:
+    from pricelevel.config import explain_config
+
+    overlay = tmp_path / "mine.yaml"
+    overlay.write_text("model:\n  hidden_size: 16\n")
+    env = {"PRICELEVEL_HOME": str(project), "PRICELEVEL_BYBIT__TIMEOUT_S": "3"}
+    layers = {s.key: (s.value, s.layer) for s in explain_config(overlay, ["tuning.n_trials=5"], env)}
+    assert layers["model.hidden_size"] == (16, str(overlay))
+    assert layers["bybit.timeout_s"] == (3.0, "PRICELEVEL_BYBIT__TIMEOUT_S")
+    assert layers["tuning.n_trials"] == (5, "--set tuning.n_trials")
+    assert layers["levels.window"] == (12, "base")
+
+
+def test_config_show_prints_each_key_with_its_layer_and_flags_the_environment(cli, project: Path, monkeypatch) -> None:
+    import json
+
+    monkeypatch.setenv("PRICELEVEL_DATA__SOURCE", "bybit")
+    code, out, _ = cli("config", "show", "--json", "--set", "model.seed=7")
+    rows = {row["key"]: row for row in json.loads(out)}
+    assert code == 0 and rows["data.source"] == {"key": "data.source", "value": "bybit", "layer": "PRICELEVEL_DATA__SOURCE"}
+    assert rows["model.seed"]["layer"] == "--set model.seed" and rows["model.seed"]["value"] == 7
+    code, out, _ = cli("config", "show")
+    assert code == 0 and "set by environment variables" in out and "PRICELEVEL_DATA__SOURCE" in out
+
+
+def test_global_options_work_before_or_after_the_command(cli, project: Path) -> None:
+    from flows.cli import hoist_global_options
+
+    assert hoist_global_options(["train", "--set", "a=1", "--quick", "--debug", "--config=x.yaml"]) == [
+        "--set", "a=1", "--debug", "--config=x.yaml", "train", "--quick"]
+    assert hoist_global_options(["validate", "--", "--set"]) == ["validate", "--", "--set"]
+    for argv in (("--set", "data.source=ftp", "data", "status"), ("data", "status", "--set", "data.source=ftp")):
+        code, _, err = cli(*argv)
+        assert code == 2 and "data.source" in err
+    from pricelevel.core.config import ConfigError
+
+    with pytest.raises(ConfigError):  # --debug before the command: the traceback, not one line
+        cli("--debug", "data", "status", "--set", "data.source=ftp")

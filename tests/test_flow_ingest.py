@@ -66,3 +66,63 @@ def _artifacts(key: str) -> list:
 
     with get_client(sync_client=True) as client:
         return client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+
+
+def test_one_clock_reading_per_run_and_the_configured_worker_count(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``data.end: null`` every dataset of a run ends at the same candle even while the clock moves on
+    (here: a clock that jumps a day at every reading), and the fan-out runs ``flow.max_workers`` at a time."""
+    import pricelevel.data.ingest as ingest_module
+
+    readings = iter(pd.date_range("2024-03-01 10:30", periods=50, freq="1D", tz="UTC"))
+
+    class Clock(pd.Timestamp):
+        @classmethod
+        def now(cls, tz=None):
+            return next(readings)
+
+    monkeypatch.setattr(ingest_module.pd, "Timestamp", Clock)
+    state = ingest(symbols=["BTCUSDT", "ETHUSDT", "SOLUSDT"], timeframes=["1h"], start="2024-02-20",
+                   overrides=["data.end=null", "flow.max_workers=1"], return_state=True)
+    assert state.is_completed()
+    ends = {pd.read_parquet(p).timestamp.max() for p in (project / "data" / "raw" / "sample").glob("*_1h.parquet")}
+    assert ends == {pd.Timestamp("2024-03-01 10:00", tz="UTC")}  # the one reading, for all three datasets
+
+    runs = _task_runs(state.state_details.flow_run_id, "ingest-candles")
+    assert len(runs) == 3
+    spans = sorted((r.start_time, r.end_time) for r in runs)
+    assert all(later_start >= end for (_, end), (later_start, _) in zip(spans, spans[1:], strict=False))  # one at a time
+
+
+def _task_runs(flow_run_id, name: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return [run for run in runs if run.name.startswith(name.replace("-candles", ""))]
+
+
+def test_flows_bootstrap_the_runtime_themselves_so_deployments_redact_secrets(project: Path, monkeypatch, caplog) -> None:
+    """A deployment runs a flow without the CLI: the flow's first task installs the same log redaction."""
+    import logging
+
+    from prefect import flow, get_run_logger
+
+    from tasks.runtime import load_run_config
+
+    secret = "PLKEY-deployment-0123456789"
+    monkeypatch.setenv("BYBIT_API_KEY", secret)
+    factory = logging.getLogRecordFactory()
+
+    @flow
+    def like_a_deployment() -> None:
+        load_run_config(None, [])
+        get_run_logger().info("connecting with %s", secret)
+
+    try:
+        with caplog.at_level(logging.INFO):
+            like_a_deployment()
+    finally:
+        logging.setLogRecordFactory(factory)
+    messages = [r.getMessage() for r in caplog.records if "connecting with" in r.getMessage()]
+    assert messages == ["connecting with ***"]

@@ -227,3 +227,48 @@ def test_a_leaky_feature_fails_the_training_run_before_anything_is_trained(tmp_p
     derived = root / "data" / "derived"
     assert not (derived / "lookahead").exists() or not any((derived / "lookahead").glob("*/report.json"))
     assert not (derived / "models").exists() and not (root / "mlruns").exists()
+
+
+def test_promotions_are_serialised_by_the_registry_lock(trained):
+    """While another process promotes (it holds the store's registry lock), a promotion waits its turn."""
+    import threading
+
+    from flows.promote import promote
+
+    root, _ = trained
+    config, client = _client(root)
+    outcome: dict = {}
+    with config.catalogue.lock("registry", "pricelevel"):
+        worker = threading.Thread(target=lambda: outcome.update(promote(overrides=SMALL, rollback_champion=True)))
+        worker.start()
+        worker.join(timeout=8)
+        assert worker.is_alive() and not outcome  # still waiting for the lock
+    worker.join(timeout=120)
+    assert not worker.is_alive()
+
+
+def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_harness, monkeypatch):
+    import shutil
+
+    import tasks.train as train_tasks
+    from flows.train import train
+    from pricelevel.registry.tracking import mlflow_client
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
+    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    monkeypatch.setenv("PRICELEVEL_HOME", str(root))
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the tuner ran out of memory")
+
+    monkeypatch.setattr(train_tasks, "tune_step", out_of_memory)
+    overrides = [*SMALL, "data.symbols=[ETHUSDT]", "lookahead.enabled=false"]
+    with pytest.raises(MemoryError):
+        train(overrides=overrides)
+    from pricelevel.config import load_project_config
+
+    client = mlflow_client(load_project_config(None, overrides).tracking)
+    runs = client.search_runs([client.get_experiment_by_name("pricelevel").experiment_id])
+    assert [run.info.status for run in runs] == ["FAILED"]

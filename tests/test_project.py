@@ -41,3 +41,20 @@ def test_project_root_and_config_resolution(project: Path, monkeypatch: pytest.M
     assert config.data.root == project / "elsewhere" and config.data.sample_dir == project / "data" / "sample"
     monkeypatch.delenv("PRICELEVEL_HOME")
     assert project_root() == ROOT
+
+
+@pytest.mark.flow
+def test_deployments_point_at_flows_and_limit_concurrency() -> None:
+    """prefect.yaml: every entrypoint is a Prefect flow; training and promotion never run twice at once."""
+    import importlib
+
+    import yaml
+    from prefect import Flow
+
+    deployments = {d["name"]: d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"]}
+    for deployment in deployments.values():
+        path, _, name = deployment["entrypoint"].partition(":")
+        module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+        assert isinstance(getattr(module, name), Flow), deployment["entrypoint"]
+    for name in ("train-nightly", "promote"):
+        assert deployments[name]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}

@@ -359,3 +359,30 @@ def test_ensure_experiment(logged: Logged, tmp_path: Path) -> None:
     client.delete_experiment(first)
     assert ensure_experiment(client, "exp", str(tmp_path / "artifacts")) == first
     assert client.get_experiment(first).lifecycle_stage == "active"
+
+
+def test_a_crash_between_the_alias_move_and_the_history_write_loses_nothing(logged: Logged, monkeypatch) -> None:
+    """The predecessor is written on the new champion before the alias moves: if the history tag is never
+    written (the process died, the database stayed down), the history still names it and rollback works."""
+    import pricelevel.registry.versions as versions
+    from mlflow.exceptions import MlflowException
+
+    name = "registry-crash"
+    for _ in range(3):
+        register_version(logged.client, name, logged.model_uri, logged.run_id, {})
+    move_champion(logged.client, name, "1")
+    move_champion(logged.client, name, "2")
+
+    def down(*args, **kwargs):
+        raise MlflowException("database is locked")
+
+    monkeypatch.setattr(versions.time, "sleep", lambda s: None)  # the retries, without waiting
+    monkeypatch.setattr(logged.client, "set_registered_model_tag", down)
+    with pytest.raises(MlflowException):
+        move_champion(logged.client, name, "3")
+    monkeypatch.undo()
+    assert str(version_for_alias(logged.client, name, ALIAS_CHAMPION).version) == "3"
+    assert logged.client.get_registered_model(name).tags[CHAMPION_HISTORY_TAG] == '["1"]'  # the write that failed
+    assert champion_history(logged.client, name) == ["1", "2"]  # completed from version 3's own tag
+    assert rollback_champion(logged.client, name) == ("3", "2")
+    assert rollback_champion(logged.client, name) == ("2", "1")

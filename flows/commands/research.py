@@ -13,6 +13,7 @@ from flows.commands.common import UsageError, console, relative, session, split,
 check_app = typer.Typer(no_args_is_help=True, help="Research-integrity checks.")
 DataOption = Annotated[Path, typer.Option(help="Folder of SYMBOL_TF.parquet candles (with the longer timeframes it reads).")]
 SymbolOption = Annotated[str, typer.Option(help="e.g. BTCUSDT")]
+TimeframeOption = Annotated[str, typer.Option("--timeframe", help="The bars' timeframe: 1d, 4h, 1h, 15m, 1m.")]
 
 
 def backtest(
@@ -67,7 +68,7 @@ def levels(
     ctx: typer.Context,
     data: DataOption,
     symbol: SymbolOption,
-    timeframe_: Annotated[str, typer.Option("--timeframe", help="Timeframe whose closes make the extrema: 1d, 4h, 1h, 15m, 1m.")],
+    timeframe_: TimeframeOption,
     asof: Annotated[str, typer.Option(help="UTC time: only candles closed by then are used.")],
     json_out: Annotated[Path, typer.Option("--json", help="Write the levels here.")],
     raw: Annotated[bool, typer.Option("--raw", help="Before the multi-timeframe filter.")] = False,
@@ -91,7 +92,7 @@ def features(
     ctx: typer.Context,
     data: DataOption,
     symbol: SymbolOption,
-    timeframe_: Annotated[str, typer.Option("--timeframe", help="Timeframe of the rows: 1d, 4h, 1h, 15m, 1m.")],
+    timeframe_: TimeframeOption,
     out: Annotated[Path, typer.Option("--out", help="Parquet file to write.")],
 ) -> None:
     """Write the timestamped feature and label table training uses (levels, labels and features per conf)."""

@@ -21,8 +21,9 @@ class DataConfig(Frozen):
     symbols: tuple[Symbol, ...] = Field(min_length=1)
     timeframes: tuple[Timeframe, ...] = Field(min_length=1)
     start: UtcDatetime
-    #: Exclusive end of the range (candle open time < end); ``null`` means "up to now".
-    end: UtcDatetime | None = None
+    #: Exclusive end of the range (candle open time < end); ``null`` means "up to now". No default here:
+    #: ``conf/base.yaml`` sets it (to the end of the bundled sample), the one place defaults are written.
+    end: UtcDatetime | None
 
     @field_validator("symbols", "timeframes")
     @classmethod

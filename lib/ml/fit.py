@@ -4,11 +4,12 @@ share, with one set of per-epoch metrics and one early-stopping and checkpoint r
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -95,6 +96,17 @@ class _EpochRecorder(Callback):
             self.epoch_callback(epoch, dict(metrics))
 
 
+@contextlib.contextmanager
+def _quiet_banners() -> Iterator[None]:
+    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    previous = banner.level
+    banner.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        banner.setLevel(previous)
+
+
 def _on_cuda(accelerator: str) -> bool:
     return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
@@ -112,34 +124,8 @@ def fit_model(
     extra_callbacks: Sequence[Callback] = (),
     epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
-    """Fit ``module`` (see :func:`_fit_model`), keeping Lightning's per-fit banners ("GPU available: ...") out
-    of the logs; its warnings still show."""
-    banner = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    previous = banner.level
-    banner.setLevel(logging.WARNING)
-    try:
-        return _fit_model(
-            train, val, module, config, monitor=monitor, direction=direction, max_epochs=max_epochs,
-            checkpoint_dir=checkpoint_dir, extra_callbacks=extra_callbacks, epoch_callback=epoch_callback,
-        )
-    finally:
-        banner.setLevel(previous)
-
-
-def _fit_model(
-    train: WindowDataset,
-    val: WindowDataset,
-    module: MultiSymbolLSTM,
-    config: ModelConfig,
-    *,
-    monitor: str,
-    direction: Literal["minimize", "maximize"],
-    max_epochs: int,
-    checkpoint_dir: Path,
-    extra_callbacks: Sequence[Callback] = (),
-    epoch_callback: Callable[[int, dict[str, float]], None] | None = None,
-) -> TrainResult:
-    """Train with early stopping on ``monitor`` and return the best epoch's weights.
+    """Train with early stopping on ``monitor`` and return the best epoch's weights (Lightning's per-fit banners,
+    "GPU available: ...", are kept out of the logs; its warnings still show).
 
     Seeds with ``config.seed`` first (shuffling, dropout), so two fits of equally initialised modules
     (see :func:`build_module`) give identical weights on CPU. ``epoch_callback`` may raise (e.g. to prune a
@@ -165,32 +151,32 @@ def _fit_model(
         )
         if value is not None
     }
-    trainer = L.Trainer(
-        accelerator=config.accelerator,
-        devices=1,
-        precision=resolve_precision(config.precision, config.accelerator),
-        max_epochs=max_epochs,
-        callbacks=[
-            recorder,
-            EarlyStopping(monitor=monitor, mode=mode, patience=config.patience),
-            checkpoint,
-            *extra_callbacks,
-        ],
-        **limits,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        # Explicit both ways: a CPU fit must not leave deterministic algorithms on for a later CUDA fit.
-        deterministic=not cuda,
-        default_root_dir=checkpoint_dir,
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    train_loader = DataLoader(
-        train, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=0, pin_memory=cuda
-    )
-    val_loader = DataLoader(val, batch_size=config.batch_size, shuffle=False, num_workers=0, pin_memory=cuda)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _quiet_banners():
+        trainer = L.Trainer(
+            accelerator=config.accelerator,
+            devices=1,
+            precision=resolve_precision(config.precision, config.accelerator),
+            max_epochs=max_epochs,
+            callbacks=[
+                recorder,
+                EarlyStopping(monitor=monitor, mode=mode, patience=config.patience),
+                checkpoint,
+                *extra_callbacks,
+            ],
+            **limits,
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            # Explicit both ways: a CPU fit must not leave deterministic algorithms on for a later CUDA fit.
+            deterministic=not cuda,
+            default_root_dir=checkpoint_dir,
+        )
+        generator = torch.Generator().manual_seed(config.seed)
+        train_loader = DataLoader(
+            train, batch_size=config.batch_size, shuffle=True, generator=generator, num_workers=0, pin_memory=cuda
+        )
+        val_loader = DataLoader(val, batch_size=config.batch_size, shuffle=False, num_workers=0, pin_memory=cuda)
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
         warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
