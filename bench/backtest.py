@@ -7,6 +7,7 @@ fees, slippage, stop-loss and take-profit, fill at the close and all-in sizing (
 must agree; the bench checks they do). Reported per size, best of ``--repeat``:
 
 - ``engine_bars_per_s``: the compiled engine alone (``engine.step``: equity curve + trade records);
+- ``engine_time_stop_bars_per_s``: the same with a time stop (``max_hold_bars``, ``TIME_STOP_BARS``) on top;
 - ``run_backtest_bars_per_s``: the library call users make (adds the trade frame);
 - ``vectorbt_bars_per_s``: ``Portfolio.from_signals`` on numpy arrays (its fastest input form) + ``final_value``;
 - ``vectorbt_pandas_bars_per_s`` (sizes up to 1M): the same with pandas Series and ``freq``, as users call it;
@@ -45,6 +46,8 @@ from pricelevel.core.timeframes import Timeframe  # noqa: E402
 #: orders far above vectorbt's ``min_size=1e-8`` units (a rule ours does not have), so both stay comparable.
 CONFIG = BacktestConfig(init_cash=1e9, fees=0.0005, slippage=0.0002, sl_stop=0.02, tp_stop=0.04, fill="close",
                         sizing="all_in", min_order_value=0, max_positions=1)
+#: Time stop of the extra engine timing (vectorbt 1.2 has no time stop, so that run is ours alone).
+TIME_STOP_BARS = 24
 
 FIRST_CALL = """
 import time, numpy as np
@@ -96,6 +99,9 @@ def bench_size(n_bars: int, repeat: int, density: float, vbt) -> dict:
         return step(EngineState.initial(1, CONFIG.init_cash), params, m.open, m.high, m.low, m.close, entries, exits)
 
     engine_s, out = best_of(repeat, engine)
+    timed = engine_params(CONFIG.model_copy(update={"max_hold_bars": TIME_STOP_BARS}))
+    time_stop_s, _ = best_of(repeat, lambda: step(EngineState.initial(1, CONFIG.init_cash), timed, m.open, m.high,
+                                                  m.low, m.close, entries, exits))
     tracemalloc.start()
     engine()
     peak = tracemalloc.get_traced_memory()[1]
@@ -106,6 +112,7 @@ def bench_size(n_bars: int, repeat: int, density: float, vbt) -> dict:
         "trades": int(len(result.trades)),
         "engine_s": round(engine_s, 5),
         "engine_bars_per_s": round(n_bars / engine_s),
+        "engine_time_stop_bars_per_s": round(n_bars / time_stop_s),
         "run_backtest_s": round(library_s, 5),
         "run_backtest_bars_per_s": round(n_bars / library_s),
         "peak_traced_bytes_per_bar": round(peak / n_bars, 1),
@@ -167,7 +174,8 @@ def main() -> None:
         "benchmark": "backtest",
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
         "signals": {"density": args.density, "fill": CONFIG.fill, "sizing": CONFIG.sizing, "fees": CONFIG.fees,
-                    "slippage": CONFIG.slippage, "sl_stop": CONFIG.sl_stop, "tp_stop": CONFIG.tp_stop},
+                    "slippage": CONFIG.slippage, "sl_stop": CONFIG.sl_stop, "tp_stop": CONFIG.tp_stop,
+                    "time_stop_bars": TIME_STOP_BARS},
         "compile": {"cold_s": round(compile_cold, 3), "cached_s": round(first_call_seconds(None), 3)},
         "sizes": [bench_size(int(n), args.repeat, args.density, vbt) for n in args.bars.split(",")],
         "vectorbt": getattr(vbt, "__version__", None),

@@ -1,9 +1,10 @@
-"""Promotion flow: moves ``champion`` to the ``challenger`` only if it wins (rule: README "Promotion").
+"""Promotion flow: moves ``champion`` to the ``challenger`` only if it earned it (rule: README "Promotion").
 
-    load-contenders -> score challenger, score champion (same newest window, same data) -> decide
+    load-contenders -> score (challenger and champion: same newest window, same rows, same target) -> decide
 
 ``rollback=True`` instead puts ``champion`` back on the previous champion. Promotions and rollbacks are
 serialised: one at a time per store (an inter-process lock; the deployment also has a concurrency limit of 1).
+A challenger that does not pass stays ``@challenger`` with the reason tagged: a correct result, not an error.
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ def promote(config_file: str | None = None, overrides: list[str] | None = None, 
             return {"promote": False, "reason": "no challenger"}
         if champion is not None and champion.version == challenger.version:
             return {"promote": False, "reason": f"version {challenger.version} is already champion"}
-        challenger_score = score(config, challenger, "challenger", None)
-        champion_score = score(config, champion, "champion", challenger_score.start) if champion else None
-        decision = decide_and_record(
-            config, challenger, champion, challenger_score, champion_score, pd.Timestamp.now(tz="UTC").isoformat()
-        )
+        contest = score(config, challenger, champion)
+        decision = decide_and_record(config, contest, pd.Timestamp.now(tz="UTC").isoformat())
     return decision_dict(decision) | {"challenger": challenger.version, "champion": champion.version if champion else None}

@@ -1,7 +1,8 @@
 """Training flow (nightly): the whole DAG from candles to a registered ``challenger``.
 
     ingest (subflow) -> levels (per symbol) -> features (per symbol: features, labels) -> lookahead
-        -> dataset -> start-run -> tune -> train -> evaluate -> backtest -> register
+        -> dataset (walk-forward folds) -> start-run -> tune -> train (every fold; rules chosen on its validation)
+        -> evaluate (walk-forward report: model vs baselines) -> backtest (newest fold) -> register
 
 The per-symbol tasks fan out ``flow.max_workers`` at a time. The look-ahead check recomputes the tables on
 data cut at a few points and fails the run if any value changed: nothing is trained on features or labels
@@ -48,11 +49,12 @@ def train(config_file: str | None = None, overrides: list[str] | None = None, sk
     try:
         study = tune(config, plan, started)
         trained = fit_final(config, plan, study, started)
-        scores = evaluate(config, trained, started)
+        report = evaluate(config, plan, trained, started)
         traded = backtest(config, plan, trained, started)
-        registered = register(config, started, trained, plan, scores)
+        registered = register(config, started, trained, plan, report["scores"])
     except BaseException:
         end_run(started, "FAILED")
         raise
-    return {"version": registered.version, "run_id": started.run.run_id, "scores": scores, "backtest": traded["metrics"],
-            "report": traded["report"], "reused": not started.created}
+    return {"version": registered.version, "run_id": started.run.run_id, "scores": report["scores"],
+            "walk_forward": report["summary"], "walk_forward_markdown": report["markdown"], "rules": traded["rules"],
+            "backtest": traded["metrics"], "report": traded["report"], "reused": not started.created}

@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from pydantic import ValidationError
@@ -31,10 +31,14 @@ from pricelevel.core.runtime import project_root
 from pricelevel.data.catalogue import DataCatalogue
 from pricelevel.data.config import BybitConfig, DataConfig, ValidationConfig
 from pricelevel.features.config import FeaturesConfig, LabelsConfig, LookaheadConfig
-from pricelevel.features.tables import TableSpec
 from pricelevel.levels.config import LevelsConfig
-from pricelevel.ml.config import DatasetConfig, ModelConfig, TuningConfig
+from pricelevel.ml.config import DatasetConfig, EvaluationConfig, ModelConfig, TuningConfig
 from pricelevel.registry.config import PromotionConfig, TrackingConfig
+from pricelevel.strategy.config import SelectionConfig
+
+if TYPE_CHECKING:
+    from pricelevel.backtest.selection import StrategyContext
+    from pricelevel.features.tables import TableSpec
 
 ENV_PREFIX = "PRICELEVEL_"
 BASE_CONFIG = Path("conf") / "base.yaml"
@@ -59,6 +63,8 @@ class _TrainingSections(Frozen):
     dataset: DatasetConfig = DatasetConfig()
     model: ModelConfig = ModelConfig()
     tuning: TuningConfig = TuningConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    selection: SelectionConfig = SelectionConfig()
 
 
 class _RunSections(Frozen):
@@ -79,7 +85,21 @@ class Config(_DataSections, _ResearchSections, _TrainingSections, _RunSections):
     @property
     def table_spec(self) -> TableSpec:
         """How the training tables are built: the dataset's timeframe with the levels, labels, features settings."""
+        from pricelevel.features.tables import (
+            TableSpec,  # the indicators are compiled code: load them when used
+        )
+
         return TableSpec(self.dataset.timeframe, self.levels, self.labels, self.features)
+
+    @property
+    def strategy(self) -> StrategyContext:
+        """What choosing and trading a model's rules needs: costs, the search, the defaults, the label."""
+        from pricelevel.backtest.selection import (
+            StrategyContext,  # the engine is compiled code: load it when used
+        )
+        from pricelevel.backtest.trading import rules_of
+
+        return StrategyContext(self.backtest, self.selection, rules_of(self.backtest), self.labels.move_frac, self.labels.horizon)
 
     @property
     def training_symbols(self) -> tuple[str, ...]:
@@ -223,6 +243,17 @@ def explain_config(
         return DEFAULT_LAYER
 
     return [Setting(key, value, layer(key)) for key, value in sorted(config.flat().items())]
+
+
+def explicit_settings(
+    prefix: str, config_file: Path | str | None = None, overrides: Sequence[str] = (), env: Mapping[str, str] | None = None
+) -> dict[str, Any]:
+    """The keys under ``prefix`` (e.g. ``backtest.``) that a layer above ``conf/base.yaml`` set: what the user
+    asked for explicitly, as opposed to the defaults (``{"threshold": 0.7}`` for ``--set backtest.threshold=0.7``)."""
+    return {
+        s.key.removeprefix(prefix): s.value for s in explain_config(config_file, overrides, env)
+        if s.key.startswith(prefix) and s.layer not in (BASE_LAYER, DEFAULT_LAYER)
+    }
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from pricelevel.levels.history import levels_step
 from pricelevel.ml.artifacts import TrainedModel
 from pricelevel.ml.dataset import DatasetPlan, dataset_step
 from pricelevel.ml.evaluation import evaluate_step, scores_table
-from pricelevel.ml.fit import train_step
 from pricelevel.ml.tuning import StudySummary, tune_step
+from pricelevel.ml.walkforward import train_step
 from pricelevel.registry.experiment import (
     Registered,
     StartedRun,
@@ -66,7 +66,7 @@ def lookahead(config: Config, tables: list[SymbolStep]) -> dict[str, Any]:
 @task(name="dataset", cache_policy=NO_CACHE)
 def build_dataset(config: Config, tables: list[SymbolStep], levels: list[SymbolStep]) -> DatasetPlan:
     """Windows of every symbol, split chronologically with an embargo."""
-    plan = dataset_step(tables, levels, config.table_spec, config.dataset, config.tuning.space.seq_len)
+    plan = dataset_step(tables, levels, config.table_spec, config.dataset, config.tuning.space.seq_len, config.evaluation.folds)
     get_run_logger().info("dataset: %s", {k: v for k, v in plan.summary.items() if k != "features"})
     return plan
 
@@ -74,7 +74,7 @@ def build_dataset(config: Config, tables: list[SymbolStep], levels: list[SymbolS
 @task(name="start-run", cache_policy=NO_CACHE)
 def start_run(config: Config, plan: DatasetPlan, lookahead_report: dict[str, Any] | None) -> StartedRun:
     """The MLflow run for these inputs: the finished one if it exists, else a new one with params and lineage."""
-    keys = training_keys(plan, config.model_inputs, config.tuning, config.backtest)
+    keys = training_keys(plan, config.model_inputs, config.tuning, config.strategy)
     files = config.catalogue.validated().existing_for(plan.symbols)
     started = start_run_step(config.tracking, plan, keys, config.flat(), files, config.model.seed, project_root(), lookahead_report)
     get_run_logger().info("MLflow run %s (%s)", started.run.run_id, "new" if started.created else "reused: trained before")
@@ -86,7 +86,8 @@ def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary
     """Optuna study over the search space; resumes a study of the same inputs, a no-op once it is complete."""
     data = config.catalogue
     storage = data.optuna_storage(config.tuning.storage)
-    study = tune_step(plan, config.model_inputs, config.tuning, storage, data.derived.folder("trials", ""), started.log)
+    study = tune_step(plan, config.model_inputs, config.tuning, config.strategy, storage, data.derived.folder("trials", ""),
+                      started.log)
     get_run_logger().info(
         "study %s: %d trials now, %d complete, %d pruned; best %s = %.4f with %s", study.study_name, study.trials_run_now,
         study.trials_complete, study.trials_pruned, study.metric, study.best_value, study.best_params,
@@ -97,20 +98,20 @@ def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary
 @task(name="train", cache_policy=NO_CACHE)
 def fit_final(config: Config, plan: DatasetPlan, study: StudySummary, started: StartedRun) -> TrainedModel:
     """Train the final model with the study's best parameters (reused when these inputs were trained before)."""
-    trained = train_step(
-        plan, config.model_inputs, config.tuning, study, config.catalogue.derived, config.backtest.threshold, started.log
-    )
+    trained = train_step(plan, config.model_inputs, config.tuning, study.best_params, started.keys.model, config.strategy,
+                         config.catalogue.derived, started.log)
     get_run_logger().info("%s", trained.describe(config.tuning.metric))
     return trained
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate(config: Config, trained: TrainedModel, started: StartedRun) -> dict[str, float]:
-    """Test-segment scores of the model beside the majority-class and "near a level now" baselines."""
-    scores = evaluate_step(trained, config.tuning.metric, started.log)
-    create_table_artifact(key="test-scores", table=scores_table(scores), description="Test segment: model vs baselines")
-    get_run_logger().info("test: %s", {k: round(v, 4) for k, v in scores.items()})
-    return scores
+def evaluate(config: Config, plan: DatasetPlan, trained: TrainedModel, started: StartedRun) -> dict[str, Any]:
+    """The walk-forward report: every fold's test, the model beside the classifier and strategy baselines."""
+    report = evaluate_step(plan, trained, config.tuning.metric, config.strategy, started.log)
+    create_markdown_artifact(key="walk-forward", markdown=report["markdown"], description="Walk-forward: model vs baselines")
+    create_table_artifact(key="test-scores", table=scores_table(report["scores"]), description="Newest fold's test segment")
+    get_run_logger().info("%s", report["markdown"])
+    return report
 
 
 @task(name="backtest", cache_policy=NO_CACHE)
@@ -122,7 +123,7 @@ def backtest(config: Config, plan: DatasetPlan, trained: TrainedModel, started: 
 
 
 @task(name="register", cache_policy=NO_CACHE)
-def register(config: Config, started: StartedRun, trained: TrainedModel, plan: DatasetPlan, scores: dict[str, float]) -> Registered:
+def register(config: Config, started: StartedRun, trained: TrainedModel, plan: DatasetPlan, scores: dict[str, Any]) -> Registered:
     """Log the model, register it and alias ``challenger`` (nothing new when these inputs were registered)."""
     done = register_step(started, trained, plan, config.tracking.registered_model, config.tuning.metric, scores)
     metric = f"best_{config.tuning.metric}"

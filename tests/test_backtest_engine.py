@@ -12,19 +12,23 @@ from pricelevel.backtest.engine import EngineParams, EngineState, ExitReason, Si
 NAN = float("nan")
 
 
-def run(bars, entries, exits, **params):
+def run(bars, entries, exits, entry_sl=None, entry_tp=None, **params):
     """One symbol. ``bars``: list of (open, high, low, close). Returns (trades incl. open ones, equity, state)."""
-    return run_many([bars], [entries], [exits], **params)
+    wrap = lambda a: None if a is None else [a]  # noqa: E731
+    return run_many([bars], [entries], [exits], entry_sl=wrap(entry_sl), entry_tp=wrap(entry_tp), **params)
 
 
-def run_many(bars_by_symbol, entries_by_symbol, exits_by_symbol, **params):
+def run_many(bars_by_symbol, entries_by_symbol, exits_by_symbol, entry_sl=None, entry_tp=None, **params):
+    """Like :func:`run` for several symbols; ``entry_sl``/``entry_tp``: per-symbol lists of per-bar fractions."""
     params.setdefault("init_cash", 1000.0)
     p = EngineParams(**params)
     ohlc = np.array(bars_by_symbol, dtype=float).transpose(1, 0, 2)  # (bars, symbols, 4)
     state = EngineState.initial(ohlc.shape[1], p.init_cash)
+    per_bar = lambda a: None if a is None else np.array(a, dtype=float).T  # noqa: E731
     out = step(
         state, p, ohlc[..., 0], ohlc[..., 1], ohlc[..., 2], ohlc[..., 3],
         np.array(entries_by_symbol, dtype=bool).T, np.array(exits_by_symbol, dtype=bool).T,
+        entry_sl=per_bar(entry_sl), entry_tp=per_bar(entry_tp),
     )
     trades = {k: np.concatenate([out.trades[k], v]) for k, v in open_trades(state).items()}
     return trades, out.equity, state
@@ -115,6 +119,199 @@ def test_signals_on_a_stop_bar_are_ignored_and_reentry_waits_a_bar():
     trades, _, _ = run(bars, [1, 1, 1, 0], [0, 0, 0, 0], sl_stop=0.1)
     assert reasons(trades) == ["stop_loss", "open"]
     assert list(trades["entry_bar"]) == [0, 2]
+
+
+# ------------------------------------------------------------------------------------------------ time stop
+
+
+def rising(n):
+    """Bar k opens at 10 + k and closes at 10.5 + k (low = open, high = close): opens and closes differ."""
+    return [(10.0 + k, 10.5 + k, 10.0 + k, 10.5 + k) for k in range(n)]
+
+
+@pytest.mark.parametrize("hold", [1, 3])
+def test_time_stop_at_close_exits_at_the_close_n_bars_after_the_entry_bar(hold):
+    trades, equity, state = run(flat(10, 11, 12, 13, 14, 15), [1, 0, 0, 0, 0, 0], [0] * 6, max_hold_bars=hold,
+                                fees=0.01, slippage=0.01)
+    assert reasons(trades) == ["time_stop"]
+    assert (trades["entry_bar"][0], trades["exit_bar"][0]) == (0, hold)
+    size = 1000 / 1.01 / 10.1
+    exit_price = (10 + hold) * 0.99  # a market exit: the close, slipped against us
+    assert trades["size"][0] == pytest.approx(size)
+    assert trades["exit_price"][0] == pytest.approx(exit_price)
+    assert trades["exit_fees"][0] == pytest.approx(size * exit_price * 0.01)
+    pnl = size * (exit_price - 10.1) - trades["entry_fees"][0] - trades["exit_fees"][0]
+    assert pnl == pytest.approx(size * exit_price * 0.99 - 1000)
+    assert np.allclose(equity[hold:], size * exit_price * 0.99)  # flat from the exit on
+    assert state.cash[0] == pytest.approx(size * exit_price * 0.99)
+
+
+@pytest.mark.parametrize("hold", [1, 3])
+def test_time_stop_with_next_open_counts_the_fill_bar_as_the_first_bar_held(hold):
+    trades, _, _ = run(rising(6), [1, 0, 0, 0, 0, 0], [0] * 6, max_hold_bars=hold, next_open=True, slippage=0.01)
+    # signal at bar 0, filled at bar 1's open (11), out at the close of bar 0 + hold: the label's horizon
+    assert reasons(trades) == ["time_stop"]
+    assert (trades["entry_bar"][0], trades["exit_bar"][0]) == (1, hold)
+    assert trades["entry_price"][0] == pytest.approx(11 * 1.01)
+    assert trades["exit_price"][0] == pytest.approx((10.5 + hold) * 0.99)
+
+
+def test_a_stop_loss_before_the_due_bar_wins():
+    bars = [(100, 100, 100, 100), (95, 96, 89, 92), (92, 92, 92, 92), (92, 92, 92, 92)]
+    trades, _, _ = run(bars, [1, 0, 0, 0], [0] * 4, max_hold_bars=3, sl_stop=0.1)
+    assert reasons(trades) == ["stop_loss"]
+    assert trades["exit_bar"][0] == 1 and trades["exit_price"][0] == pytest.approx(90)
+
+
+@pytest.mark.parametrize(
+    ("due_bar", "reason", "price"),
+    [((101, 111, 100, 105), "take_profit", 110.0), ((99, 100, 85, 95), "stop_loss", 90.0)],
+    ids=["take-profit", "stop-loss"],
+)
+def test_a_stop_inside_the_due_bar_wins_over_the_time_stop(due_bar, reason, price):
+    bars = [(100, 100, 100, 100), (100, 100, 100, 100), due_bar]
+    trades, _, _ = run(bars, [1, 0, 0], [0] * 3, max_hold_bars=2, sl_stop=0.1, tp_stop=0.1, slippage=0.01)
+    assert reasons(trades) == [reason]  # intrabar first; the time stop would have sold at 95 or 105 * 0.99
+    assert trades["exit_bar"][0] == 2 and trades["exit_price"][0] == pytest.approx(price)
+
+
+def test_signals_on_the_time_stop_bar_are_ignored():
+    trades, _, _ = run(flat(10, 10, 10, 10), [1, 1, 1, 0], [0, 0, 0, 0], max_hold_bars=1)
+    assert reasons(trades) == ["time_stop", "time_stop"]
+    assert list(trades["entry_bar"]) == [0, 2] and list(trades["exit_bar"]) == [1, 3]  # no re-entry at bar 1
+    trades, _, state = run(flat(10, 10, 10, 10, 10), [1, 0, 1, 0, 0], [0] * 5, max_hold_bars=2, next_open=True)
+    assert reasons(trades) == ["time_stop"] and trades["exit_bar"][0] == 2  # the entry at bar 2 is not queued
+    assert state.pending[0] == 0 and state.position[0] == 0
+
+
+def test_an_exit_signal_before_the_due_bar_closes_first():
+    trades, _, _ = run(rising(5), [1, 0, 0, 0, 0], [0, 1, 0, 0, 0], max_hold_bars=2, next_open=True)
+    assert reasons(trades) == ["signal"]  # queued at bar 1's close, filled at the due bar's open
+    assert (trades["exit_bar"][0], trades["exit_price"][0]) == (2, 12.0)
+
+
+def test_a_symbol_without_a_bar_at_the_due_bar_exits_at_its_next_close():
+    bars = [(10, 10, 10, 10), (10, 10, 10, 10), (NAN, NAN, NAN, NAN), (12, 12, 12, 12)]
+    trades, _, _ = run(bars, [1, 0, 0, 0], [0] * 4, max_hold_bars=2)
+    assert reasons(trades) == ["time_stop"]
+    assert trades["exit_bar"][0] == 3 and trades["exit_price"][0] == 12
+
+
+def test_time_stop_off_or_beyond_the_data_keeps_the_position():
+    for hold in (0, 4, 10**30):  # 0 is off; longer holds never come due (huge ones are capped, not overflowed)
+        trades, _, _ = run(flat(10, 11, 12, 13), [1, 0, 0, 0], [0] * 4, max_hold_bars=hold)
+        assert reasons(trades) == ["open"], hold
+
+
+def chunked(p, n_symbols, arrays, cut, entry_sl=None, entry_tp=None):
+    """``step`` over bars ``[:cut]`` then ``[cut:]``; trades of both chunks, open ones last, and the state."""
+    state = EngineState.initial(n_symbols, p.init_cash)
+    parts = []
+    for part in (slice(0, cut), slice(cut, None)):
+        out = step(state, p, *(a[part] for a in arrays),
+                   entry_sl=None if entry_sl is None else entry_sl[part],
+                   entry_tp=None if entry_tp is None else entry_tp[part])
+        parts.append(out.trades)
+    parts.append(open_trades(state))
+    return {k: np.concatenate([t[k] for t in parts]) for k in parts[0]}, state
+
+
+def as_arrays(bars, entries, exits):
+    ohlc = np.array(bars, dtype=float)[:, None, :]
+    col = lambda a: np.array(a, dtype=bool)[:, None]  # noqa: E731
+    return (ohlc[..., 0], ohlc[..., 1], ohlc[..., 2], ohlc[..., 3], col(entries), col(exits))
+
+
+@pytest.mark.parametrize("next_open", [False, True], ids=["close", "next_open"])
+def test_a_time_stop_due_in_the_next_chunk_fires_there(next_open):
+    arrays = as_arrays(flat(10, 11, 12, 13, 14, 15, 16, 17), [0, 1, 0, 0, 0, 0, 0, 0], [0] * 8)
+    p = EngineParams(init_cash=1000.0, max_hold_bars=3, next_open=next_open, slippage=0.001)
+    whole = step(EngineState.initial(1, p.init_cash), p, *arrays)
+    # close: entered at bar 1's close (the last bar of chunk 1); next_open: still pending at the cut
+    trades, state = chunked(p, 1, arrays, cut=2)
+    assert reasons(trades) == ["time_stop"]
+    assert trades["exit_bar"][0] == 4  # the signal bar 1 + 3, in both fill modes
+    assert trades["exit_price"][0] == pytest.approx(14 * 0.999)
+    for name, column in whole.trades.items():
+        assert np.array_equal(trades[name], column), name
+
+
+# ------------------------------------------------------------------------------------------ per-entry stops
+
+
+@pytest.mark.parametrize("next_open", [False, True], ids=["close", "next_open"])
+def test_entry_stops_differ_per_signal_and_symbol(next_open):
+    # A: take-profit 5 % (target 105, hit on bar 1); B: stop-loss 2 % (98, hit on bar 1). The scalar stops
+    # (20 %) would hit neither. Bar 1's values are decoys: with next_open the order fills on bar 1 but must
+    # carry the fractions of its signal bar 0.
+    bars_a = [(100, 100, 100, 100), (100, 106, 100, 102), (102, 102, 102, 102)]
+    bars_b = [(100, 100, 100, 100), (100, 101, 97, 99), (99, 99, 99, 99)]
+    trades, _, _ = run_many(
+        [bars_a, bars_b], [[1, 0, 0], [1, 0, 0]], [[0, 0, 0], [0, 0, 0]],
+        entry_sl=[[NAN, 0.5, NAN], [0.02, 0.5, NAN]], entry_tp=[[0.05, 0.5, NAN], [NAN, 0.5, NAN]],
+        sl_stop=0.2, tp_stop=0.2, next_open=next_open, sizing=Sizing.FRACTION, fraction=0.4,
+    )
+    by_symbol = {int(s): i for i, s in enumerate(trades["symbol_idx"])}
+    a, b = by_symbol[0], by_symbol[1]
+    assert [reasons(trades)[i] for i in (a, b)] == ["take_profit", "stop_loss"]
+    assert trades["exit_price"][a] == pytest.approx(105) and trades["exit_price"][b] == pytest.approx(98)
+    assert list(trades["exit_bar"]) == [1, 1]
+    assert list(trades["entry_bar"]) == [int(next_open)] * 2
+
+
+def test_a_nan_entry_stop_falls_back_to_the_scalar_and_fractions_do_not_leak():
+    bars = [(100, 100, 100, 100), (101, 106, 100, 102), (100, 100, 100, 100), (100, 108, 100, 107),
+            (107, 111, 106, 110)]
+    trades, _, _ = run(bars, [1, 0, 1, 0, 0], [0] * 5, entry_tp=[0.05, NAN, NAN, NAN, NAN], tp_stop=0.1)
+    assert reasons(trades) == ["take_profit", "take_profit"]
+    # first entry: its own 5 % (105 on bar 1); second: the scalar 10 % (110 on bar 4, not 105 on bar 3)
+    assert list(trades["exit_bar"]) == [1, 4]
+    assert list(trades["exit_price"]) == pytest.approx([105, 110])
+    trades, _, _ = run(bars, [1, 0, 0, 0, 0], [0] * 5, entry_sl=[NAN] * 5, entry_tp=[NAN] * 5)
+    assert reasons(trades) == ["open"]  # NaN with the scalar off: no stop at all
+
+
+@pytest.mark.parametrize("next_open", [False, True], ids=["close", "next_open"])
+@pytest.mark.parametrize(
+    ("entry_sl", "value"), [(0.1, 200.0), (NAN, 400.0), (0.01, 500.0)], ids=["own-stop", "scalar", "fraction-cap"]
+)
+def test_risk_sizing_uses_the_entry_s_own_stop(entry_sl, value, next_open):
+    trades, _, _ = run(flat(10, 10, 10), [1, 0, 0], [0] * 3, entry_sl=[entry_sl, 0.5, 0.5], sizing=Sizing.RISK,
+                       risk=0.02, sl_stop=0.05, fraction=0.5, next_open=next_open)
+    assert trades["size"][0] * 10 == pytest.approx(value)  # 2 % of 1000 over the stop, at most 50 % of 1000
+
+
+@pytest.mark.parametrize("next_open", [False, True], ids=["close", "next_open"])
+def test_entry_stops_survive_a_chunk_boundary(next_open):
+    # signal at bar 1 with its own 5 % stop; with next_open it is still pending at the cut, and chunk 2's
+    # arrays (NaN, i.e. no stop) must not replace the fraction it carries
+    bars = [(100, 100, 100, 100), (100, 100, 100, 100), (100, 100, 100, 100), (96, 97, 94, 95)]
+    arrays = as_arrays(bars, [0, 1, 0, 0], [0] * 4)
+    sl = np.array([[NAN], [0.05], [NAN], [NAN]])
+    p = EngineParams(init_cash=1000.0, next_open=next_open, max_hold_bars=5)
+    trades, _ = chunked(p, 1, arrays, cut=2, entry_sl=sl)
+    assert reasons(trades) == ["stop_loss"]
+    assert trades["exit_bar"][0] == 3 and trades["exit_price"][0] == pytest.approx(95)
+    whole = step(EngineState.initial(1, p.init_cash), p, *arrays, entry_sl=sl)
+    for name, column in whole.trades.items():
+        assert np.array_equal(trades[name], column), name
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("entry_sl", 1.0), ("entry_sl", 0.0), ("entry_tp", -0.1), ("entry_tp", 0.0)], ids=str
+)
+def test_invalid_entry_stops_on_entry_bars_are_refused(name, value):
+    with pytest.raises(ValueError, match=name):
+        run(flat(10, 10), [1, 0], [0, 0], **{name: [value, NAN]})
+    trades, _, _ = run(flat(10, 10), [0, 1], [0, 0], **{name: [value, NAN]})  # not an entry bar: unused
+    assert reasons(trades) == ["open"]
+
+
+def test_entry_stops_of_the_wrong_shape_are_refused():
+    state = EngineState.initial(1, 1000)
+    one = np.ones((3, 1))
+    with pytest.raises(ValueError, match="entry_tp must have the shape"):
+        step(state, EngineParams(), one, one, one, one, one.astype(bool), one.astype(bool), entry_tp=np.ones((2, 1)))
 
 
 # -------------------------------------------------------------------------------------------------- signals
@@ -254,7 +451,7 @@ def test_chunks_and_single_bars_give_the_same_result_as_one_run():
 @pytest.mark.parametrize(
     "bad",
     [dict(init_cash=0), dict(fees=-0.1), dict(sl_stop=1.5), dict(sl_stop=0.0), dict(fraction=0),
-     dict(sizing=Sizing.RISK), dict(max_positions=0)],
+     dict(sizing=Sizing.RISK), dict(max_positions=0), dict(max_hold_bars=-1)],
     ids=str,
 )
 def test_invalid_parameters_are_refused(bad):

@@ -45,7 +45,31 @@ configs = st.builds(
     fraction=st.sampled_from([0.1, 0.5, 1.0]),
     min_order_value=st.sampled_from([0.0, 5.0]),
     max_positions=st.integers(1, 4),
+    max_hold_bars=st.sampled_from([None, None, 1, 3, 12]),
 )
+
+
+def entry_stop_arrays(seed: int, shape: tuple[int, int], nan_share: float) -> tuple[np.ndarray, np.ndarray]:
+    """Random per-entry stop-loss / take-profit fractions, NaN (the scalar) on a share of the bars."""
+    rng = np.random.default_rng(seed)
+    sl = rng.uniform(0.002, 0.1, shape)
+    tp = rng.uniform(0.002, 0.2, shape)
+    sl[rng.random(shape) < nan_share] = np.nan
+    tp[rng.random(shape) < nan_share] = np.nan
+    return sl, tp
+
+
+def with_risk(config: BacktestConfig, risk: bool) -> BacktestConfig:
+    """Risk sizing where the config allows it (it needs the scalar stop-loss as the fallback)."""
+    if risk and config.sl_stop is not None:
+        return BacktestConfig.model_validate({**config.model_dump(), "sizing": "risk"})
+    return config
+
+
+def assert_same_result(a, b) -> None:
+    assert np.array_equal(a.equity.to_numpy(), b.equity.to_numpy())
+    pd.testing.assert_frame_equal(a.trades, b.trades)
+    assert a.rejected == b.rejected
 
 
 @SETTINGS
@@ -96,6 +120,83 @@ def test_results_do_not_depend_on_chunking(seed, n_bars, chunk, config):
     assert whole.rejected == chunked.rejected
 
 
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n_bars=st.integers(2, 200), hold=st.integers(1, 15),
+       missing=st.sampled_from([0.0, 0.1]), config=configs)
+def test_no_trade_outlives_its_time_stop(seed, n_bars, hold, missing, config):
+    config = BacktestConfig.model_validate({**config.model_dump(), "max_hold_bars": hold})
+    market = synthetic_market(seed, n_bars, 2, missing=missing)
+    rng = np.random.default_rng(seed + 3)
+    entries = rng.random(market.close.shape) < 0.2
+    exits = rng.random(market.close.shape) < 0.1
+    trades = run_backtest(market, entries, exits, config).trades
+    next_open = config.fill == "next_open"
+    limit = hold - int(next_open)  # bars from the entry fill to the due bar
+    close = market.close
+    for row in trades.itertuples():
+        k = market.symbols.index(row.symbol)
+        due = row.entry_bar + limit
+        no_bar_until = lambda stop, k=k, due=due: bool(np.isnan(close[due:stop, k]).all())  # noqa: E731
+        if row.exit_reason == "open":  # never came due on a bar of its symbol
+            assert no_bar_until(n_bars)
+            continue
+        # out by the due bar, or at the symbol's first bar after it
+        assert row.exit_bar <= due or no_bar_until(row.exit_bar)
+        if row.exit_reason == "time_stop":
+            assert row.exit_bar >= due
+            assert row.exit_price == close[row.exit_bar, k] * (1 - config.slippage)
+        elif row.exit_reason == "signal":  # only a signal queued before the due bar fills at its open
+            assert row.exit_bar < due or (next_open and no_bar_until(row.exit_bar))
+    if missing == 0:
+        assert ((trades["exit_bar"] - trades["entry_bar"]) <= limit).all()
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n_bars=st.integers(1, 200), chunk=st.integers(1, 60),
+       hold=st.sampled_from([None, 1, 2, 5, 20]), risk=st.booleans(), nan_share=st.sampled_from([0.0, 0.5, 1.0]),
+       config=configs)
+def test_results_do_not_depend_on_chunking_with_time_and_entry_stops(seed, n_bars, chunk, hold, risk, nan_share,
+                                                                     config):
+    config = with_risk(BacktestConfig.model_validate({**config.model_dump(), "max_hold_bars": hold}), risk)
+    market = synthetic_market(seed, n_bars, 3, missing=0.05)
+    rng = np.random.default_rng(seed + 7)
+    entries = rng.random(market.close.shape) < 0.2
+    exits = rng.random(market.close.shape) < 0.2
+    sl, tp = entry_stop_arrays(seed + 8, market.close.shape, nan_share)
+    whole = run_backtest(market, entries, exits, config, entry_sl=sl, entry_tp=tp)
+    chunked = run_backtest(market, entries, exits, config, chunk_bars=chunk, entry_sl=sl, entry_tp=tp)
+    assert_same_result(whole, chunked)
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n_bars=st.integers(1, 200), extra=st.integers(0, 10**30), config=configs)
+def test_a_time_stop_no_shorter_than_the_data_changes_nothing(seed, n_bars, extra, config):
+    market = synthetic_market(seed, n_bars, 2, missing=0.05)
+    rng = np.random.default_rng(seed + 5)
+    entries = rng.random(market.close.shape) < 0.2
+    exits = rng.random(market.close.shape) < 0.1
+    off = BacktestConfig.model_validate({**config.model_dump(), "max_hold_bars": None})
+    long = BacktestConfig.model_validate({**config.model_dump(), "max_hold_bars": n_bars + extra})
+    assert_same_result(run_backtest(market, entries, exits, off), run_backtest(market, entries, exits, long))
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), n_bars=st.integers(1, 200), as_scalar=st.booleans(), risk=st.booleans(),
+       config=configs)
+def test_entry_stops_of_nan_or_the_scalar_change_nothing(seed, n_bars, as_scalar, risk, config):
+    config = with_risk(config, risk)
+    market = synthetic_market(seed, n_bars, 2, missing=0.05)
+    rng = np.random.default_rng(seed + 9)
+    entries = rng.random(market.close.shape) < 0.2
+    exits = rng.random(market.close.shape) < 0.1
+    nan = float("nan")
+    fill_sl = config.sl_stop if as_scalar and config.sl_stop is not None else nan
+    fill_tp = config.tp_stop if as_scalar and config.tp_stop is not None else nan
+    sl, tp = np.full(market.close.shape, fill_sl), np.full(market.close.shape, fill_tp)
+    assert_same_result(run_backtest(market, entries, exits, config),
+                       run_backtest(market, entries, exits, config, entry_sl=sl, entry_tp=tp))
+
+
 # ----------------------------------------------------------------------------------- vectorbt contract
 
 vbt = pytest.importorskip("vectorbt")
@@ -111,16 +212,22 @@ def contract_config(fees: float, slippage: float, sl_stop, tp_stop, init_cash: f
                           fill="close", sizing="all_in", min_order_value=0, max_positions=1)
 
 
-def assert_matches_vectorbt(market: Market, entries: np.ndarray, exits: np.ndarray, config: BacktestConfig) -> int:
-    """Compare one symbol trade for trade and bar for bar; returns the number of trades compared."""
+def assert_matches_vectorbt(market: Market, entries: np.ndarray, exits: np.ndarray, config: BacktestConfig,
+                            entry_sl: np.ndarray | None = None, entry_tp: np.ndarray | None = None) -> int:
+    """Compare one symbol trade for trade and bar for bar; returns the number of trades compared.
+
+    ``entry_sl``/``entry_tp`` (with the scalar stops off, so NaN means "no stop" in both engines) go to
+    vectorbt as per-bar stop arrays, which it reads at the entry bar: the same as our per-entry stops.
+    """
     nan = float("nan")
     pf = vbt.Portfolio.from_signals(
         market.close[:, 0], entries[:, 0], exits[:, 0], open=market.open[:, 0], high=market.high[:, 0],
         low=market.low[:, 0], fees=config.fees, slippage=config.slippage,
-        sl_stop=nan if config.sl_stop is None else config.sl_stop,
-        tp_stop=nan if config.tp_stop is None else config.tp_stop, init_cash=config.init_cash,
+        sl_stop=entry_sl[:, 0] if entry_sl is not None else nan if config.sl_stop is None else config.sl_stop,
+        tp_stop=entry_tp[:, 0] if entry_tp is not None else nan if config.tp_stop is None else config.tp_stop,
+        init_cash=config.init_cash,
     )
-    ours = run_backtest(market, entries, exits, config)
+    ours = run_backtest(market, entries, exits, config, entry_sl=entry_sl, entry_tp=entry_tp)
     theirs = pf.trades.records
     assert len(ours.trades) == len(theirs)
     for their_name, our_name in TRADE_PAIRS:
@@ -154,3 +261,17 @@ def test_equals_vectorbt_on_random_markets(seed, n_bars, density, fees, slippage
     entries = rng.random(market.close.shape) < density
     exits = rng.random(market.close.shape) < density
     assert_matches_vectorbt(market, entries, exits, contract_config(fees, slippage, sl_stop, tp_stop))
+
+
+@pytest.mark.slow
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), n_bars=st.integers(2, 400), density=st.floats(0.01, 0.5),
+       fees=st.sampled_from([0.0, 0.001]), slippage=st.sampled_from([0.0, 0.001]),
+       nan_share=st.sampled_from([0.0, 0.3, 1.0]))
+def test_entry_stops_equal_vectorbt_per_bar_stops(seed, n_bars, density, fees, slippage, nan_share):
+    market = synthetic_market(seed, n_bars, 1)
+    rng = np.random.default_rng(seed + 13)
+    entries = rng.random(market.close.shape) < density
+    exits = rng.random(market.close.shape) < density
+    sl, tp = entry_stop_arrays(seed + 14, market.close.shape, nan_share)
+    assert_matches_vectorbt(market, entries, exits, contract_config(fees, slippage, None, None), sl, tp)

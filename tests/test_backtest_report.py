@@ -15,7 +15,7 @@ from plotly.offline import get_plotlyjs
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import align_signals, market_from_candles
 from pricelevel.backtest.metrics import compute_metrics, format_duration, format_metric
-from pricelevel.backtest.report import coarsen_candles, coarsen_line, write_report
+from pricelevel.backtest.report import REASON_COLORS, coarsen_candles, coarsen_line, write_report
 from pricelevel.backtest.run import run_backtest
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
@@ -205,3 +205,25 @@ def test_symbol_without_candles_on_some_bars_and_no_trades(tmp_path: Path):
     assert len(values(candles["open"])) == 100  # 300 candles of ETH (not 500 bars) in groups of 3
     assert pd.Timestamp(candles["x"][0], tz="UTC") == eth["timestamp"].iloc[0]
     assert values(candles["high"]).max() == eth["high"].max()
+
+
+def test_time_stop_exits_get_their_own_marker_and_rule(tmp_path: Path):
+    candles = pd.read_parquet(SAMPLE / "BTCUSDT_1h.parquet").iloc[:600].assign(symbol="BTCUSDT")
+    market = market_from_candles(candles)
+    rng = np.random.default_rng(3)
+    entries = rng.random(market.close.shape) < 0.05
+    no_exit = np.zeros(market.close.shape, dtype=bool)
+    config = BacktestConfig(fill="close", sl_stop=0.02, tp_stop=0.02, max_hold_bars=3)
+    result = run_backtest(market, entries, no_exit, config)
+    assert {"time_stop", "stop_loss", "take_profit"} <= set(result.trades["exit_reason"])
+    files = write_report(result, compute_metrics(result), tmp_path / "bt.html")
+    summary = files[0].read_text(encoding="utf-8")
+    assert "<th>time stop</th><td>3 bars</td>" in summary
+    assert "<th>time_stop</th>" in summary  # a column of the trades-by-reason table
+    data, _ = figure_json(files[1].read_text(encoding="utf-8"), "chart-BTCUSDT")
+    markers = [t for t in data if t.get("mode") == "markers" and t["name"] == "time_stop"]
+    assert len(markers) == 2  # entries and exits
+    assert {t["marker"]["color"] for t in markers} == {REASON_COLORS["time_stop"]}
+    assert len(set(REASON_COLORS.values())) == len(REASON_COLORS)  # every reason is told apart
+    exits = next(t for t in markers if t["marker"]["symbol"] == "triangle-down")
+    assert len(exits["x"]) == int((result.trades["exit_reason"] == "time_stop").sum())

@@ -68,11 +68,13 @@ def test_loss_clips_certain_wrong_answers() -> None:
 
 
 @pytest.mark.parametrize("value", [0, 1])
-def test_one_class_target_gives_nan_ranking_scores(value: int) -> None:
+def test_one_class_target_ties_every_model(value: int) -> None:
+    """One convention everywhere (training, tuning, promotion): nothing to rank, so every model ties."""
     target = np.full(4, value)
     probability = np.array([0.2, 0.7, 0.4, 0.9])
     scores = classification_scores(target, probability)
-    assert math.isnan(scores["pr_auc"]) and math.isnan(scores["roc_auc"])
+    assert scores["pr_auc"] == float(value) and scores["roc_auc"] == 0.5
+    assert classification_scores(target, probability[::-1])["pr_auc"] == scores["pr_auc"]
     assert scores["accuracy"] == pytest.approx(0.5)
     assert scores["loss"] == pytest.approx(_log_loss(target, probability))
     if value == 0:

@@ -124,7 +124,10 @@ def _register_constant_model(config, client, like: str, probability: float) -> s
     from pricelevel.registry.tracking import ensure_experiment, load_model, log_pricelevel_model
     from pricelevel.registry.versions import register_version
 
+    from dataclasses import replace
+
     spec = load_model(like, client).spec
+    spec = replace(spec, rules={**spec.rules, "threshold": 0.5})  # enters on p >= 0.5: never, for p < 0.5
     module = MultiSymbolLSTM(**spec.hparams)
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -139,10 +142,14 @@ def _register_constant_model(config, client, like: str, probability: float) -> s
 
 
 def _rule_says_promote(tags: dict[str, str]) -> bool:
-    """The first-promotion rule recomputed from the numbers the flow recorded: strictly above every baseline."""
+    """The first-promotion rule recomputed from the numbers the flow recorded: the strategy (sharpe after
+    costs) strictly above cash and the level rule, and the tuned metric strictly above every classifier."""
+    strategy = float(tags["promotion.metric.challenger_backtest"])
+    hurdle = [float(tags[f"promotion.metric.hurdle.{name}"]) for name in ("cash", "level_rule")]
     challenger = float(tags["promotion.metric.challenger"])
     baselines = [float(v) for k, v in tags.items() if k.startswith("promotion.metric.baseline.")]
-    return bool(baselines) and all(challenger > b or np.isnan(b) for b in baselines) and not np.isnan(challenger)
+    clears = not np.isnan(strategy) and all(strategy > h or np.isnan(h) for h in hurdle)
+    return clears and bool(baselines) and all(challenger > b or np.isnan(b) for b in baselines) and not np.isnan(challenger)
 
 
 def test_promotion_follows_the_rule_a_constant_model_never_wins_and_rollback(trained, tmp_path):
@@ -151,11 +158,12 @@ def test_promotion_follows_the_rule_a_constant_model_never_wins_and_rollback(tra
     from pricelevel.registry.versions import move_champion, set_alias
 
     config, client = _client(root)
-    # A constant-probability challenger, first in line: it only ties the majority baseline, so it is refused.
+    # A constant-probability challenger, first in line: it ranks nothing (ties the majority classifier) and, its
+    # p below its threshold, never trades, so it cannot clear the cash hurdle: Sharpe NaN is not > 0.
     constant = _register_constant_model(config, client, "models:/pricelevel/1", probability=0.3)
     set_alias(client, "pricelevel", "challenger", constant)
     refused = promote(overrides=SMALL)
-    assert not refused["promote"] and "baseline majority" in refused["reason"]
+    assert not refused["promote"] and "does not beat cash" in refused["reason"]
     assert client.get_registered_model("pricelevel").aliases.get("champion") is None
     assert client.get_model_version("pricelevel", constant).tags["promotion.decision"] == "rejected"
 

@@ -12,11 +12,11 @@ import torch
 from pricelevel.ml.config import ModelConfig
 from pricelevel.ml.dataset import SymbolFrame, TrainingData, build_training_data
 from pricelevel.ml.fit import TrainResult, fit_model, resolve_precision
+from pricelevel.ml.metrics import classification_scores
 from pricelevel.ml.model import (
     EPOCH_METRICS,
     MultiSymbolLSTM,
     build_module,
-    classification_metrics,
     predict_proba,
 )
 
@@ -133,7 +133,7 @@ def test_tiny_fit_logs_metrics_and_keeps_the_best_checkpoint(data: TrainingData,
     assert not result.module.training
     probability = predict_proba(result.module, data.val)
     assert probability.dtype == np.float64 and probability.shape == (len(data.val),)
-    assert classification_metrics(probability, data.val.targets())["val_pr_auc"] == pytest.approx(
+    assert classification_scores(data.val.targets(), probability)["pr_auc"] == pytest.approx(
         result.best_score, abs=1e-5
     )
     assert result.best_score > 0.6  # prevalence is about 0.38
@@ -207,10 +207,12 @@ def test_predict_proba_matches_the_lstm_equations_in_dataset_order(data: Trainin
 
 def test_one_class_targets_do_not_crash() -> None:
     p = np.array([0.1, 0.7, 0.4])
-    assert classification_metrics(p, np.zeros(3)) == {"val_pr_auc": 0.0, "val_roc_auc": 0.5, "val_f1": 0.0}
-    all_positive = classification_metrics(p, np.ones(3))
-    assert all_positive["val_roc_auc"] == 0.5 and all_positive["val_f1"] == pytest.approx(0.5)
-    assert classification_metrics(np.empty(0), np.empty(0))["val_roc_auc"] == 0.5
+    none = classification_scores(np.zeros(3), p)
+    assert (none["pr_auc"], none["roc_auc"], none["f1"]) == (0.0, 0.5, 0.0)
+    all_positive = classification_scores(np.ones(3), p)
+    assert all_positive["roc_auc"] == 0.5 and all_positive["f1"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="non-empty"):
+        classification_scores(np.empty(0), np.empty(0))
 
 
 def test_resolve_precision() -> None:

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.trading import rules_of
 from pricelevel.data.folder import CandleFolder, CandleFolderError
 from pricelevel.features.config import FeaturesConfig, LabelsConfig
 from pricelevel.inference.scoring import (
@@ -195,7 +196,7 @@ def test_backtest_of_zero_probabilities_makes_no_trade(scored_setup) -> None:
     _, _, _, all_tables = scored_setup
     tables = {s: all_tables[s] for s in TRAINED}
     config = BacktestConfig()
-    traded = backtest_probabilities(tables, _scored_constant(tables, 0.0), config)
+    traded = backtest_probabilities(tables, _scored_constant(tables, 0.0), config, rules_of(config))
     assert traded.result.trades.empty
     portfolio = traded.metrics.to_json_dict()["portfolio"]
     assert portfolio["final_value"] == config.init_cash and portfolio["n_trades"] == 0
@@ -209,7 +210,8 @@ def test_backtest_with_threshold_zero_trades_from_start_on(scored_setup) -> None
     tables = {s: all_tables[s] for s in TRAINED}
     scored = predict_tables(Recorder(module), spec, tables)
     start = tables["BTCUSDT"].frame.timestamps[900]
-    traded = backtest_probabilities(tables, scored, BacktestConfig(threshold=0.0), start=start)
+    config = BacktestConfig(threshold=0.0)
+    traded = backtest_probabilities(tables, scored, config, rules_of(config), start=start)
     trades = traded.result.trades
     assert len(trades) > 0
     assert traded.result.market.timestamps[0] == start and traded.result.market.n_bars == ROWS - 900

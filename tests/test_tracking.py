@@ -156,7 +156,7 @@ def logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Logged]:
         levels={"window": 12, "eps_frac": 0.005},
         labels={"kind": "level_label", "threshold_frac": 0.001, "horizon": 1},
         hparams=dict(module.hparams),
-        threshold=0.4,
+        rules={"threshold": 0.4, "tp_stop": 0.03, "max_hold_bars": 6},
         extra={"test_start": "2024-06-01T00:00:00+00:00"},
     )
     example = {"features": _features(3, SEQ_LEN, seed=1), "symbol_id": np.array([0, 1, -1], dtype=np.int64)}

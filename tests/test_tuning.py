@@ -19,7 +19,7 @@ from pricelevel.ml.config import ModelConfig, SearchSpace, TuningConfig
 from pricelevel.ml.dataset import SymbolFrame, TrainingData, build_training_data
 from pricelevel.ml.fit import TrainResult, with_params
 from pricelevel.ml.model import MultiSymbolLSTM
-from pricelevel.ml.tuning import SEARCHED, open_study, run_study
+from pricelevel.ml.tuning import SEARCHED, fit_objective, open_study, run_study
 
 SEQ_LENS = (4, 6)
 SPACE = SearchSpace(
@@ -103,7 +103,7 @@ def test_a_study_runs_counts_and_resumes(tmp_path: Path, data_for) -> None:
     work = tmp_path / "work"
     observer = Observer()
     study = open_study(tuning.storage, "tiny", tuning)
-    summary = run_study(study, data_for, MODEL, tuning, work, observer)
+    summary = run_study(study, fit_objective(data_for, MODEL, tuning), tuning, work, observer)
 
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 2 and summary.trials_run_now == 2
@@ -139,7 +139,7 @@ def test_a_study_runs_counts_and_resumes(tmp_path: Path, data_for) -> None:
 
     # Resume: the same study, nothing left to run.
     again_observer = Observer()
-    again = run_study(open_study(tuning.storage, "tiny", tuning), data_for, MODEL, tuning, work, again_observer)
+    again = run_study(open_study(tuning.storage, "tiny", tuning), fit_objective(data_for, MODEL, tuning), tuning, work, again_observer)
     assert again.trials_run_now == 0 and again_observer.calls == []
     assert again.best_value == summary.best_value and again.best_params == summary.best_params
     assert again.trials_complete == summary.trials_complete
@@ -147,7 +147,7 @@ def test_a_study_runs_counts_and_resumes(tmp_path: Path, data_for) -> None:
     # One more trial wanted: exactly one more runs.
     more = tuning.model_copy(update={"n_trials": 3})
     third_observer = Observer()
-    third = run_study(open_study(tuning.storage, "tiny", more), data_for, MODEL, more, work, third_observer)
+    third = run_study(open_study(tuning.storage, "tiny", more), fit_objective(data_for, MODEL, more), more, work, third_observer)
     assert third.trials_run_now == 1 and len(third.trials) == 3
     assert [c[1] for c in third_observer.of("start")] == [2]
     assert third.best_value >= summary.best_value
@@ -176,7 +176,7 @@ def test_each_trial_fit_gets_a_pruning_callback_for_its_own_trial(tmp_path: Path
     monkeypatch.setattr(fit_module, "fit_model", fake_fit)
     tuning = _tuning(tmp_path, n_trials=3)
     study = open_study(tuning.storage, "fake", tuning)
-    summary = run_study(study, data_for, MODEL, tuning, tmp_path / "work")
+    summary = run_study(study, fit_objective(data_for, MODEL, tuning), tuning, tmp_path / "work")
     assert len(seen) == 3 and summary.trials_complete == 3
     assert summary.best_value == pytest.approx(0.3) and summary.best_trial == 2
     for number, call in enumerate(seen):
@@ -207,7 +207,7 @@ def test_a_pruned_trial_is_counted_and_reported(tmp_path: Path, data_for, monkey
     monkeypatch.setattr(fit_module, "fit_model", fake_fit)
     tuning = _tuning(tmp_path, n_trials=3)
     observer = Observer()
-    summary = run_study(open_study(tuning.storage, "pruned", tuning), data_for, MODEL, tuning, tmp_path / "w", observer)
+    summary = run_study(open_study(tuning.storage, "pruned", tuning), fit_objective(data_for, MODEL, tuning), tuning, tmp_path / "w", observer)
     assert summary.trials_complete == 2 and summary.trials_pruned == 1 and summary.trials_run_now == 3
     assert [row["state"] for row in summary.trials] == ["COMPLETE", "PRUNED", "COMPLETE"]
     assert summary.best_value == pytest.approx(0.4) and summary.best_trial == 0
@@ -223,11 +223,11 @@ def test_a_failing_fit_is_reported_and_does_not_count_as_finished(tmp_path: Path
     tuning = _tuning(tmp_path, n_trials=1)
     observer = Observer()
     with pytest.raises(RuntimeError, match="out of memory"):
-        run_study(open_study(tuning.storage, "fails", tuning), data_for, MODEL, tuning, tmp_path / "w", observer)
+        run_study(open_study(tuning.storage, "fails", tuning), fit_objective(data_for, MODEL, tuning), tuning, tmp_path / "w", observer)
     assert observer.of("end") == [("end", 0, "fail", None)]
 
     monkeypatch.setattr(fit_module, "fit_model", lambda *a, **k: _fake_result(0.5))
-    summary = run_study(open_study(tuning.storage, "fails", tuning), data_for, MODEL, tuning, tmp_path / "w")
+    summary = run_study(open_study(tuning.storage, "fails", tuning), fit_objective(data_for, MODEL, tuning), tuning, tmp_path / "w")
     assert summary.trials_run_now == 1 and summary.trials_complete == 1 and len(summary.trials) == 2
     assert summary.trials[0]["state"] == "FAIL"
 
@@ -239,7 +239,7 @@ def test_a_study_where_every_trial_was_pruned_says_so(tmp_path: Path, data_for, 
     monkeypatch.setattr(fit_module, "fit_model", pruned)
     tuning = _tuning(tmp_path)
     with pytest.raises(RuntimeError, match="no trial completed"):
-        run_study(open_study(tuning.storage, "all-pruned", tuning), data_for, MODEL, tuning, tmp_path / "w")
+        run_study(open_study(tuning.storage, "all-pruned", tuning), fit_objective(data_for, MODEL, tuning), tuning, tmp_path / "w")
 
 
 # --------------------------------------------------------------------------------------- params

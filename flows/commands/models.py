@@ -37,14 +37,33 @@ def train(
             for row in scores_table(scores))
     title = f"{cfg.tracking.registered_model} version {outcome['version']} (@challenger)"
     console().print(table(title + (" — reused, nothing new" if outcome["reused"] else ""), ["", *columns], rows, "right"))
+    _print_walk_forward(outcome["walk_forward"], cfg.selection.metric)
     bt = outcome["backtest"]
     console().print(
-        f"best {metric} {scores[f'best_{metric}']:.4f} · backtest on the test segment: total return "
-        f"{bt.get('backtest_total_return', float('nan')):+.2%}, sharpe {bt.get('backtest_sharpe', float('nan')):.2f}, "
-        f"trades {bt.get('backtest_n_trades', 0):.0f}"
+        f"best {metric} {scores[f'best_{metric}']:.4f} · rules chosen on validation: {_rules(outcome['rules'])}\n"
+        f"newest fold's test segment: total return {bt.get('backtest_total_return', float('nan')):+.2%}, "
+        f"sharpe {bt.get('backtest_sharpe', float('nan')):.2f}, trades {bt.get('backtest_n_trades', 0):.0f}"
     )
     console().print(f"report: {relative(outcome['report'])}")
     console().print("next: `pricelevel promote` (challenger vs champion) · `pricelevel models` · `pricelevel ui`")
+
+
+def _rules(rules: dict) -> str:
+    from pricelevel.strategy.rules import StrategyRules
+
+    return StrategyRules.model_validate(rules).describe()
+
+
+def _print_walk_forward(summary: dict, metric: str) -> None:
+    """Mean and worst fold of the model's strategy beside cash, buy-and-hold and the level rule."""
+    columns = (f"mean {metric}", f"worst {metric}", "mean return", "worst return", "worst drawdown", "mean trades")
+    rows = (
+        [name, number(summary["mean"][name][metric]), number(summary["worst"][name][metric]),
+         number(summary["mean"][name]["total_return"], pct=True), number(summary["worst"][name]["total_return"], pct=True),
+         number(summary["worst"][name]["max_drawdown"], pct=True), f"{summary['mean'][name]['n_trades']:.0f}"]
+        for name in ("model", "cash", "buy_and_hold", "level_rule")
+    )
+    console().print(table("walk-forward test segments (after costs)", ["strategy", *columns], rows, "right"))
 
 
 def promote(

@@ -26,21 +26,30 @@ def backtest(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write metrics and every trade here.")] = None,
     report: Annotated[Path | None, typer.Option(help="Write the HTML summary here (+ one page per symbol).")] = None,
 ) -> None:
-    """Backtest signals on candles, or a registered model on a data folder, with the rules in `backtest.*`."""
+    """Backtest signals on candles with the rules in `backtest.*`, or a registered model on a data folder with
+    the rules stored in the model (a `--set backtest.<rule>=...` overrides one, and says so)."""
     from pricelevel.backtest.files import backtest_files, write_result_json
     from pricelevel.backtest.metrics import METRIC_LABELS, format_metric
 
-    cfg = session(ctx).config()
+    state = session(ctx)
+    cfg = state.config()
     levels = None
     if model is not None:
         if data is None or candles is not None or signals is not None:
             raise UsageError("--model needs --data DIR (and no --candles/--signals)")
+        from pricelevel.config import explicit_settings
         from pricelevel.data.folder import CandleFolder
-        from pricelevel.inference.scoring import backtest_model
+        from pricelevel.inference.scoring import backtest_model, model_rules
         from pricelevel.registry.tracking import load_model, mlflow_client
+        from pricelevel.strategy.rules import RULE_KEYS
 
         loaded = load_model(model, mlflow_client(cfg.tracking))
-        traded = backtest_model(loaded.predict, loaded.spec, CandleFolder.open(data), cfg.backtest, timestamp(start))
+        chosen = {k: v for k, v in explicit_settings("backtest.", state.config_file, state.overrides).items() if k in RULE_KEYS}
+        rules = model_rules(loaded.spec, chosen)
+        console().print(f"rules stored with {model} (version {loaded.version}): {loaded.spec.strategy_rules().describe()}")
+        if chosen:
+            console().print(f"[yellow]overridden[/yellow] by you: {chosen} -> {rules.describe()}")
+        traded = backtest_model(loaded.predict, loaded.spec, CandleFolder.open(data), cfg.backtest, rules, timestamp(start))
         result, metrics, levels = traded.result, traded.metrics, traded.levels
         what = f"{model} (version {loaded.version}) on {data}"
     elif candles is None or signals is None:

@@ -21,6 +21,9 @@ class BacktestConfig(Frozen):
     #: Stop-loss / take-profit as fractions of the entry price; ``null`` switches one off.
     sl_stop: float | None = Field(0.02, gt=0, lt=1)
     tp_stop: float | None = Field(0.04, gt=0)
+    #: Time stop: exit at the close of the N-th bar held, N bars after the signal bar in both fill modes (a
+    #: label's horizon); ``null`` switches it off.
+    max_hold_bars: int | None = Field(None, ge=1)
     #: ``close``: at the signal bar's close (vectorbt's rule); ``next_open``: at the next bar's open.
     fill: Literal["close", "next_open"] = "next_open"
     #: ``all_in``: all cash; ``fraction``: ``fraction`` of equity; ``risk``: lose ``risk`` of equity at the

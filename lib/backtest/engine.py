@@ -2,8 +2,9 @@
 
 Inputs are aligned 2-D arrays ``(bars, symbols)`` of open/high/low/close and boolean entry/exit signals
 (see :mod:`pricelevel.backtest.market`). Everything the loop knows between bars lives in :class:`EngineState`
-(cash, positions, stop prices, pending orders), so a run over the whole history and the same run fed in
-chunks (or one bar at a time, as the live trader does) produce identical trades and equity.
+(cash, positions, stop prices, time-stop due bars, pending orders with their stop fractions), so a run over the
+whole history and the same run fed in chunks (or one bar at a time, as the live trader does) produce
+identical trades and equity.
 
 Trade semantics (each rule is tested by a hand-computed case in ``tests/test_backtest_engine.py``)
 ----------------------------------------------------------------------------------------------------
@@ -16,7 +17,9 @@ Long only. Within one bar, for every symbol:
    (fill ``close``; this is vectorbt's ``stop_entry_price="close"``) or the fill bar's open (``next_open``).
    ``SL = ref * (1 - sl_stop)``, ``TP = ref * (1 + tp_stop)``. With fill ``close`` the entry bar itself is
    never checked (the position did not exist during it); with ``next_open`` the fill bar is checked, since
-   the position existed from its open on.
+   the position existed from its open on. ``sl_stop``/``tp_stop`` are the entry's own fractions when the
+   caller passes ``entry_sl``/``entry_tp`` arrays (the value at the entry *signal* bar; with ``next_open``
+   it travels with the pending order), else the scalar parameters; NaN in an array means "the scalar".
    - stop-loss first: if ``open <= SL`` the exit fills at the **open** (a gap through the stop), else if
      ``low <= SL`` it fills at ``SL``;
    - only when the stop-loss did not trigger: if ``open >= TP`` the exit fills at the open, else if
@@ -24,12 +27,19 @@ Long only. Within one bar, for every symbol:
    - a stop exit pays fees but **no slippage** (vectorbt's default ``stop_exit_price="stoplimit"``);
    - on a bar with a stop exit, that symbol's entry and exit signals are ignored (no re-entry on the same
      bar; the next entry can come at the next bar).
-3. **Signals** at the close. An entry and an exit on the same bar cancel each other (vectorbt's
+3. **Time stop** (``max_hold_bars = N``, 0: off), only when no stop-loss/take-profit triggered on the bar: a
+   position held for N bars exits at the close of its N-th bar. The fill bar is bar 1 with ``next_open``
+   (the position existed from its open), the bar after the entry bar with ``close``; in both modes that is
+   the close N bars after the signal bar, the horizon of an "x within N bars" label. It is a market exit:
+   close with slippage against us, plus fees, reason ``time_stop``; like a stop it makes the symbol ignore
+   its signals on that bar. The due bar is a global bar index: a symbol without a bar then exits at the
+   close of its next bar. A pending signal exit fills at the next open, so it always comes first.
+4. **Signals** at the close. An entry and an exit on the same bar cancel each other (vectorbt's
    ``upon_long_conflict="ignore"``), whether or not a position is open. An exit while flat and an entry
    while already long do nothing (no pyramiding). Exits are handled for all symbols before entries, so
    cash released by an exit at this close can fund an entry at the same close.
    Fill ``close``: the order fills now at ``close``; ``next_open``: it is queued for the next open.
-4. **Valuation**: ``equity = cash + sum(position * last close)``; a symbol with no bar keeps its last close.
+5. **Valuation**: ``equity = cash + sum(position * last close)``; a symbol with no bar keeps its last close.
 
 Fills and costs (the same arithmetic as vectorbt's ``buy_nb``/``sell_nb``, so results agree to rounding):
 
@@ -40,7 +50,8 @@ Fills and costs (the same arithmetic as vectorbt's ``buy_nb``/``sell_nb``, so re
 - sizing decides the order's value before fees, ``V``, then ``size = V / fill_price``:
   ``all_in``: all cash, fees included (``size = cash / (1 + fees) / fill_price``, vectorbt's ``size=inf``);
   ``fraction``: ``V = fraction * equity``; ``risk``: ``V = min(risk * equity / sl_stop, fraction * equity)``,
-  i.e. lose ``risk`` of equity if the stop-loss fills at its price. Equity is valued at the fill moment.
+  i.e. lose ``risk`` of equity if the stop-loss fills at its price (``sl_stop``: the entry's own fraction
+  when given, else the scalar, which risk sizing therefore requires). Equity is valued at the fill moment.
   When ``V * (1 + fees)`` exceeds the cash, the order shrinks to what the cash buys (a partial fill);
 - an entry is rejected (and counted) when the cash is zero, when its value is below ``min_order_value``
   (dust), or when ``max_positions`` positions are already open or pending;
@@ -69,6 +80,7 @@ class ExitReason(IntEnum):
     STOP_LOSS = 1
     TAKE_PROFIT = 2
     OPEN = 3  # still open at the end of the data
+    TIME_STOP = 4  # held max_hold_bars bars (codes are stored in trade records: append, never renumber)
 
     @property
     def label(self) -> str:
@@ -84,6 +96,9 @@ class Sizing(IntEnum):
 # Integer codes the compiled loop uses (numba freezes module-level ints as constants).
 _NONE, _BUY, _SELL = 0, 1, 2  # EngineState.pending
 _BY_SIGNAL, _BY_STOP_LOSS, _BY_TAKE_PROFIT = int(ExitReason.SIGNAL), int(ExitReason.STOP_LOSS), int(ExitReason.TAKE_PROFIT)
+_BY_TIME_STOP = int(ExitReason.TIME_STOP)
+#: Longest time stop the loop represents (due bars are int64); any longer one never fires anyway.
+_MAX_HOLD_CAP = 2**62
 # Rejection counters (EngineState.rejected).
 REJECT_NO_CASH, REJECT_DUST, REJECT_MAX_POSITIONS = 0, 1, 2
 REJECT_LABELS = ("no_cash", "dust", "max_positions")
@@ -104,6 +119,7 @@ class EngineParams:
     risk: float = 0.02
     min_order_value: float = 0.0
     max_positions: int = 1_000_000
+    max_hold_bars: int = 0  # time stop after this many bars held; 0: off
 
     def __post_init__(self) -> None:
         if not (self.init_cash > 0 and np.isfinite(self.init_cash)):
@@ -123,12 +139,17 @@ class EngineParams:
             raise ValueError("risk sizing needs a stop-loss (sl_stop): the risk is measured to the stop")
         if self.max_positions < 1:
             raise ValueError("max_positions must be >= 1")
+        if self.max_hold_bars < 0:
+            raise ValueError(f"max_hold_bars must be >= 0 (0: off), got {self.max_hold_bars}")
 
     def as_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         floats = np.array(
             [self.fees, self.slippage, self.sl_stop, self.tp_stop, self.fraction, self.risk, self.min_order_value]
         )
-        ints = np.array([int(self.next_open), int(self.sizing), self.max_positions], dtype=np.int64)
+        ints = np.array(
+            [int(self.next_open), int(self.sizing), self.max_positions, min(int(self.max_hold_bars), _MAX_HOLD_CAP)],
+            dtype=np.int64,
+        )
         return floats, ints
 
 
@@ -145,7 +166,10 @@ class EngineState:
     tp_price: np.ndarray
     last_close: np.ndarray  # valuation price (last finite close)
     pending: np.ndarray  # 0 none, 1 buy, 2 sell at the next open
-    stopped_bar: np.ndarray  # last global bar with a stop exit (signals ignored on it)
+    stopped_bar: np.ndarray  # last global bar with a stop or time-stop exit (signals ignored on it)
+    due_bar: np.ndarray  # global bar at whose close the time stop fires; -1: none
+    pending_sl: np.ndarray  # stop fractions a pending buy carries from its signal bar (NaN: off)
+    pending_tp: np.ndarray
     rejected: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
     bars_done: int = 0
 
@@ -165,6 +189,9 @@ class EngineState:
             last_close=nan(),
             pending=np.zeros(n_symbols, dtype=np.int8),
             stopped_bar=np.full(n_symbols, -1, dtype=np.int64),
+            due_bar=np.full(n_symbols, -1, dtype=np.int64),
+            pending_sl=nan(),
+            pending_tp=nan(),
         )
 
     @property
@@ -195,8 +222,15 @@ def step(
     close: np.ndarray,
     entries: np.ndarray,
     exits: np.ndarray,
+    *,
+    entry_sl: np.ndarray | None = None,
+    entry_tp: np.ndarray | None = None,
 ) -> ChunkResult:
-    """Advance ``state`` over a chunk of bars (2-D ``(bars, symbols)`` arrays) and return what happened."""
+    """Advance ``state`` over a chunk of bars (2-D ``(bars, symbols)`` arrays) and return what happened.
+
+    ``entry_sl``/``entry_tp`` (optional, same shape, float): an entry signal's own stop-loss/take-profit as
+    fractions of the reference price, e.g. from the nearest support/resistance; NaN: the scalar parameter.
+    """
     arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (open_, high, low, close)]
     signals = [np.ascontiguousarray(a, dtype=np.bool_) for a in (entries, exits)]
     shape = arrays[3].shape
@@ -204,16 +238,19 @@ def step(
         raise ValueError(f"expected arrays of shape (bars, {state.n_symbols}), got {shape}")
     if any(a.shape != shape for a in (*arrays, *signals)):
         raise ValueError("open, high, low, close, entries and exits must have the same shape")
+    stops = [_entry_fractions(a, name, signals[0], state.n_symbols)
+             for a, name in ((entry_sl, "entry_sl"), (entry_tp, "entry_tp"))]
     floats, ints = params.as_arrays()
+    flags = np.array([entry_sl is not None, entry_tp is not None])
     capacity = int(np.count_nonzero(signals[0])) + 2 * state.n_symbols
     out_i = np.empty((capacity, 4), dtype=np.int64)  # symbol, entry bar, exit bar, reason
     out_f = np.empty((capacity, 5))  # entry price, exit price, size, entry fees, exit fees
     equity = np.empty(shape[0])
     n = _simulate(
-        *arrays, *signals, floats, ints, state.bars_done,
+        *arrays, *signals, *stops, flags, floats, ints, state.bars_done,
         state.cash, state.position, state.entry_price, state.entry_fees, state.entry_bar, state.sl_price,
-        state.tp_price, state.last_close, state.pending, state.stopped_bar, state.rejected,
-        equity, out_i, out_f,
+        state.tp_price, state.last_close, state.pending, state.stopped_bar, state.due_bar, state.pending_sl,
+        state.pending_tp, state.rejected, equity, out_i, out_f,
     )
     state.bars_done += shape[0]
     trades = {
@@ -223,6 +260,25 @@ def step(
         "exit_reason": out_i[:n, 3].astype(np.int8),
     }
     return ChunkResult(equity=equity, trades=trades)
+
+
+def _entry_fractions(values: np.ndarray | None, name: str, entries: np.ndarray, n_symbols: int) -> np.ndarray:
+    """A per-entry stop array, checked where it matters (entry bars); an empty stand-in when not given.
+
+    The stand-in keeps one compiled signature and costs no memory per bar (the loop reads it only when
+    the matching flag says the array was given).
+    """
+    if values is None:
+        return np.empty((0, n_symbols))
+    values = np.ascontiguousarray(values, dtype=np.float64)
+    if values.shape != entries.shape:
+        raise ValueError(f"{name} must have the shape of the signals {entries.shape}, got {values.shape}")
+    used = values[entries]
+    upper, rule = (1.0, "in (0, 1)") if name == "entry_sl" else (np.inf, "> 0")
+    bad = ~(np.isnan(used) | ((used > 0) & ((used < upper) | (upper == np.inf))))
+    if bad.any():
+        raise ValueError(f"{name} must be {rule} or NaN (the scalar) on entry bars, got {used[bad][0]}")
+    return values
 
 
 def open_trades(state: EngineState) -> dict[str, np.ndarray]:
@@ -249,10 +305,10 @@ def _is_zero(x):
 
 
 @njit(cache=True)
-def _buy(s, price, g, equity_now, floats, ints, cash, position, entry_price, entry_fees, entry_bar,
-         sl_price, tp_price, rejected):
-    """Open a position at ``price`` (unslipped reference price). Returns True if filled."""
-    fees, slippage, sl_stop, tp_stop = floats[0], floats[1], floats[2], floats[3]
+def _buy(s, price, g, equity_now, sl_stop, tp_stop, floats, ints, cash, position, entry_price, entry_fees,
+         entry_bar, sl_price, tp_price, due_bar, rejected):
+    """Open a position at ``price`` (unslipped reference price) with these stop fractions. True if filled."""
+    fees, slippage = floats[0], floats[1]
     fraction, risk, min_value = floats[4], floats[5], floats[6]
     sizing = ints[1]
     cash_now = cash[0]
@@ -289,7 +345,19 @@ def _buy(s, price, g, equity_now, floats, ints, cash, position, entry_price, ent
     entry_bar[s] = g
     sl_price[s] = price * (1.0 - sl_stop)  # NaN when sl_stop is NaN
     tp_price[s] = price * (1.0 + tp_stop)
+    # close: the entry bar is bar 0, so the N-th bar held is g + N; next_open: the fill bar is bar 1
+    due_bar[s] = g + ints[3] - ints[0] if ints[3] > 0 else -1
     return True
+
+
+@njit(cache=True, inline="always")
+def _fraction(given, values, t, s, scalar):
+    """The entry's own stop fraction at signal bar ``t`` when given and not NaN, else the scalar."""
+    if given:
+        x = values[t, s]
+        if x == x:
+            return x
+    return scalar
 
 
 @njit(cache=True)
@@ -329,12 +397,14 @@ def _equity(cash, position, last_close):
 
 
 @njit(cache=True, nogil=True)
-def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
+def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags, floats, ints, offset,
               cash, position, entry_price, entry_fees, entry_bar, sl_price, tp_price, last_close, pending,
-              stopped_bar, rejected, equity, out_i, out_f):
-    fees, slippage = floats[0], floats[1]
+              stopped_bar, due_bar, pending_sl, pending_tp, rejected, equity, out_i, out_f):
+    fees, slippage, sl_stop, tp_stop = floats[0], floats[1], floats[2], floats[3]
     next_open = ints[0] == 1
     max_positions = ints[2]
+    time_stop = ints[3] > 0
+    has_sl, has_tp = flags[0], flags[1]
     n_bars, n_sym = close.shape
     n = 0
     n_open = 0
@@ -365,11 +435,14 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
                         for k in range(n_sym):
                             if position[k] != 0.0:
                                 eq += position[k] * (open_[t, k] if open_[t, k] == open_[t, k] else last_close[k])
-                        if _buy(s, open_[t, s], g, eq, floats, ints, cash, position, entry_price,
-                                entry_fees, entry_bar, sl_price, tp_price, rejected):
+                        sl, tp = pending_sl[s], pending_tp[s]
+                        pending_sl[s] = np.nan
+                        pending_tp[s] = np.nan
+                        if _buy(s, open_[t, s], g, eq, sl, tp, floats, ints, cash, position, entry_price,
+                                entry_fees, entry_bar, sl_price, tp_price, due_bar, rejected):
                             n_open += 1
 
-        # 2. stops, then exit signals at the close, for each open position
+        # 2. stops, the time stop at the close, then exit signals at the close, for each open position
         if n_open > 0:
             for s in range(n_sym):
                 if position[s] == 0.0:
@@ -400,6 +473,12 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
                     continue
                 c = close[t, s]
                 last_close[s] = c
+                if time_stop and g >= due_bar[s]:  # a market exit at the close (due_bar >= 0 when time_stop)
+                    n = _sell(s, c, slippage, g, _BY_TIME_STOP, fees, cash, position, entry_price, entry_fees,
+                              entry_bar, sl_price, tp_price, out_i, out_f, n)
+                    n_open -= 1
+                    stopped_bar[s] = g
+                    continue
                 if exits[t, s] and not entries[t, s] and pending[s] == _NONE:
                     if next_open:
                         pending[s] = _SELL
@@ -408,7 +487,7 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
                                   entry_bar, sl_price, tp_price, out_i, out_f, n)
                         n_open -= 1
 
-        # 3. entry signals at the close
+        # 3. entry signals at the close, with their own stop fractions when given
         for s in range(n_sym):
             if entries[t, s] and not exits[t, s] and position[s] == 0.0 and pending[s] == _NONE \
                     and stopped_bar[s] != g:
@@ -419,9 +498,12 @@ def _simulate(open_, high, low, close, entries, exits, floats, ints, offset,
                     rejected[REJECT_MAX_POSITIONS] += 1
                 elif next_open:
                     pending[s] = _BUY
+                    pending_sl[s] = _fraction(has_sl, entry_sl, t, s, sl_stop)
+                    pending_tp[s] = _fraction(has_tp, entry_tp, t, s, tp_stop)
                     n_pending_buys += 1
-                elif _buy(s, c, g, _equity(cash, position, last_close), floats, ints, cash, position,
-                          entry_price, entry_fees, entry_bar, sl_price, tp_price, rejected):
+                elif _buy(s, c, g, _equity(cash, position, last_close), _fraction(has_sl, entry_sl, t, s, sl_stop),
+                          _fraction(has_tp, entry_tp, t, s, tp_stop), floats, ints, cash, position, entry_price,
+                          entry_fees, entry_bar, sl_price, tp_price, due_bar, rejected):
                     last_close[s] = c
                     n_open += 1
 

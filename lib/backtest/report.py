@@ -42,7 +42,8 @@ from pricelevel.core.files import atomic_write
 PLOTLY_JS = "plotly.min.js"
 
 #: Trade marker colours by exit reason (entries share their trade's colour).
-REASON_COLORS = {"signal": "#1f77b4", "stop_loss": "#d62728", "take_profit": "#2ca02c", "open": "#7f7f7f"}
+REASON_COLORS = {"signal": "#1f77b4", "stop_loss": "#d62728", "take_profit": "#2ca02c", "time_stop": "#ff7f0e",
+                 "open": "#7f7f7f"}
 LEVEL_COLOR = "#9467bd"
 
 _CSS = """
@@ -323,6 +324,7 @@ def _config_pairs(result: BacktestResult) -> list[tuple[str, str]]:
         ("slippage", _pct(cfg.slippage)),
         ("stop-loss", _pct(cfg.sl_stop)),
         ("take-profit", _pct(cfg.tp_stop)),
+        ("time stop", "off" if cfg.max_hold_bars is None else f"{cfg.max_hold_bars:,} bars"),
         ("fill", cfg.fill),
         ("sizing", sizing),
         ("max positions", str(cfg.max_positions)),

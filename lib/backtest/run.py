@@ -40,6 +40,7 @@ def engine_params(config: BacktestConfig) -> EngineParams:
         risk=config.risk,
         min_order_value=config.min_order_value,
         max_positions=config.max_positions,
+        max_hold_bars=config.max_hold_bars or 0,
     )
 
 
@@ -60,11 +61,16 @@ def run_backtest(
     exits: np.ndarray,
     config: BacktestConfig,
     chunk_bars: int | None = None,
+    *,
+    entry_sl: np.ndarray | None = None,
+    entry_tp: np.ndarray | None = None,
 ) -> BacktestResult:
     """Backtest boolean ``(bars, symbols)`` signals on ``market``.
 
     ``chunk_bars`` feeds the engine that many bars at a time (as a live loop would); the result does not
-    depend on it, which the tests check.
+    depend on it, which the tests check. ``entry_sl``/``entry_tp`` (optional float ``(bars, symbols)``) give
+    each entry signal its own stop-loss/take-profit fraction (e.g. to the nearest support/resistance); NaN
+    falls back to ``config.sl_stop``/``config.tp_stop``.
     """
     params = engine_params(config)
     state = EngineState.initial(len(market.symbols), params.init_cash)
@@ -75,6 +81,8 @@ def run_backtest(
         part = step(
             state, params, market.open[start:stop], market.high[start:stop], market.low[start:stop],
             market.close[start:stop], entries[start:stop], exits[start:stop],
+            entry_sl=None if entry_sl is None else entry_sl[start:stop],
+            entry_tp=None if entry_tp is None else entry_tp[start:stop],
         )
         equity_parts.append(part.equity)
         trade_parts.append(part.trades)
@@ -93,7 +101,7 @@ def trades_frame(columns: dict[str, np.ndarray], market: Market) -> pd.DataFrame
     """Engine trade columns to a readable frame: symbols, times, pnl, return and reason names."""
     size, entry, exit_ = columns["size"], columns["entry_price"], columns["exit_price"]
     pnl = size * exit_ - size * entry - columns["entry_fees"] - columns["exit_fees"]
-    reasons = np.array([r.label for r in ExitReason])
+    reasons = np.array([ExitReason(code).label for code in range(len(ExitReason))])  # indexed by code
     return pd.DataFrame(
         {
             "symbol": pd.Categorical.from_codes(columns["symbol_idx"], categories=list(market.symbols)).astype(str),

@@ -18,15 +18,17 @@ import pandas as pd
 
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.files import write_result_json
-from pricelevel.backtest.market import align_signals, market_from_candles
+from pricelevel.backtest.market import market_from_candles
 from pricelevel.backtest.metrics import BacktestMetrics, compute_metrics
-from pricelevel.backtest.run import BacktestResult, run_backtest
+from pricelevel.backtest.run import BacktestResult
+from pricelevel.backtest.trading import probability_matrix, trade_probabilities
 from pricelevel.core.cache import DerivedStore, code_fingerprint, step_key
 from pricelevel.core.runlog import RunLog
 from pricelevel.data.folder import CandleFolder, CandleFolderError
 from pricelevel.ml.artifacts import TrainedModel
 from pricelevel.ml.dataset import DatasetPlan, SymbolTable, build_windows, labels_at, symbol_table
 from pricelevel.ml.spec import ModelSpec
+from pricelevel.strategy.rules import StrategyRules
 
 #: ``predict(features [B, T, F] float32, symbol_id [B] int64) -> probabilities [B]``
 Predict = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -78,34 +80,45 @@ class ScoredBacktest:
     result: BacktestResult
     metrics: BacktestMetrics
     levels: dict[str, list[float]]
+    rules: StrategyRules
 
 
 def backtest_probabilities(
     tables: Mapping[str, SymbolTable],
     scored: pd.DataFrame,
-    config: BacktestConfig,
+    costs: BacktestConfig,
+    rules: StrategyRules,
     start: pd.Timestamp | None = None,
+    end: pd.Timestamp | None = None,
 ) -> ScoredBacktest:
-    """Trade ``probability >= threshold`` (the shared signal path) on the candles from ``start`` on."""
+    """Trade the probabilities with ``rules`` (the shared signal path) and ``costs`` on the candles of
+    ``[start, end]`` (either may be open)."""
     candles = pd.concat([t.candles.assign(symbol=s) for s, t in tables.items()], ignore_index=True)
+    keep = pd.Series(True, index=candles.index)
     if start is not None:
-        candles = candles[candles["timestamp"] >= start]
-        scored = scored[scored["timestamp"] >= start]
-    market = market_from_candles(candles, timeframe=config.timeframe)
-    entries, exits = align_signals(
-        market, scored[["timestamp", "symbol", "probability"]], config.threshold, config.exit_threshold
-    )
-    result = run_backtest(market, entries, exits, config)
-    return ScoredBacktest(result, compute_metrics(result), levels_at_end(tables))
+        keep &= candles["timestamp"] >= start
+    if end is not None:
+        keep &= candles["timestamp"] <= end
+    market = market_from_candles(candles[keep], timeframe=costs.timeframe)
+    result = trade_probabilities(market, probability_matrix(market, scored), costs, rules)
+    return ScoredBacktest(result, compute_metrics(result), levels_at_end(tables), rules)
+
+
+def model_rules(spec: ModelSpec, overrides: Mapping[str, object] | None = None) -> StrategyRules:
+    """The model's own decision rules, with the keys in ``overrides`` replaced (an explicit ``--set
+    backtest.<rule>`` on the command line: printed by the caller, never taken from the base config)."""
+    rules = spec.strategy_rules()
+    return rules.model_copy(update=dict(overrides)) if overrides else rules
 
 
 def backtest_model(
-    predict: Predict, spec: ModelSpec, folder: CandleFolder, config: BacktestConfig, start: pd.Timestamp | None = None
+    predict: Predict, spec: ModelSpec, folder: CandleFolder, costs: BacktestConfig, rules: StrategyRules,
+    start: pd.Timestamp | None = None,
 ) -> ScoredBacktest:
     """Score every bar of ``folder`` with the model (its own inputs, recomputed from that folder alone) and
-    trade the probabilities from ``start`` on."""
+    trade the probabilities from ``start`` on with ``rules`` (normally the model's own: :func:`model_rules`)."""
     tables = tables_for_spec(folder, spec)
-    return backtest_probabilities(tables, predict_tables(predict, spec, tables), config, start=start)
+    return backtest_probabilities(tables, predict_tables(predict, spec, tables), costs, rules, start=start)
 
 
 def write_backtest(traded: ScoredBacktest, folder: Path) -> tuple[Path, Path]:
@@ -117,17 +130,18 @@ def write_backtest(traded: ScoredBacktest, folder: Path) -> tuple[Path, Path]:
 
 
 def backtest_step(
-    plan: DatasetPlan, trained: TrainedModel, config: BacktestConfig, derived: DerivedStore, run: RunLog | None
+    plan: DatasetPlan, trained: TrainedModel, costs: BacktestConfig, derived: DerivedStore, run: RunLog | None
 ) -> dict[str, object]:
-    """Trade the model's test-segment probabilities with the backtest engine: report, JSON, metrics to ``run``.
-
-    Kept under a key of the model, the backtest settings and the backtest code (an engine fix trades again).
-    """
-    key = step_key("backtest", model=trained.key, backtest=config.model_dump(mode="json"), code=code_fingerprint(backtest_step))
+    """Trade the registered (newest fold's) model on its test segment with its own rules: report, JSON,
+    metrics to ``run``. Kept under a key of the model, the costs and the backtest code (an engine fix trades
+    again)."""
+    key = step_key("backtest", model=trained.key, backtest=costs.model_dump(mode="json"), code=code_fingerprint(backtest_step))
+    newest = trained.newest
 
     def write(out: Path) -> None:
-        start = pd.Timestamp(trained.spec.extra["test_start"])
-        write_backtest(backtest_probabilities(plan.load(), trained.predictions(), config, start=start), out)
+        spec = newest.spec
+        start = pd.Timestamp(spec.extra["test_start"])
+        write_backtest(backtest_probabilities(plan.load(), newest.predictions("test"), costs, spec.strategy_rules(), start), out)
 
     out, _ = derived.build("backtests", key, write)
     portfolio = json.loads((out / "backtest.json").read_text())["metrics"]["portfolio"]
@@ -135,7 +149,7 @@ def backtest_step(
     if run is not None:
         run.log_metrics(metrics)
         run.log_artifact(out, "backtest")
-    return {"metrics": metrics, "report": str(out / "report.html"), "folder": str(out)}
+    return {"metrics": metrics, "report": str(out / "report.html"), "folder": str(out), "rules": newest.spec.rules}
 
 
 def levels_at_end(tables: Mapping[str, SymbolTable]) -> dict[str, list[float]]:
@@ -149,55 +163,8 @@ def levels_at_end(tables: Mapping[str, SymbolTable]) -> dict[str, list[float]]:
     return out
 
 
-@dataclass(frozen=True)
-class WindowScore:
-    """A model's scores on one window of bars: the tuned metric, the backtest, and the no-model baselines."""
-
-    start: pd.Timestamp
-    end: pd.Timestamp
-    rows: int
-    metric: float
-    backtest: float
-    scores: dict[str, float]
-    baselines: dict[str, float]
-    backtest_metrics: dict[str, object]
-
-
 def newest_window(tables: Mapping[str, SymbolTable], days: float, not_before: pd.Timestamp | None) -> pd.Timestamp:
     """Start of the last ``days`` of data, never earlier than ``not_before`` (where the model's test began)."""
     end = max(t.candles["timestamp"].iloc[-1] for t in tables.values())
     start = end - pd.Timedelta(days=days)
     return max(start, not_before) if not_before is not None else start
-
-
-def score_window(
-    predict: Predict,
-    spec: ModelSpec,
-    tables: Mapping[str, SymbolTable],
-    start: pd.Timestamp,
-    tuned_metric: str,
-    backtest_metric: str,
-    config: BacktestConfig,
-) -> WindowScore:
-    """Score one model on the bars from ``start`` on: classification against the labels, and a backtest."""
-    from pricelevel.ml.evaluation import baseline_scores, classification_scores, metric_value
-
-    scored = predict_tables(predict, spec, tables)
-    window = scored[(scored["timestamp"] >= start) & np.isfinite(scored["target"])]
-    if window.empty:
-        raise ValueError(f"no labelled bars from {start} on to score the model")
-    scores = classification_scores(window["target"].to_numpy(), window["probability"].to_numpy())
-    base = baseline_scores(
-        window["target"].to_numpy(), window["near_level"].to_numpy(), float(spec.extra.get("train_positive_rate", 0.0))
-    )
-    traded = backtest_probabilities(tables, scored, config, start=start)
-    portfolio = traded.metrics.to_json_dict()["portfolio"]
-    value = portfolio.get(backtest_metric)
-    return WindowScore(
-        start=start, end=window["timestamp"].max(), rows=len(window),
-        metric=metric_value(scores, tuned_metric),
-        backtest=float(value) if value is not None else float("nan"),
-        scores=scores,
-        baselines={name: metric_value(s, tuned_metric) for name, s in base.items()},
-        backtest_metrics=portfolio,
-    )

@@ -21,6 +21,13 @@ class DatasetConfig(Frozen):
     test_frac: float = Field(0.15, gt=0, lt=0.5)
 
 
+class EvaluationConfig(Frozen):
+    """Walk-forward evaluation: expanding-window folds, each trained on its past, its rules chosen on its own
+    validation segment and traded on its own test segment (the newest fold's model is the one registered)."""
+
+    folds: int = Field(3, ge=1, le=20)
+
+
 class ModelConfig(Frozen):
     """MultiSymbolLSTM and its training loop (the tuner overrides the searched keys)."""
 

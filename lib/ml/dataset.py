@@ -52,38 +52,56 @@ class SymbolFrame:
 
 @dataclass(frozen=True)
 class SplitBounds:
-    """Inclusive bounds of the three chronological segments; embargo gaps lie between them."""
+    """Inclusive bounds of the three chronological segments; embargo gaps lie between them. ``test_end`` is
+    ``None`` for the newest fold (its test runs to the end of the data)."""
 
     train_end: pd.Timestamp
     val_start: pd.Timestamp
     val_end: pd.Timestamp
     test_start: pd.Timestamp
+    test_end: pd.Timestamp | None = None
 
 
-def split_bounds(frames: Sequence[SymbolFrame], val_frac: float, test_frac: float, embargo: int) -> SplitBounds:
-    """Split the union of all symbols' timestamps: train | embargo | validation | embargo | test.
+def walk_forward_bounds(
+    frames: Sequence[SymbolFrame], val_frac: float, test_frac: float, embargo: int, folds: int = 1
+) -> list[SplitBounds]:
+    """Expanding-window folds on the union of all symbols' timestamps, oldest first:
+    train (from the start) | embargo | validation | embargo | test, where the folds' test segments are the last
+    ``folds`` slices of ``test_frac`` each, one after the other, and the newest fold's test ends with the data.
 
     One timeline for every symbol, so no symbol's validation bars are another symbol's training bars in
     time. ``embargo`` (at least ``seq_len + horizon``) keeps windows and their labels from straddling a cut.
+    ``folds=1`` is the single chronological split.
     """
     if embargo < 0:
         raise ValueError(f"embargo must be >= 0, got {embargo}")
+    if folds < 1:
+        raise ValueError(f"folds must be >= 1, got {folds}")
     times = _timeline(frames)
     n = len(times)
-    n_test = round(test_frac * n)
-    n_val = round(val_frac * n)
-    test_start = n - n_test
-    val_end = test_start - 1 - embargo
-    val_start = val_end - n_val + 1
-    train_end = val_start - 1 - embargo
-    if n_test < 1 or n_val < 1 or train_end < 0:
-        raise ValueError(
-            f"{n} timestamps are too few for val_frac={val_frac}, test_frac={test_frac} and embargo={embargo}: "
-            f"train {max(train_end + 1, 0)}, validation {n_val}, test {n_test} bars"
-        )
-    return SplitBounds(
-        train_end=times[train_end], val_start=times[val_start], val_end=times[val_end], test_start=times[test_start]
-    )
+    n_test, n_val = round(test_frac * n), round(val_frac * n)
+    out = []
+    for fold in range(folds):
+        test_end = n - 1 - (folds - 1 - fold) * n_test
+        test_start = test_end - n_test + 1
+        val_end = test_start - 1 - embargo
+        val_start = val_end - n_val + 1
+        train_end = val_start - 1 - embargo
+        if n_test < 1 or n_val < 1 or train_end < 0:
+            raise ValueError(
+                f"{n} timestamps are too few for {folds} fold(s) of val_frac={val_frac}, test_frac={test_frac} and "
+                f"embargo={embargo}: fold {fold} has train {max(train_end + 1, 0)}, validation {n_val}, test {n_test} bars"
+            )
+        out.append(SplitBounds(
+            train_end=times[train_end], val_start=times[val_start], val_end=times[val_end], test_start=times[test_start],
+            test_end=times[test_end] if fold < folds - 1 else None,
+        ))
+    return out
+
+
+def split_bounds(frames: Sequence[SymbolFrame], val_frac: float, test_frac: float, embargo: int) -> SplitBounds:
+    """The single chronological split: the newest fold of :func:`walk_forward_bounds`."""
+    return walk_forward_bounds(frames, val_frac, test_frac, embargo)[-1]
 
 
 def _timeline(frames: Sequence[SymbolFrame]) -> pd.DatetimeIndex:
@@ -256,8 +274,10 @@ def build_training_data(
     test_frac: float,
     embargo: int,
     symbols: Sequence[str] | None = None,
+    bounds: SplitBounds | None = None,
 ) -> TrainingData:
-    """Split, normalise on train only, and window every segment.
+    """Split (``bounds``: one walk-forward fold; default the single split), normalise on train only, and window
+    every segment.
 
     ``embargo`` is given by the caller (longest tuned ``seq_len`` + horizon), so every trial shares one
     split whatever its own ``seq_len``. With ``symbols``, only those frames are used and ids follow that
@@ -274,7 +294,7 @@ def build_training_data(
         if missing:
             raise ValueError(f"no frame for symbol(s) {missing}")
         frames = [frame for frame in frames if frame.symbol in symbols]
-    bounds = split_bounds(frames, val_frac, test_frac, embargo)
+    bounds = bounds or split_bounds(frames, val_frac, test_frac, embargo)
     normalization = fit_normalization(frames, bounds.train_end)
     symbol_ids = {symbol: i for i, symbol in enumerate(symbols)}
 
@@ -284,7 +304,7 @@ def build_training_data(
     return TrainingData(
         train=windows(None, bounds.train_end),
         val=windows(bounds.val_start, bounds.val_end),
-        test=windows(bounds.test_start, None),
+        test=windows(bounds.test_start, bounds.test_end),
         normalization=normalization,
         bounds=bounds,
         symbols=symbols,
@@ -337,10 +357,13 @@ def embargo_bars(dataset: DatasetConfig, seq_lens: Sequence[int], horizon: int) 
 
 
 def training_data(
-    tables: Mapping[str, SymbolTable], dataset: DatasetConfig, seq_len: int, embargo: int
+    tables: Mapping[str, SymbolTable], dataset: DatasetConfig, seq_len: int, embargo: int,
+    bounds: SplitBounds | None = None,
 ) -> TrainingData:
     frames = [tables[s].frame for s in sorted(tables)]
-    return build_training_data(frames, seq_len, dataset.val_frac, dataset.test_frac, embargo, symbols=sorted(tables))
+    return build_training_data(
+        frames, seq_len, dataset.val_frac, dataset.test_frac, embargo, symbols=sorted(tables), bounds=bounds
+    )
 
 
 def dataset_summary(data: TrainingData) -> dict[str, object]:
@@ -393,6 +416,8 @@ class DatasetPlan:
     tables: tuple[SymbolStep, ...]
     levels: tuple[SymbolStep, ...]
     embargo: int
+    #: The walk-forward folds, oldest first; the last is the newest (its model is the one registered).
+    folds: tuple[SplitBounds, ...]
     key: str
     #: One fingerprint of every candle file the tables were made from.
     data_fingerprint: str
@@ -405,27 +430,33 @@ class DatasetPlan:
     def load(self) -> dict[str, SymbolTable]:
         return load_tables(self.tables, self.levels, self.spec.columns)
 
-    def training_data(self, seq_len: int, tables: Mapping[str, SymbolTable] | None = None) -> TrainingData:
-        """The split with windows of ``seq_len`` (every ``seq_len`` shares one split: the embargo is fixed)."""
-        return training_data(tables or self.load(), self.dataset, seq_len, self.embargo)
+    def training_data(
+        self, seq_len: int, tables: Mapping[str, SymbolTable] | None = None, fold: int = -1
+    ) -> TrainingData:
+        """Fold ``fold`` (default the newest) with windows of ``seq_len`` (every ``seq_len`` shares the same
+        splits: the embargo is fixed)."""
+        return training_data(tables or self.load(), self.dataset, seq_len, self.embargo, self.folds[fold])
 
 
 def dataset_step(
     tables: Sequence[SymbolStep], levels: Sequence[SymbolStep], spec: TableSpec, dataset: DatasetConfig,
-    searched_seq_lens: Sequence[int],
+    searched_seq_lens: Sequence[int], folds: int = 1,
 ) -> DatasetPlan:
-    """Split every symbol's windows chronologically with an embargo (the longest searched ``seq_len`` plus the
-    label horizon, so every trial shares one split)."""
+    """Split every symbol's windows chronologically into ``folds`` walk-forward folds with an embargo (the
+    longest searched ``seq_len`` plus the label horizon, so every trial shares the same splits)."""
     tables, levels = tuple(sorted(tables, key=lambda t: t.symbol)), tuple(sorted(levels, key=lambda t: t.symbol))
+    loaded = load_tables(tables, levels, spec.columns)
     embargo = embargo_bars(dataset, searched_seq_lens, spec.labels.horizon)
-    data = training_data(load_tables(tables, levels, spec.columns), dataset, dataset.seq_len, embargo)
+    frames = [loaded[s].frame for s in sorted(loaded)]
+    bounds = tuple(walk_forward_bounds(frames, dataset.val_frac, dataset.test_frac, embargo, folds))
+    per_fold = [dataset_summary(training_data(loaded, dataset, dataset.seq_len, embargo, b)) for b in bounds]
     key = step_key(
         "dataset", tables=[t.key for t in tables], dataset=dataset.model_dump(mode="json"), embargo=embargo,
-        code=code_fingerprint(build_training_data),
+        folds=folds, code=code_fingerprint(build_training_data),
     )
-    summary = dataset_summary(data) | {
+    summary = per_fold[-1] | {
         "embargo": embargo, "dataset_key": key, "feature_set": spec.features.set, "features": list(spec.columns),
-        "label": spec.labels.kind,
+        "label": spec.labels.kind, "folds": per_fold,
     }
     fingerprint = step_key("data", files=sorted(t.data_fingerprint for t in tables))
-    return DatasetPlan(spec, dataset, tables, levels, embargo, key, fingerprint, summary)
+    return DatasetPlan(spec, dataset, tables, levels, embargo, bounds, key, fingerprint, summary)

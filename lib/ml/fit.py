@@ -19,17 +19,13 @@ import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
 from torch.utils.data import DataLoader
 
-from pricelevel.core.cache import DerivedStore, code_fingerprint, step_key
-from pricelevel.core.runlog import RunLog
-from pricelevel.ml.artifacts import TrainedModel, build_spec, input_example, save_trained, test_predictions
 from pricelevel.ml.config import ModelConfig
 from pricelevel.ml.dataset import positive_weight
 from pricelevel.ml.model import EPOCH_METRICS, MultiSymbolLSTM, build_module
 
 if TYPE_CHECKING:
     from pricelevel.ml.config import TuningConfig
-    from pricelevel.ml.dataset import DatasetPlan, TrainingData, WindowDataset
-    from pricelevel.ml.tuning import StudySummary
+    from pricelevel.ml.dataset import TrainingData, WindowDataset
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
@@ -226,46 +222,3 @@ def train(
         monitor=tuning.metric, direction=tuning.direction, max_epochs=max_epochs,
         checkpoint_dir=checkpoint_dir, extra_callbacks=extra_callbacks, epoch_callback=epoch_callback,
     )
-
-
-def model_key(tune_key: str) -> str:
-    """Names the final model: the study it takes its parameters from (which names its inputs) and this code."""
-    return step_key("model", tune=tune_key, code=code_fingerprint(train_step))
-
-
-def train_step(
-    plan: DatasetPlan,
-    model: ModelConfig,
-    tuning: TuningConfig,
-    study: StudySummary,
-    derived: DerivedStore,
-    threshold: float,
-    run: RunLog | None,
-) -> TrainedModel:
-    """Train the final model with the study's best parameters for ``model.max_epochs`` (reused when these
-    inputs were trained before); the per-epoch metrics go to ``run``."""
-    params = study.best_params
-    seq_len = int(params.get("seq_len", plan.dataset.seq_len))
-    key = model_key(study.key)
-
-    def write(out: Path) -> None:
-        tables = plan.load()
-        data = plan.training_data(seq_len, tables)
-        result = train(
-            data, with_params(model, params), tuning, model.max_epochs, out / "checkpoints",
-            epoch_callback=(lambda epoch, metrics: run.log_metrics(metrics, step=epoch)) if run else None,
-        )
-        spec = build_spec(plan, data, result.module.hparams, threshold)
-        summary = {
-            "best_score": result.best_score, "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-            "history": result.history, "train_samples_per_second": result.train_samples_per_second,
-            "device": result.device, "metric": tuning.metric, "params": params,
-        }
-        save_trained(out, result.module, spec, summary, test_predictions(result.module, data, tables), input_example(data))
-
-    out, built = derived.build("models", key, write)
-    trained = TrainedModel(key, out, built)
-    if not built and run is not None:  # a new run over a model trained before (e.g. only backtest settings changed)
-        for entry in trained.result["history"]:
-            run.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))
-    return trained

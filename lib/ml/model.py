@@ -13,9 +13,10 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
+
+from pricelevel.ml.metrics import classification_scores
 
 if TYPE_CHECKING:
     from pricelevel.ml.config import ModelConfig
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
 EPOCH_METRICS = ("train_loss", "val_loss", "val_pr_auc", "val_roc_auc", "val_f1")
 #: Probability at or above which a window counts as positive for ``val_f1``.
 F1_THRESHOLD = 0.5
+#: The scores of :func:`pricelevel.ml.metrics.classification_scores` logged as ``val_<name>`` every epoch.
+VALIDATION_SCORES = ("loss", "pr_auc", "roc_auc", "f1")
 
 
 class MultiSymbolLSTM(L.LightningModule):
@@ -110,34 +113,13 @@ class MultiSymbolLSTM(L.LightningModule):
         logits = torch.cat(self._val_logits)
         target = torch.cat(self._val_targets)
         self._val_logits, self._val_targets = [], []
-        metrics = {"val_loss": float(self._loss(logits, target))}
-        metrics.update(
-            classification_metrics(torch.sigmoid(logits).cpu().numpy(), target.cpu().numpy())
-        )
-        self.log_dict(metrics, on_epoch=True, prog_bar=False)
+        scores = classification_scores(target.cpu().numpy(), torch.sigmoid(logits).cpu().numpy(), F1_THRESHOLD)
+        self.log_dict({f"val_{name}": scores[name] for name in VALIDATION_SCORES}, on_epoch=True, prog_bar=False)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
             self.parameters(), lr=self.hparams.learning_rate, weight_decay=self.hparams.weight_decay
         )
-
-
-def classification_metrics(probability: np.ndarray, target: np.ndarray) -> dict[str, float]:
-    """PR AUC, ROC AUC and F1 at 0.5; one-class targets give 0.0 / 0.5 / sklearn's F1 instead of raising.
-
-    PR AUC without positives is undefined (sklearn warns and says 0); ROC AUC with one class is undefined
-    and 0.5 (chance) keeps "higher is better" meaningful for early stopping.
-    """
-    probability = np.asarray(probability, dtype=np.float64)
-    target = np.asarray(target, dtype=np.float64) >= 0.5
-    predicted = probability >= F1_THRESHOLD
-    f1 = float(f1_score(target, predicted, zero_division=0.0)) if len(target) else 0.0
-    positives = int(target.sum())
-    if positives == 0:
-        return {"val_pr_auc": 0.0, "val_roc_auc": 0.5, "val_f1": f1}
-    pr_auc = float(average_precision_score(target, probability))
-    roc_auc = float(roc_auc_score(target, probability)) if positives < len(target) else 0.5
-    return {"val_pr_auc": pr_auc, "val_roc_auc": roc_auc, "val_f1": f1}
 
 
 def build_module(

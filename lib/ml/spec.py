@@ -16,6 +16,7 @@ from pricelevel.core.timeframes import Timeframe
 from pricelevel.features.config import FeaturesConfig, LabelsConfig
 from pricelevel.features.tables import TableSpec
 from pricelevel.levels.config import LevelsConfig
+from pricelevel.strategy.rules import StrategyRules
 
 #: Normalisation key used for symbols the model was not trained on (statistics pooled over all symbols).
 POOLED = "*"
@@ -51,7 +52,9 @@ class ModelSpec:
     labels: dict[str, Any]
     #: ``MultiSymbolLSTM`` constructor arguments.
     hparams: dict[str, Any]
-    threshold: float = 0.5
+    #: The decision rules chosen on validation (:class:`~pricelevel.strategy.rules.StrategyRules`, dumped):
+    #: every backtest of this model, the promotion flow and the trader trade with these.
+    rules: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     #: ``FeaturesConfig`` as dumped by pydantic: how the ``features`` columns are computed (the set's name,
     #: its context timeframes). Empty for a model from before feature sets: ``features`` alone then.
@@ -70,6 +73,12 @@ class ModelSpec:
             LabelsConfig.model_validate(self.labels), self.features_config(),
         )
 
+    def strategy_rules(self) -> StrategyRules:
+        """The model's own decision rules (``ValueError`` for a model saved before rules were chosen)."""
+        if not self.rules:
+            raise ValueError("this model was registered before decision rules were stored with models; retrain it")
+        return StrategyRules.model_validate(self.rules)
+
     def symbol_id(self, symbol: str) -> int:
         """Index into the embedding; ``-1`` for a symbol the model never saw (it gets the mean embedding)."""
         return self.symbols.index(symbol) if symbol in self.symbols else -1
@@ -85,6 +94,7 @@ class ModelSpec:
         raw = json.loads(text)
         raw["symbols"] = tuple(raw["symbols"])
         raw["features"] = tuple(raw["features"])
+        raw.pop("threshold", None)  # models from before rules were chosen on validation carried only this
         raw["normalization"] = {
             k: FeatureStats(tuple(v["mean"]), tuple(v["std"])) for k, v in raw["normalization"].items()
         }

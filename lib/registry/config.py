@@ -26,6 +26,7 @@ class PromotionConfig(Frozen):
     window_days: float = Field(90.0, gt=0)
     #: Tuned metric: challenger must beat the champion by more than this.
     min_improvement: float = Field(0.0, ge=0)
-    #: Backtest metric on the same window; the challenger may be worse by at most ``backtest_tolerance``.
-    backtest_metric: Literal["sharpe", "total_return", "calmar", "sortino"] = "sharpe"
+    #: The strategy metric (``selection.metric``) on the same window may be worse than the champion's by at most this.
     backtest_tolerance: float = Field(0.0, ge=0)
+    #: Strategy baselines every champion, the first included, must beat on the window (``selection.metric``).
+    hurdle: tuple[Literal["cash", "level_rule", "buy_and_hold"], ...] = ("cash", "level_rule")

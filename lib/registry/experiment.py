@@ -20,15 +20,15 @@ from typing import Any
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.selection import StrategyContext
 from pricelevel.core.cache import code_fingerprint, step_key
 from pricelevel.inference.scoring import backtest_step
 from pricelevel.ml.artifacts import TrainedModel
 from pricelevel.ml.config import ModelConfig, TuningConfig
 from pricelevel.ml.dataset import DatasetPlan
 from pricelevel.ml.evaluation import evaluate_step
-from pricelevel.ml.fit import model_key
 from pricelevel.ml.tuning import tune_key
+from pricelevel.ml.walkforward import model_key
 from pricelevel.registry.config import TrackingConfig
 from pricelevel.registry.tracking import (
     ensure_experiment,
@@ -107,6 +107,9 @@ class TrainingRun:
             path.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
             self.log_artifact(path, artifact_path)
 
+    def log_text(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, text, name)
+
     def trials(self, study_name: str) -> TrialRuns:
         return TrialRuns(self, study_name)
 
@@ -155,12 +158,12 @@ class RunKeys:
     run: str
 
 
-def training_keys(plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, backtest: BacktestConfig) -> RunKeys:
-    """Tuning -> model -> run: the run adds the backtest settings and the code of the steps after training."""
-    tune = tune_key(plan, model, tuning)
-    model_ = model_key(tune)
+def training_keys(plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, strategy: StrategyContext) -> RunKeys:
+    """Tuning -> model -> run: the run adds the code of the steps after training (evaluation, backtest, register)."""
+    tune = tune_key(plan, model, tuning, strategy)
+    model_ = model_key(tune, strategy)
     run = step_key(
-        "run", model=model_, backtest=backtest.model_dump(mode="json"),
+        "run", model=model_, backtest=strategy.costs.model_dump(mode="json"),
         code=code_fingerprint(evaluate_step, backtest_step, register_step),
     )
     return RunKeys(tune, model_, run)
@@ -232,7 +235,8 @@ def register_step(
     existing = find_version_by_tag(client, registered_model, RUN_KEY_TAG, started.keys.run)
     if existing is not None:
         return Registered(registered_model, str(existing.version), False)
-    logged = log_pricelevel_model(client, run.run_id, trained.module(), trained.spec, trained.input_example())
+    newest = trained.newest  # the model trained on the most data; the others were for the walk-forward report
+    logged = log_pricelevel_model(client, run.run_id, newest.module(), newest.spec, newest.input_example())
     tags = {
         RUN_KEY_TAG: started.keys.run, "pricelevel.data_fingerprint": plan.data_fingerprint,
         "pricelevel.metric": tuned_metric, f"pricelevel.best_{tuned_metric}": f"{scores[f'best_{tuned_metric}']:.6f}",

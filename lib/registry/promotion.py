@@ -1,12 +1,16 @@
 """The promotion rule: when a challenger replaces the champion. Pure: scores in, decision out, no MLflow.
 
-Both models are scored on the same newest window (see :class:`pricelevel.config.PromotionConfig`).
+Both models are scored on the same newest window, the same rows and the same target (the challenger's label);
+each trades with its own rules (:mod:`pricelevel.inference.contest`).
 
-- No champion yet: the challenger must beat every no-model baseline on the tuned metric, strictly.
+- **The hurdle, for every champion, the first included**: the challenger's strategy metric
+  (``selection.metric``, after costs) must beat each strategy baseline listed in ``promotion.hurdle`` on the
+  window, strictly (default: cash, whose Sharpe is 0, and the level rule; buy-and-hold may be added).
+- No champion yet: the challenger must also beat every no-model classifier on the tuned metric, strictly.
 - A champion: the challenger's tuned metric must beat the champion's by more than ``min_improvement``
-  (in the metric's direction) AND its backtest metric may be worse by at most ``backtest_tolerance``.
+  (in the metric's direction) AND its strategy metric may be worse by at most ``backtest_tolerance``.
 
-A NaN score (an undefined metric, a backtest without trades) loses to any number and never wins: a NaN
+A NaN score (an undefined metric, a strategy that never traded) loses to any number and never wins: a NaN
 challenger is never promoted; a NaN champion or baseline is beaten by any finite challenger.
 """
 
@@ -46,8 +50,11 @@ def decide(
     config: PromotionConfig,
     metric: str,
     direction: Direction,
+    trading_metric: str = "sharpe",
+    hurdle: Mapping[str, float] | None = None,
 ) -> Decision:
-    """Apply the rule in the module docstring."""
+    """Apply the rule in the module docstring. ``hurdle`` holds the strategy baselines' ``trading_metric`` on the
+    window (``None``: no hurdle numbers, the hurdle is not applied)."""
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
     details: dict[str, float | str | None] = {
@@ -56,17 +63,34 @@ def decide(
         "challenger": challenger.metric,
         "champion": champion.metric if champion else None,
         "min_improvement": config.min_improvement,
-        "backtest_metric": config.backtest_metric,
+        "backtest_metric": trading_metric,
         "challenger_backtest": challenger.backtest,
         "champion_backtest": champion.backtest if champion else None,
         "backtest_tolerance": config.backtest_tolerance,
     }
     details.update({f"baseline.{name}": value for name, value in sorted(challenger.baselines.items())})
+    details.update({f"hurdle.{name}": value for name, value in sorted((hurdle or {}).items())})
+    if hurdle is not None:
+        failed = _hurdle_failures(challenger.backtest, hurdle, config.hurdle)
+        if failed:
+            name, value = failed[0]
+            left, right = _pair(challenger.backtest, value, digits=2)
+            return Decision(False, f"challenger {trading_metric} {left} does not beat {name} {right} on the newest window "
+                                   f"(hurdle: {', '.join(config.hurdle)}); it stays @challenger", details)
     if champion is None:
         promote, reason = _against_baselines(challenger, metric, direction)
     else:
-        promote, reason = _against_champion(challenger, champion, config, metric, direction)
+        promote, reason = _against_champion(challenger, champion, config, metric, direction, trading_metric)
+    if promote and hurdle is not None and config.hurdle:
+        cleared = ", ".join(f"{n} {hurdle[n]:.2f}" for n in config.hurdle)
+        reason = f"{reason}; {trading_metric} {challenger.backtest:.2f} beats {cleared}"
     return Decision(promote, reason, details)
+
+
+def _hurdle_failures(value: float, hurdle: Mapping[str, float], names: tuple[str, ...]) -> list[tuple[str, float]]:
+    """The listed baselines the challenger's strategy metric does not strictly beat (a missing one fails)."""
+    return [(name, hurdle.get(name, math.nan)) for name in names
+            if name not in hurdle or not _beats(value, hurdle[name], 0.0, "maximize")]
 
 
 def _beats(value: float, reference: float, margin: float, direction: Direction) -> bool:
@@ -100,7 +124,8 @@ def _against_baselines(challenger: Scores, metric: str, direction: Direction) ->
 
 
 def _against_champion(
-    challenger: Scores, champion: Scores, config: PromotionConfig, metric: str, direction: Direction
+    challenger: Scores, champion: Scores, config: PromotionConfig, metric: str, direction: Direction,
+    trading_metric: str,
 ) -> tuple[bool, str]:
     op, sign = (">", "+") if direction == "maximize" else ("<", "-")
     metric_ok = _beats(challenger.metric, champion.metric, config.min_improvement, direction)
@@ -111,11 +136,11 @@ def _against_champion(
         math.isnan(champion.backtest) or challenger.backtest >= champion.backtest - tolerance
     )
     b_left, b_right = _pair(challenger.backtest, champion.backtest, digits=2)
-    backtest_text = f"{config.backtest_metric} {b_left} {'>=' if backtest_ok else '<'} {b_right} - {tolerance:.2f}"
+    backtest_text = f"{trading_metric} {b_left} {'>=' if backtest_ok else '<'} {b_right} - {tolerance:.2f}"
     if math.isnan(challenger.backtest):
-        backtest_text = f"{config.backtest_metric} is NaN for the challenger (champion {b_right})"
+        backtest_text = f"{trading_metric} is NaN for the challenger (champion {b_right})"
     elif math.isnan(champion.backtest):
-        backtest_text = f"{config.backtest_metric} {b_left} (the champion's is NaN)"
+        backtest_text = f"{trading_metric} {b_left} (the champion's is NaN)"
     if metric_ok and backtest_ok:
         return True, f"{metric_text} and {backtest_text}"
     if metric_ok:

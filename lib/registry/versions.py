@@ -217,10 +217,10 @@ def _parse_history(raw: str | None) -> list[str]:
 
 def _write_history(client: MlflowClient, name: str, history: list[str]) -> None:
     value = json.dumps(history[-CHAMPION_HISTORY_LIMIT:])
-    _retrying(lambda: client.set_registered_model_tag(name, CHAMPION_HISTORY_TAG, value))
+    retrying(lambda: client.set_registered_model_tag(name, CHAMPION_HISTORY_TAG, value))
 
 
-def _retrying(call: Callable[[], object], attempts: int = 4, delay_s: float = 0.5) -> None:
+def retrying(call: Callable[[], object], attempts: int = 4, delay_s: float = 0.5) -> None:
     """A registry write retried on MLflow errors (a busy database, a restarting server)."""
     for attempt in range(1, attempts + 1):
         try:
@@ -246,7 +246,7 @@ def move_champion(client: MlflowClient, name: str, version: str | int) -> str | 
         set_alias(client, name, ALIAS_CHAMPION, version)
         return previous
     history = champion_history(client, name)
-    _retrying(lambda: client.set_model_version_tag(name, version, REPLACED_TAG, previous))
+    retrying(lambda: client.set_model_version_tag(name, version, REPLACED_TAG, previous))
     set_alias(client, name, ALIAS_CHAMPION, version)
     _write_history(client, name, [*history, previous])
     return previous

@@ -1,0 +1,112 @@
+"""Strategy baselines a model's strategy must beat, traded on the same bars with the same costs:
+
+- **cash**: never trades (Sharpe 0, the risk-free rate);
+- **buy-and-hold**: equal weight across the symbols, bought on the first bar, held to the end, same fees;
+- **level rule** (no model): buy a close within ``proximity_atr`` ATR(14) above a support level in force, take
+  profit at the nearest resistance in force above (none: no take-profit), stop ``stop_atr`` ATR below the
+  support, optionally a time stop; its parameters are chosen on validation, like the model's rules.
+
+Levels are the walk-forward ones in force at each bar, so the rule uses nothing after the bar it trades on.
+Stops are fractions of the signal bar's close, applied to the entry's reference price (with fill
+``next_open`` the next open: the levels move by the overnight gap, as a trader's resting orders would not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import pandas as pd
+
+from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.market import Market
+from pricelevel.backtest.run import BacktestResult
+from pricelevel.backtest.selection import Selection, best_of, resolve
+from pricelevel.backtest.trading import TradingScore, score_result, trade
+from pricelevel.core.config import Frozen
+from pricelevel.levels.walkforward import LevelHistory, bracketing_levels
+from pricelevel.strategy.config import SelectionConfig
+from pricelevel.strategy.rules import StrategyRules
+from pricelevel.ta.indicators import atr
+
+BASELINE_NAMES = ("cash", "buy_and_hold", "level_rule")
+ATR_PERIOD = 14
+
+
+class LevelRule(Frozen):
+    """One set of the level rule's parameters (chosen on validation, stored with the model)."""
+
+    proximity_atr: float
+    stop_atr: float
+    max_hold_bars: int | None = None
+
+
+def buy_and_hold(market: Market, costs: BacktestConfig) -> BacktestResult:
+    """Equal weights bought at each symbol's first bar and never sold (valued at the last close)."""
+    n = len(market.symbols)
+    entries = np.zeros(market.close.shape, dtype=bool)
+    first = np.argmax(np.isfinite(market.close), axis=0)
+    entries[first, np.arange(n)] = True
+    rules = StrategyRules(threshold=0.5, sizing="fraction", fraction=1.0 / n)
+    return trade(market, entries, np.zeros_like(entries), costs.model_copy(update={"max_positions": max(n, 1)}), rules)
+
+
+def level_signals(
+    market: Market, candles: Mapping[str, pd.DataFrame], history: Mapping[str, LevelHistory], rule: LevelRule
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(entries, entry_sl, entry_tp)`` on ``market``'s bars: entries and their per-entry stop fractions."""
+    shape = market.close.shape
+    entries, sl, tp = np.zeros(shape, dtype=bool), np.full(shape, np.nan), np.full(shape, np.nan)
+    for col, symbol in enumerate(market.symbols):
+        bars = candles[symbol]
+        close = bars["close"].to_numpy(dtype=np.float64)
+        width = atr(bars["high"].to_numpy(np.float64), bars["low"].to_numpy(np.float64), close, ATR_PERIOD)
+        below, above = bracketing_levels(pd.DatetimeIndex(bars["timestamp"]), close, history[symbol])
+        price = history[symbol].levels["price"].to_numpy(dtype=np.float64)
+        support = np.where(below >= 0, price[np.maximum(below, 0)] if len(price) else np.nan, np.nan)
+        resistance = np.where(above >= 0, price[np.maximum(above, 0)] if len(price) else np.nan, np.nan)
+        with np.errstate(invalid="ignore"):
+            near = (close - support <= rule.proximity_atr * width) & np.isfinite(width)
+            stop = (close - (support - rule.stop_atr * width)) / close
+            target = (resistance - close) / close
+        rows = market.timestamps.get_indexer(pd.DatetimeIndex(bars["timestamp"]))
+        keep = rows >= 0
+        entries[rows[keep], col] = near[keep]
+        sl[rows[keep], col] = np.where(near & (stop > 0) & (stop < 1), stop, np.nan)[keep]
+        tp[rows[keep], col] = np.where(near & (target > 0), target, np.nan)[keep]
+    return entries, sl, tp
+
+
+def trade_level_rule(
+    market: Market, candles: Mapping[str, pd.DataFrame], history: Mapping[str, LevelHistory], rule: LevelRule,
+    costs: BacktestConfig, sizing: StrategyRules,
+) -> BacktestResult:
+    """The level rule traded with ``costs`` and ``sizing``'s position sizing (its own stops and time stop)."""
+    entries, sl, tp = level_signals(market, candles, history, rule)
+    rules = sizing.model_copy(update={"threshold": 0.5, "exit_threshold": None, "sl_stop": None, "tp_stop": None,
+                                      "max_hold_bars": rule.max_hold_bars, "sizing": "fraction"})
+    return trade(market, entries, np.zeros_like(entries), costs, rules, entry_sl=sl, entry_tp=tp)
+
+
+def choose_level_rule(
+    market: Market, candles: Mapping[str, pd.DataFrame], history: Mapping[str, LevelHistory], costs: BacktestConfig,
+    selection: SelectionConfig, sizing: StrategyRules, horizon: int,
+) -> Selection[LevelRule]:
+    """The level rule's parameters for this validation market, chosen like a model's rules."""
+    grid = selection.level_rule
+    rules = [LevelRule(proximity_atr=p, stop_atr=s, max_hold_bars=resolve(h, 0.0, horizon))
+             for p in grid.proximity_atr for s in grid.stop_atr for h in grid.max_hold_bars]
+    return best_of(rules, lambda rule: trade_level_rule(market, candles, history, rule, costs, sizing),
+                   selection.metric, selection.min_trades)
+
+
+def strategy_baselines(
+    market: Market, candles: Mapping[str, pd.DataFrame], history: Mapping[str, LevelHistory], rule: LevelRule,
+    costs: BacktestConfig, sizing: StrategyRules,
+) -> dict[str, TradingScore]:
+    """The three baselines' scores on ``market`` (the level rule with ``rule``, chosen on validation)."""
+    return {
+        "cash": TradingScore.cash(),
+        "buy_and_hold": score_result(buy_and_hold(market, costs)),
+        "level_rule": score_result(trade_level_rule(market, candles, history, rule, costs, sizing)),
+    }

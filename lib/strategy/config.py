@@ -1,0 +1,40 @@
+"""Configuration of the strategy stage: how a model's decision rules (and the level rule's parameters) are
+chosen on validation, and the one trading metric that ranks strategies everywhere."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from pricelevel.core.config import Frozen
+
+#: A stop given as the label's own move or horizon, resolved per model.
+LabelMove = Literal["move"]
+LabelHorizon = Literal["horizon"]
+
+
+class LevelRuleGrid(Frozen):
+    """The no-model level rule's parameters searched on validation (README "Strategy baselines")."""
+
+    #: Enter when the close is at most this many ATR(14) above a support level in force.
+    proximity_atr: tuple[float, ...] = (0.25, 0.5, 1.0)
+    #: Stop-loss this many ATR below the support.
+    stop_atr: tuple[float, ...] = (0.25, 0.5)
+    max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon", None)
+
+
+class SelectionConfig(Frozen):
+    """How a model's decision rules (and the level rule's) are chosen on validation, and which trading metric
+    ranks strategies everywhere: the rule search, the tuning objective and the promotion gate."""
+
+    metric: Literal["sharpe", "sortino", "calmar", "total_return"] = "sharpe"
+    #: How walk-forward folds combine into the one number the tuner maximises: their mean or their worst.
+    aggregate: Literal["mean", "worst"] = "mean"
+    min_trades: int = Field(10, ge=1)
+    #: Share of the validation bars that may enter (the threshold is that quantile of the probabilities).
+    entry_quantiles: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+    sl_stop: tuple[float | None, ...] = (0.02, 0.04)
+    tp_stop: tuple[float | LabelMove | None, ...] = ("move", None)
+    max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon", None)
+    level_rule: LevelRuleGrid = LevelRuleGrid()
