@@ -120,11 +120,11 @@ def test_second_run_with_nothing_new_reuses_every_output(trained):
 def _register_constant_model(config, client, like: str, probability: float) -> str:
     """A challenger whose output is the same for every window (zero weights, head bias = logit(p)): it ranks
     nothing, so its PR-AUC is exactly the positive rate, the majority baseline's score. Guaranteed no better."""
+    from dataclasses import replace
+
     from pricelevel.ml.model import MultiSymbolLSTM
     from pricelevel.registry.tracking import ensure_experiment, load_model, log_pricelevel_model
     from pricelevel.registry.versions import register_version
-
-    from dataclasses import replace
 
     spec = load_model(like, client).spec
     spec = replace(spec, rules={**spec.rules, "threshold": 0.5})  # enters on p >= 0.5: never, for p < 0.5

@@ -10,7 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pricelevel.backtest.baselines import LevelRule, buy_and_hold, level_signals, strategy_baselines, trade_level_rule
+from pricelevel.backtest.baselines import (
+    LevelRule,
+    buy_and_hold,
+    level_signals,
+    strategy_baselines,
+    trade_level_rule,
+)
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import market_from_candles
 from pricelevel.backtest.selection import aggregate, choose_rules, rule_grid

@@ -364,8 +364,9 @@ def test_ensure_experiment(logged: Logged, tmp_path: Path) -> None:
 def test_a_crash_between_the_alias_move_and_the_history_write_loses_nothing(logged: Logged, monkeypatch) -> None:
     """The predecessor is written on the new champion before the alias moves: if the history tag is never
     written (the process died, the database stayed down), the history still names it and rollback works."""
-    import pricelevel.registry.versions as versions
     from mlflow.exceptions import MlflowException
+
+    import pricelevel.registry.versions as versions
 
     name = "registry-crash"
     for _ in range(3):
