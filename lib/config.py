@@ -35,6 +35,7 @@ from pricelevel.levels.config import LevelsConfig
 from pricelevel.ml.config import DatasetConfig, EvaluationConfig, ModelConfig, TuningConfig
 from pricelevel.registry.config import PromotionConfig, TrackingConfig
 from pricelevel.strategy.config import SelectionConfig
+from pricelevel.trading.config import RiskConfig, TraderConfig
 
 if TYPE_CHECKING:
     from pricelevel.backtest.selection import StrategyContext
@@ -74,7 +75,12 @@ class _RunSections(Frozen):
     promotion: PromotionConfig = PromotionConfig()
 
 
-class Config(_DataSections, _ResearchSections, _TrainingSections, _RunSections):
+class _TradingSections(Frozen):
+    trader: TraderConfig = TraderConfig()
+    risk: RiskConfig = RiskConfig()
+
+
+class Config(_DataSections, _ResearchSections, _TrainingSections, _RunSections, _TradingSections):
     """The whole run, one section per step (grouped by stage above). Each step receives only its own section."""
 
     @property

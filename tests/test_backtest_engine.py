@@ -281,15 +281,19 @@ def test_risk_sizing_uses_the_entry_s_own_stop(entry_sl, value, next_open):
     assert trades["size"][0] * 10 == pytest.approx(value)  # 2 % of 1000 over the stop, at most 50 % of 1000
 
 
+@pytest.mark.parametrize("second", ["nan", "none"], ids=["chunk2-nan", "chunk2-no-arrays"])
 @pytest.mark.parametrize("next_open", [False, True], ids=["close", "next_open"])
-def test_entry_stops_survive_a_chunk_boundary(next_open):
-    # signal at bar 1 with its own 5 % stop; with next_open it is still pending at the cut, and chunk 2's
-    # arrays (NaN, i.e. no stop) must not replace the fraction it carries
+def test_entry_stops_survive_a_chunk_boundary(next_open, second):
+    # signal at bar 1 with its own 5 % stop; with next_open it is still pending at the cut, and chunk 2
+    # (arrays of NaN, i.e. the scalar: none; or no arrays at all) must not replace the fraction it carries
     bars = [(100, 100, 100, 100), (100, 100, 100, 100), (100, 100, 100, 100), (96, 97, 94, 95)]
     arrays = as_arrays(bars, [0, 1, 0, 0], [0] * 4)
     sl = np.array([[NAN], [0.05], [NAN], [NAN]])
-    p = EngineParams(init_cash=1000.0, next_open=next_open, max_hold_bars=5)
-    trades, _ = chunked(p, 1, arrays, cut=2, entry_sl=sl)
+    p = EngineParams(init_cash=1000.0, next_open=next_open)
+    state = EngineState.initial(1, p.init_cash)
+    first = step(state, p, *(a[:2] for a in arrays), entry_sl=sl[:2])
+    rest = step(state, p, *(a[2:] for a in arrays), entry_sl=sl[2:] if second == "nan" else None)
+    trades = {k: np.concatenate([first.trades[k], rest.trades[k]]) for k in first.trades}
     assert reasons(trades) == ["stop_loss"]
     assert trades["exit_bar"][0] == 3 and trades["exit_price"][0] == pytest.approx(95)
     whole = step(EngineState.initial(1, p.init_cash), p, *arrays, entry_sl=sl)

@@ -105,5 +105,8 @@ def models(
     console().print(table(f"registered model {name} ({cfg.tracking.tracking_uri})", columns, rows))
     if not versions:
         console().print("no versions yet: run `pricelevel train`")
+    elif not any("champion" in v.get("aliases", []) for v in versions):
+        latest = versions[0].get("tags", {}).get("promotion.reason", "not judged yet: run `pricelevel promote`")
+        console().print(f"no champion: no version has earned it (latest decision: {latest})")
     if json_out:
         console().print(f"json: {json_out}")

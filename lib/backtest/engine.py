@@ -168,7 +168,7 @@ class EngineState:
     pending: np.ndarray  # 0 none, 1 buy, 2 sell at the next open
     stopped_bar: np.ndarray  # last global bar with a stop or time-stop exit (signals ignored on it)
     due_bar: np.ndarray  # global bar at whose close the time stop fires; -1: none
-    pending_sl: np.ndarray  # stop fractions a pending buy carries from its signal bar (NaN: off)
+    pending_sl: np.ndarray  # stop fractions a pending buy carries from its signal bar (NaN: the scalar)
     pending_tp: np.ndarray
     rejected: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
     bars_done: int = 0
@@ -242,12 +242,15 @@ def step(
              for a, name in ((entry_sl, "entry_sl"), (entry_tp, "entry_tp"))]
     floats, ints = params.as_arrays()
     flags = np.array([entry_sl is not None, entry_tp is not None])
+    carried = state.pending == _BUY  # a pending buy with its own fractions needs the full loop to fill
+    full = bool(flags.any() or params.max_hold_bars > 0
+                or (~np.isnan(state.pending_sl[carried])).any() or (~np.isnan(state.pending_tp[carried])).any())
     capacity = int(np.count_nonzero(signals[0])) + 2 * state.n_symbols
     out_i = np.empty((capacity, 4), dtype=np.int64)  # symbol, entry bar, exit bar, reason
     out_f = np.empty((capacity, 5))  # entry price, exit price, size, entry fees, exit fees
     equity = np.empty(shape[0])
     n = _simulate(
-        *arrays, *signals, *stops, flags, floats, ints, state.bars_done,
+        *arrays, *signals, *stops, flags, floats, ints, state.bars_done, True if full else None,
         state.cash, state.position, state.entry_price, state.entry_fees, state.entry_bar, state.sl_price,
         state.tp_price, state.last_close, state.pending, state.stopped_bar, state.due_bar, state.pending_sl,
         state.pending_tp, state.rejected, equity, out_i, out_f,
@@ -265,8 +268,8 @@ def step(
 def _entry_fractions(values: np.ndarray | None, name: str, entries: np.ndarray, n_symbols: int) -> np.ndarray:
     """A per-entry stop array, checked where it matters (entry bars); an empty stand-in when not given.
 
-    The stand-in keeps one compiled signature and costs no memory per bar (the loop reads it only when
-    the matching flag says the array was given).
+    Values elsewhere are never read, so callers may leave anything there. The stand-in keeps one compiled
+    signature and costs no memory per bar (the loop reads an array only when its flag says it was given).
     """
     if values is None:
         return np.empty((0, n_symbols))
@@ -274,9 +277,11 @@ def _entry_fractions(values: np.ndarray | None, name: str, entries: np.ndarray, 
     if values.shape != entries.shape:
         raise ValueError(f"{name} must have the shape of the signals {entries.shape}, got {values.shape}")
     used = values[entries]
-    upper, rule = (1.0, "in (0, 1)") if name == "entry_sl" else (np.inf, "> 0")
-    bad = ~(np.isnan(used) | ((used > 0) & ((used < upper) | (upper == np.inf))))
+    is_sl = name == "entry_sl"
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isnan(used) & ((used <= 0) | ((used >= 1) if is_sl else False))
     if bad.any():
+        rule = "in (0, 1)" if is_sl else "> 0"
         raise ValueError(f"{name} must be {rule} or NaN (the scalar) on entry bars, got {used[bad][0]}")
     return values
 
@@ -306,7 +311,7 @@ def _is_zero(x):
 
 @njit(cache=True)
 def _buy(s, price, g, equity_now, sl_stop, tp_stop, floats, ints, cash, position, entry_price, entry_fees,
-         entry_bar, sl_price, tp_price, due_bar, rejected):
+         entry_bar, sl_price, tp_price, rejected):
     """Open a position at ``price`` (unslipped reference price) with these stop fractions. True if filled."""
     fees, slippage = floats[0], floats[1]
     fraction, risk, min_value = floats[4], floats[5], floats[6]
@@ -345,8 +350,6 @@ def _buy(s, price, g, equity_now, sl_stop, tp_stop, floats, ints, cash, position
     entry_bar[s] = g
     sl_price[s] = price * (1.0 - sl_stop)  # NaN when sl_stop is NaN
     tp_price[s] = price * (1.0 + tp_stop)
-    # close: the entry bar is bar 0, so the N-th bar held is g + N; next_open: the fill bar is bar 1
-    due_bar[s] = g + ints[3] - ints[0] if ints[3] > 0 else -1
     return True
 
 
@@ -397,13 +400,17 @@ def _equity(cash, position, last_close):
 
 
 @njit(cache=True, nogil=True)
-def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags, floats, ints, offset,
+def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags, floats, ints, offset, full,
               cash, position, entry_price, entry_fees, entry_bar, sl_price, tp_price, last_close, pending,
               stopped_bar, due_bar, pending_sl, pending_tp, rejected, equity, out_i, out_f):
+    # ``full`` is None or True, so numba compiles two loops from this one source and prunes the branches
+    # ``if full is not None`` from the first: runs without time stops or per-entry stops keep the plain loop
+    # (the extra code alone, never executed, cost about 20 % of its speed).
     fees, slippage, sl_stop, tp_stop = floats[0], floats[1], floats[2], floats[3]
     next_open = ints[0] == 1
     max_positions = ints[2]
     time_stop = ints[3] > 0
+    hold = ints[3] - ints[0]  # due bar - entry bar: the entry bar is bar 0 with close, bar 1 with next_open
     has_sl, has_tp = flags[0], flags[1]
     n_bars, n_sym = close.shape
     n = 0
@@ -435,12 +442,19 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                         for k in range(n_sym):
                             if position[k] != 0.0:
                                 eq += position[k] * (open_[t, k] if open_[t, k] == open_[t, k] else last_close[k])
-                        sl, tp = pending_sl[s], pending_tp[s]
-                        pending_sl[s] = np.nan
-                        pending_tp[s] = np.nan
+                        sl, tp = sl_stop, tp_stop
+                        if full is not None:  # the fractions of the signal bar, carried with the order
+                            if pending_sl[s] == pending_sl[s]:
+                                sl = pending_sl[s]
+                            if pending_tp[s] == pending_tp[s]:
+                                tp = pending_tp[s]
+                            pending_sl[s] = np.nan
+                            pending_tp[s] = np.nan
                         if _buy(s, open_[t, s], g, eq, sl, tp, floats, ints, cash, position, entry_price,
-                                entry_fees, entry_bar, sl_price, tp_price, due_bar, rejected):
+                                entry_fees, entry_bar, sl_price, tp_price, rejected):
                             n_open += 1
+                            if full is not None:
+                                due_bar[s] = g + hold if time_stop else -1
 
         # 2. stops, the time stop at the close, then exit signals at the close, for each open position
         if n_open > 0:
@@ -473,7 +487,7 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                     continue
                 c = close[t, s]
                 last_close[s] = c
-                if time_stop and g >= due_bar[s]:  # a market exit at the close (due_bar >= 0 when time_stop)
+                if full is not None and time_stop and g >= due_bar[s]:  # a market exit at the close
                     n = _sell(s, c, slippage, g, _BY_TIME_STOP, fees, cash, position, entry_price, entry_fees,
                               entry_bar, sl_price, tp_price, out_i, out_f, n)
                     n_open -= 1
@@ -498,14 +512,21 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                     rejected[REJECT_MAX_POSITIONS] += 1
                 elif next_open:
                     pending[s] = _BUY
-                    pending_sl[s] = _fraction(has_sl, entry_sl, t, s, sl_stop)
-                    pending_tp[s] = _fraction(has_tp, entry_tp, t, s, tp_stop)
+                    if full is not None:  # raw: NaN stays "the scalar" until the fill
+                        pending_sl[s] = entry_sl[t, s] if has_sl else np.nan
+                        pending_tp[s] = entry_tp[t, s] if has_tp else np.nan
                     n_pending_buys += 1
-                elif _buy(s, c, g, _equity(cash, position, last_close), _fraction(has_sl, entry_sl, t, s, sl_stop),
-                          _fraction(has_tp, entry_tp, t, s, tp_stop), floats, ints, cash, position, entry_price,
-                          entry_fees, entry_bar, sl_price, tp_price, due_bar, rejected):
-                    last_close[s] = c
-                    n_open += 1
+                else:
+                    sl, tp = sl_stop, tp_stop
+                    if full is not None:
+                        sl = _fraction(has_sl, entry_sl, t, s, sl_stop)
+                        tp = _fraction(has_tp, entry_tp, t, s, tp_stop)
+                    if _buy(s, c, g, _equity(cash, position, last_close), sl, tp, floats, ints, cash, position,
+                            entry_price, entry_fees, entry_bar, sl_price, tp_price, rejected):
+                        last_close[s] = c
+                        n_open += 1
+                        if full is not None:
+                            due_bar[s] = g + hold if time_stop else -1
 
         # 4. mark to market (last_close is current for every open position)
         if n_open == 0:

@@ -83,19 +83,20 @@ def resolve(value: object, move: float, horizon: int) -> object:
 def rule_grid(
     probability: np.ndarray, selection: SelectionConfig, base: StrategyRules, move: float, horizon: int
 ) -> list[StrategyRules]:
-    """Every rule set to try: entry quantiles of the finite validation probabilities x stops x time stops;
-    sizing and the exit threshold stay ``base``'s."""
+    """Every rule set to try: entry quantiles of the finite validation probabilities x exit quantiles x stops x
+    time stops; sizing stays ``base``'s. An exit threshold at or above the entry threshold is skipped."""
     finite = probability[np.isfinite(probability)]
     if finite.size == 0:
         return []
     thresholds = sorted({float(np.quantile(finite, 1.0 - q)) for q in selection.entry_quantiles})
-    grid = itertools.product(thresholds, selection.sl_stop, selection.tp_stop, selection.max_hold_bars)
+    exits = [None if q is None else float(np.quantile(finite, q)) for q in selection.exit_quantiles]
+    grid = itertools.product(thresholds, exits, selection.sl_stop, selection.tp_stop, selection.max_hold_bars)
     rules = []
-    for threshold, sl, tp, hold in grid:
-        update = {"threshold": threshold, "sl_stop": sl, "tp_stop": resolve(tp, move, horizon),
-                  "max_hold_bars": resolve(hold, move, horizon)}
-        if base.sizing == "risk" and sl is None:
+    for threshold, exit_threshold, sl, tp, hold in grid:
+        if (base.sizing == "risk" and sl is None) or (exit_threshold is not None and exit_threshold >= threshold):
             continue
+        update = {"threshold": threshold, "exit_threshold": exit_threshold, "sl_stop": sl,
+                  "tp_stop": resolve(tp, move, horizon), "max_hold_bars": resolve(hold, move, horizon)}
         rules.append(base.model_copy(update=update))
     return rules
 

@@ -49,14 +49,19 @@ def tables_for_spec(folder: CandleFolder, spec: ModelSpec, symbols: Sequence[str
 
 
 def predict_tables(
-    predict: Predict, spec: ModelSpec, tables: Mapping[str, SymbolTable], batch_size: int = 2048
+    predict: Predict, spec: ModelSpec, tables: Mapping[str, SymbolTable], batch_size: int = 2048,
+    since: pd.Timestamp | None = None,
 ) -> pd.DataFrame:
-    """One row per bar that has a full window: ``timestamp, symbol, probability, near_level, target``."""
+    """One row per bar that has a full window (ending at ``since`` or later, when given: the trader scores
+    only the bar that just closed): ``timestamp, symbol, probability, near_level, target``."""
     frames = [tables[s].frame for s in sorted(tables)]
     windows = build_windows(
         frames, spec.normalization, {s: spec.symbol_id(s) for s in tables}, spec.seq_len,
         start=None, end=None, require_target=False,
     )
+    if since is not None:
+        keep = np.array([windows.timestamps[f][end] >= since for f, end in windows.index], dtype=bool)
+        windows.index = windows.index[keep]
     probability = np.empty(len(windows), dtype=np.float64)
     for f, array in enumerate(windows.arrays):
         positions = np.flatnonzero(windows.index[:, 0] == f)

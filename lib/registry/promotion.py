@@ -75,8 +75,9 @@ def decide(
         if failed:
             name, value = failed[0]
             left, right = _pair(challenger.backtest, value, digits=2)
+            others = ", ".join(f"{n} {v:.2f}" for n, v in sorted(hurdle.items()) if n != name)
             return Decision(False, f"challenger {trading_metric} {left} does not beat {name} {right} on the newest window "
-                                   f"(hurdle: {', '.join(config.hurdle)}); it stays @challenger", details)
+                                   f"(also: {others}; hurdle: {', '.join(config.hurdle)}); it stays @challenger", details)
     if champion is None:
         promote, reason = _against_baselines(challenger, metric, direction)
     else:

@@ -34,6 +34,8 @@ class SelectionConfig(Frozen):
     min_trades: int = Field(10, ge=1)
     #: Share of the validation bars that may enter (the threshold is that quantile of the probabilities).
     entry_quantiles: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+    #: Exit when the probability falls below this quantile of the validation probabilities (null: no such exit).
+    exit_quantiles: tuple[float | None, ...] = (None,)
     sl_stop: tuple[float | None, ...] = (0.02, 0.04)
     tp_stop: tuple[float | LabelMove | None, ...] = ("move", None)
     max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon", None)

@@ -1,0 +1,68 @@
+"""Configuration of the trading stage: which model trades where (``trader:``) and under which limits (``risk:``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from pricelevel.core.config import Frozen, Symbol
+
+
+class TraderConfig(Frozen):
+    """The trading service. Real money only with ``mode: mainnet`` in config AND ``PRICELEVEL_TRADER__LIVE=yes``
+    in the environment: anything less refuses to start, with one line saying why."""
+
+    #: ``paper`` (default: the backtest engine's fills, no exchange), Bybit ``testnet``, ``demo`` or ``mainnet``.
+    mode: Literal["paper", "testnet", "demo", "mainnet"] = "paper"
+    #: The model to trade; ``null`` = ``models:/<tracking.registered_model>@champion``. Paper mode may trade any
+    #: alias or version; exchange modes trade ``@champion`` only.
+    model: str | None = None
+    #: Symbols to trade; ``null`` = the model's.
+    symbols: tuple[Symbol, ...] | None = None
+    #: Bybit base URL override (a local fake exchange); ``null`` = pybit's URL for the mode.
+    endpoint: str | None = None
+    #: The trader's state (orders, positions, decisions, risk state): any SQLAlchemy URL; ``null`` = SQLite in
+    #: ``<data.root>/trader/state.db``.
+    state_url: str | None = None
+    #: Seconds after a bar's close before its candle is fetched (the exchange needs a moment to close it).
+    poll_delay_s: float = Field(5.0, ge=0)
+    #: A candle not available this many seconds after its close is stale: no decision on it, the breaker counts it.
+    stale_after_s: float = Field(120.0, gt=0)
+    #: ``rest``: poll closed candles after each bar close (the ingest path, retries included).
+    market_data: Literal["rest"] = "rest"
+    #: The environment's confirmation for mainnet (``PRICELEVEL_TRADER__LIVE=yes``); a config file or ``--set``
+    #: cannot give it.
+    live: bool = False
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError(f"must be an http(s) URL, got {value!r}")
+        return value.rstrip("/") if value else value
+
+
+class RiskConfig(Frozen):
+    """The risk manager's limits (README "Risk"); each is one small rule, each refusal is recorded with its reason."""
+
+    #: Equity this far below its peak halts trading until re-armed (the halt survives restarts).
+    max_drawdown: float = Field(0.2, gt=0, lt=1)
+    #: The widest stop-loss a position may have: a model's tighter stop is kept, a missing or wider one becomes this.
+    max_stop_loss: float | None = Field(0.02, gt=0, lt=1)
+    #: Take-profit for a model whose rules have none (``null``: none).
+    take_profit: float | None = Field(0.04, gt=0)
+    #: Equity lost if a position hits its stop-loss; the position is also capped at ``max_position_fraction``.
+    risk_per_trade: float = Field(0.02, gt=0, le=1)
+    max_position_fraction: float = Field(0.1, gt=0, le=1)
+    max_positions: int = Field(5, ge=1)
+    #: Today's loss (UTC day, from the day's first equity) beyond this refuses entries until tomorrow.
+    daily_loss_limit: float = Field(0.05, gt=0, lt=1)
+    #: After this many losing trades in a row, no entry for ``cooldown_bars`` bars.
+    cooldown_losses: int = Field(3, ge=1)
+    cooldown_bars: int = Field(24, ge=1)
+    #: This many exchange errors or stale bars in a row trip the circuit breaker (entries refused) until
+    #: ``breaker_reset_bars`` good bars in a row have passed.
+    breaker_errors: int = Field(3, ge=1)
+    breaker_reset_bars: int = Field(6, ge=1)

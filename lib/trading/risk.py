@@ -1,0 +1,170 @@
+"""The risk manager: account-level limits on top of the model's own rules, each a small pure function.
+
+The model's rules decide *what* to trade (they are the backtest's); the risk manager decides *whether* a new
+position may be opened now and bounds how it is protected and sized:
+
+- ``effective_rules``: the model's stop-loss, never wider than ``risk.max_stop_loss`` (none: that); its
+  take-profit, or ``risk.take_profit`` when it has none; size = ``risk_per_trade`` of equity lost at the stop,
+  capped at ``max_position_fraction`` of equity. (With the seed's 2 % risk and 2 % stop the risk rule asks
+  for the whole equity, so the 10 % cap always binds first.)
+- refusals of new entries, each recorded with its reason: a latched **drawdown halt** (equity
+  ``max_drawdown`` below its peak; survives restarts until re-armed), the **kill switch** (latched likewise),
+  a manual **stop** (no new entries), the **daily loss limit**, a **cool-down** after ``cooldown_losses``
+  losing trades in a row, the **circuit breaker** (repeated exchange errors or stale data) and
+  ``max_positions``. Exits are never refused.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pandas as pd
+
+from pricelevel.strategy.rules import StrategyRules
+from pricelevel.trading.config import RiskConfig
+
+
+def effective_rules(model: StrategyRules, risk: RiskConfig) -> StrategyRules:
+    """The rules the trader executes: the model's, bounded and sized by the risk limits."""
+    stop = model.sl_stop
+    if risk.max_stop_loss is not None:
+        stop = risk.max_stop_loss if stop is None else min(stop, risk.max_stop_loss)
+    take = model.tp_stop if model.tp_stop is not None else risk.take_profit
+    update: dict[str, Any] = {"sl_stop": stop, "tp_stop": take,
+                              "fraction": min(model.fraction, risk.max_position_fraction)}
+    if stop is not None:
+        update |= {"sizing": "risk", "risk": risk.risk_per_trade}
+    return model.model_copy(update=update)
+
+
+def position_value(equity: float, stop: float | None, risk_per_trade: float, max_fraction: float) -> float:
+    """What a new position may be worth: lose ``risk_per_trade`` of equity at ``stop``, at most ``max_fraction``."""
+    cap = max_fraction * equity
+    return cap if stop is None else min(risk_per_trade * equity / stop, cap)
+
+
+# ------------------------------------------------------------------------------------------------ rules
+
+
+def drawdown_breached(equity: float, peak: float, limit: float) -> str | None:
+    drawdown = 1.0 - equity / peak if peak > 0 else 0.0
+    return f"drawdown {drawdown:.1%} reached the {limit:.0%} limit (peak {peak:,.2f}, equity {equity:,.2f})" if drawdown >= limit else None
+
+
+def daily_loss_breached(equity: float, day_start: float, limit: float) -> str | None:
+    loss = 1.0 - equity / day_start if day_start > 0 else 0.0
+    return f"today's loss {loss:.1%} reached the {limit:.0%} daily limit" if loss >= limit else None
+
+
+def cooling_down(cooldown_until: str | None, bar_time: pd.Timestamp) -> str | None:
+    if cooldown_until and bar_time < pd.Timestamp(cooldown_until):
+        return f"cooling down after consecutive losing trades until {cooldown_until}"
+    return None
+
+
+def too_many_positions(held: int, limit: int) -> str | None:
+    return f"{held} positions open or pending: the limit is {limit}" if held >= limit else None
+
+
+@dataclass
+class RiskState:
+    """What the limits remember between bars (persisted; the latched ones survive restarts)."""
+
+    peak_equity: float | None = None
+    #: A latched halt (drawdown or kill switch): no entry until re-armed.
+    halted: str | None = None
+    kill_switch: bool = False
+    #: ``/stop``: no new entries (exits go on), until ``/start``.
+    stopped: bool = False
+    day: str | None = None
+    day_start_equity: float | None = None
+    consecutive_losses: int = 0
+    cooldown_until: str | None = None
+    breaker_errors: int = 0
+    breaker_good: int = 0
+    breaker_tripped: bool = False
+    refusals: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> RiskState:
+        return cls(**(raw or {}))
+
+
+class RiskManager:
+    """Applies :class:`RiskConfig` to a :class:`RiskState`; the trader persists the state after every bar."""
+
+    def __init__(self, config: RiskConfig, state: RiskState | None = None) -> None:
+        self.config = config
+        self.state = state or RiskState()
+
+    def after_bar(
+        self, bar_time: pd.Timestamp, bar: pd.Timedelta, equity: float, closed_pnls: list[float], problem: bool
+    ) -> list[str]:
+        """Update the limits with the bar's outcome; return the events worth telling a person (halts, trips)."""
+        state, config, events = self.state, self.config, []
+        state.peak_equity = equity if state.peak_equity is None else max(state.peak_equity, equity)
+        day = f"{bar_time:%Y-%m-%d}"
+        if state.day != day:
+            state.day, state.day_start_equity = day, equity
+        if state.halted is None and (reason := drawdown_breached(equity, state.peak_equity, config.max_drawdown)):
+            state.halted = reason
+            events.append(f"HALTED: {reason}; no entry until `pricelevel trader rearm`")
+        for pnl in closed_pnls:
+            state.consecutive_losses = state.consecutive_losses + 1 if pnl < 0 else 0
+            if state.consecutive_losses >= config.cooldown_losses:
+                state.cooldown_until = str(bar_time + bar * config.cooldown_bars)
+                events.append(f"cool-down: {state.consecutive_losses} losing trades in a row; no entry until {state.cooldown_until}")
+                state.consecutive_losses = 0
+        if problem:
+            state.breaker_errors, state.breaker_good = state.breaker_errors + 1, 0
+            if not state.breaker_tripped and state.breaker_errors >= config.breaker_errors:
+                state.breaker_tripped = True
+                events.append(f"circuit breaker tripped: {state.breaker_errors} exchange errors or stale bars in a row")
+        else:
+            state.breaker_errors, state.breaker_good = 0, state.breaker_good + 1
+            if state.breaker_tripped and state.breaker_good >= config.breaker_reset_bars:
+                state.breaker_tripped = False
+                events.append(f"circuit breaker reset after {state.breaker_good} good bars")
+        return events
+
+    def entry_refusal(self, bar_time: pd.Timestamp, equity: float, held: int) -> str | None:
+        """Why no new position may be opened now (``None``: it may). Checked once per entry signal."""
+        state, config = self.state, self.config
+        reason = (
+            (f"kill switch: {state.halted}" if state.kill_switch else None)
+            or (f"halted: {state.halted}" if state.halted else None)
+            or ("stopped: no new entries (`/start` or `pricelevel trader rearm` resumes)" if state.stopped else None)
+            or (daily_loss_breached(equity, state.day_start_equity, config.daily_loss_limit) if state.day_start_equity else None)
+            or cooling_down(state.cooldown_until, bar_time)
+            or ("circuit breaker: repeated exchange errors or stale data" if state.breaker_tripped else None)
+            or too_many_positions(held, config.max_positions)
+        )
+        if reason:
+            kind = reason.split(":")[0].split(" ")[0]
+            state.refusals[kind] = state.refusals.get(kind, 0) + 1
+        return reason
+
+    def kill(self, reason: str = "kill switch engaged") -> None:
+        self.state.kill_switch, self.state.halted = True, reason
+
+    def rearm(self) -> None:
+        """Clear every latched halt (drawdown, kill switch, stop, breaker); the peak restarts from now."""
+        state = self.state
+        state.kill_switch, state.halted, state.stopped = False, None, False
+        state.breaker_tripped, state.breaker_errors, state.peak_equity = False, 0, None
+
+    def describe(self) -> str:
+        s = self.state
+        parts = [f"halted: {s.halted}" if s.halted else "armed", "kill switch ON" if s.kill_switch else "",
+                 "stopped" if s.stopped else "", "breaker TRIPPED" if s.breaker_tripped else "",
+                 f"cool-down until {s.cooldown_until}" if s.cooldown_until else ""]
+        return ", ".join(p for p in parts if p) or "armed"
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, int | float) and math.isfinite(value)

@@ -1,0 +1,147 @@
+"""Putting a trader together from the configuration, for a replay over historical candles or for the service
+that trades each bar as it closes; and the replay's result in the backtest's own format."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.market import market_from_candles
+from pricelevel.backtest.run import TRADE_COLUMNS, BacktestResult
+from pricelevel.backtest.trading import with_rules
+from pricelevel.data.folder import CandleFolder
+from pricelevel.registry.config import TrackingConfig
+from pricelevel.registry.tracking import load_model, mlflow_client
+from pricelevel.registry.versions import version_for_alias
+from pricelevel.strategy.rules import StrategyRules
+from pricelevel.trading.config import RiskConfig, TraderConfig
+from pricelevel.trading.feeds import ReplayFeed
+from pricelevel.trading.models import ModelProvider
+from pricelevel.trading.paper import PaperBroker
+from pricelevel.trading.state import EQUITY, TRADES, StateStore
+from pricelevel.trading.trader import Notifier, Trader
+
+LIVE_VARIABLE = "PRICELEVEL_TRADER__LIVE"
+
+
+class TradingRefused(RuntimeError):
+    """The trader will not start as configured; ``str()`` is one line saying why."""
+
+
+def model_uri(trader: TraderConfig, tracking: TrackingConfig) -> str:
+    return trader.model or f"models:/{tracking.registered_model}@champion"
+
+
+def check_mode(trader: TraderConfig, tracking: TrackingConfig, env: Mapping[str, str]) -> None:
+    """Real money needs two explicit acts; exchange modes trade the champion only."""
+    if trader.mode == "mainnet" and env.get(LIVE_VARIABLE) != "yes":
+        raise TradingRefused(
+            f"mainnet trades real money: it needs trader.mode: mainnet AND {LIVE_VARIABLE}=yes in the environment; "
+            "refusing to start"
+        )
+    champion = f"models:/{tracking.registered_model}@champion"
+    if trader.mode != "paper" and model_uri(trader, tracking) != champion:
+        raise TradingRefused(f"{trader.mode} trades {champion} only (got {trader.model}); a named model may paper-trade")
+
+
+def registry_models(tracking: TrackingConfig, uri: str, symbols: tuple[str, ...] | None = None) -> ModelProvider:
+    """A :class:`ModelProvider` on the MLflow registry (alias resolution and loading through one client)."""
+    client = mlflow_client(tracking)
+
+    def resolve(alias_uri: str) -> str:
+        name, alias = alias_uri.removeprefix("models:/").split("@")
+        version = version_for_alias(client, name, alias)
+        if version is None:
+            raise LookupError(f"no version of {name} holds @{alias}")
+        return str(version.version)
+
+    return ModelProvider(uri, resolve, lambda u: load_model(u, client), symbols)
+
+
+def paper_execution(symbols: tuple[str, ...], costs: BacktestConfig) -> Callable[[StrategyRules, dict | None], PaperBroker]:
+    def make(rules: StrategyRules, saved: dict[str, Any] | None) -> PaperBroker:
+        return PaperBroker.from_state(saved, costs, rules) if saved else PaperBroker(symbols, costs, rules)
+
+    return make
+
+
+@dataclass(frozen=True)
+class Replay:
+    trader: Trader
+    feed: ReplayFeed
+    bars: pd.DatetimeIndex
+
+
+def open_replay(
+    folder: CandleFolder, models: ModelProvider, store: StateStore, costs: BacktestConfig, risk: RiskConfig,
+    start: pd.Timestamp | None = None, end: pd.Timestamp | None = None, notifier: Notifier | None = None,
+) -> Replay:
+    """A paper trader over ``folder``'s history, bar by bar from ``start`` (the backtest's clock)."""
+    spec = models.current.spec
+    timeframes = spec.table_spec().input_timeframes
+    feed = ReplayFeed(folder, models.symbols, timeframes)
+    trader = Trader(store, models, feed, paper_execution(models.symbols, costs), risk, costs, notifier)
+    return Replay(trader, feed, feed.bar_times(spec.table_spec().timeframe, start, end))
+
+
+def replay_result(replay: Replay, costs: BacktestConfig) -> BacktestResult:
+    """The replay as a :class:`BacktestResult` (its trades, equity and refusals on the replayed bars), so it is
+    written and compared exactly like ``pricelevel backtest --json``."""
+    trader = replay.trader
+    spec = trader.spec
+    start = replay.bars[0]
+    candles = pd.concat([f[spec.table_spec().timeframe].assign(symbol=s) for s, f in replay.feed.frames.items()], ignore_index=True)
+    candles = candles[(candles["timestamp"] >= start) & (candles["timestamp"] <= replay.bars[-1])]
+    market = market_from_candles(candles, timeframe=costs.timeframe)
+    trades = trader.store.frame(TRADES)
+    rows = [trades] if len(trades) else []
+    execution = trader.execution
+    last = market.timestamps[-1]
+    for symbol, held in execution.positions().items():
+        entry_fees = float(execution.state.entry_fees[execution.symbols.index(symbol)])
+        pnl = held["size"] * held["last_close"] - held["size"] * held["entry_price"] - entry_fees - 0.0
+        rows.append(pd.DataFrame([{"symbol": symbol, "entry_time": pd.Timestamp(held["entry_time"]), "exit_time": last,
+                                   "entry_price": held["entry_price"], "exit_price": held["last_close"], "size": held["size"],
+                                   "pnl": pnl, "entry_fees": entry_fees, "exit_fees": 0.0, "exit_reason": "open"}]))
+    frame = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(columns=TRADE_COLUMNS)
+    frame["entry_time"] = pd.to_datetime(frame["entry_time"], utc=True)
+    frame["exit_time"] = pd.to_datetime(frame["exit_time"], utc=True)
+    frame["entry_bar"] = market.timestamps.get_indexer(pd.DatetimeIndex(frame["entry_time"]))
+    frame["exit_bar"] = market.timestamps.get_indexer(pd.DatetimeIndex(frame["exit_time"]))
+    frame["return"] = frame["pnl"] / (frame["size"] * frame["entry_price"])
+    equity = trader.store.frame(EQUITY).set_index("bar_time")["equity"]
+    equity.index = pd.to_datetime(equity.index, utc=True)
+    labels = ("no_cash", "dust", "max_positions")
+    rejected = {label: int(n) for label, n in zip(labels, np.asarray(execution.state.rejected), strict=True)}
+    return BacktestResult(market, with_rules(costs, trader.rules), equity.reindex(market.timestamps).rename("equity"),
+                          frame[list(TRADE_COLUMNS)].reset_index(drop=True), rejected)
+
+
+def run_service(
+    trader: Trader, stop: threading.Event, delay_s: float, now: Callable[[], pd.Timestamp] | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
+    """Trade every bar as it closes until ``stop`` is set: ``delay_s`` after each close, the newest closed bar
+    is stepped (once: a bar already committed is skipped). Returns the bars traded."""
+    clock = now or (lambda: pd.Timestamp.now(tz="UTC"))
+    bar = trader.timeframe.delta
+    traded = 0
+    while not stop.is_set():
+        current = clock()
+        closed_at = current.floor(bar)  # the close of the newest closed bar
+        newest = closed_at - bar
+        if current >= closed_at + pd.Timedelta(seconds=delay_s) and (
+            trader.last_bar is None or pd.Timestamp(trader.last_bar) < newest
+        ):
+            traded += not trader.on_bar_close(newest).skipped
+            continue
+        wake = closed_at + bar + pd.Timedelta(seconds=delay_s)
+        sleep(min(1.0, max((wake - clock()).total_seconds(), 0.05)))
+    return traded

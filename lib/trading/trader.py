@@ -1,0 +1,235 @@
+"""The trader: one step per closed bar, the same step for a long-running service and for a replay.
+
+``Trader.on_bar_close(t)`` takes the candles closed by ``t`` (from a :mod:`~pricelevel.trading.feeds` feed),
+scores them with the model through the one inference path (:mod:`pricelevel.inference.scoring`), turns the
+probabilities into signals with the model's own rules (bounded by the risk limits), asks the risk manager
+about every entry, and hands the bar to the execution (the paper engine, or an exchange). Everything a bar
+decided is committed in one transaction of the state database; a bar already committed is never processed
+again, so a restart continues where the last run stopped.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from pricelevel.backtest.config import BacktestConfig
+from pricelevel.core.timeframes import Timeframe
+from pricelevel.inference.scoring import predict_tables
+from pricelevel.ml.dataset import symbol_table
+from pricelevel.strategy.rules import StrategyRules
+from pricelevel.trading.config import RiskConfig
+from pricelevel.trading.control import take_commands
+from pricelevel.trading.exchange import client_id
+from pricelevel.trading.feeds import CandleFeed, bar_ohlc
+from pricelevel.trading.models import ModelProvider, Switch
+from pricelevel.trading.paper import BarOutcome
+from pricelevel.trading.risk import RiskManager, RiskState, effective_rules
+from pricelevel.trading.state import StateStore
+
+LAST_BAR, RISK, EXECUTION, MODEL = "last_bar", "risk", "execution", "model"
+
+
+class Execution(Protocol):
+    """Where orders go: the paper engine or an exchange account."""
+
+    name: str
+
+    def on_bar(self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
+               entries: Mapping[str, bool], exits: Mapping[str, bool]) -> BarOutcome: ...
+    def with_rules(self, rules: StrategyRules) -> Execution: ...
+    def equity(self) -> float: ...
+    @property
+    def cash(self) -> float: ...
+    def positions(self) -> dict[str, dict[str, float]]: ...
+    def held(self) -> int: ...
+    def cancel_pending(self) -> None: ...
+    def to_state(self) -> dict[str, Any]: ...
+
+
+class Notifier(Protocol):
+    def notify(self, kind: str, text: str) -> None: ...
+
+
+class NoNotifier:
+    def notify(self, kind: str, text: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class BarReport:
+    bar_time: pd.Timestamp
+    model_version: str | None
+    probabilities: dict[str, float]
+    decisions: list[dict[str, Any]]
+    outcome: BarOutcome | None
+    events: list[str] = field(default_factory=list)
+    skipped: bool = False
+
+
+class Trader:
+    """See the module docstring. ``make_execution(rules, saved_state)`` builds the execution for the current
+    model's effective rules (from its persisted state after a restart)."""
+
+    def __init__(
+        self,
+        store: StateStore,
+        models: ModelProvider,
+        feed: CandleFeed,
+        make_execution: Callable[[StrategyRules, dict[str, Any] | None], Execution],
+        risk: RiskConfig,
+        costs: BacktestConfig,
+        notifier: Notifier | None = None,
+    ) -> None:
+        self.store, self.models, self.feed, self.risk_config, self.costs = store, models, feed, risk, costs
+        self.notifier = notifier or NoNotifier()
+        self.make_execution = make_execution
+        with store.transaction() as tx:
+            self.last_bar = store.get(tx, LAST_BAR)
+            self.risk = RiskManager(risk, RiskState.from_dict(store.get(tx, RISK)))
+            saved = store.get(tx, EXECUTION)
+        self.execution = make_execution(self.rules, saved)
+
+    @property
+    def spec(self):
+        return self.models.current.spec
+
+    @property
+    def rules(self) -> StrategyRules:
+        """The rules executed now: the current model's, bounded by the risk limits."""
+        return effective_rules(self.spec.strategy_rules(), self.risk_config)
+
+    @property
+    def timeframe(self) -> Timeframe:
+        return Timeframe(self.spec.timeframe)
+
+    def on_bar_close(self, bar_time: pd.Timestamp) -> BarReport:
+        """Decide and execute the bar opening at ``bar_time`` (its candle closed at ``bar_time + timeframe``)."""
+        bar_time = pd.Timestamp(bar_time)
+        if self.last_bar is not None and bar_time <= pd.Timestamp(self.last_bar):
+            return BarReport(bar_time, self.models.current.version, {}, [], None, skipped=True)
+        forced, events = self.apply_commands()
+        switch = self.models.refresh()
+        if switch is not None:
+            events.append(self._switch(switch))
+        frames = self.feed.closed_by(bar_time + self.timeframe.delta)
+        ohlc = bar_ohlc(frames, self.timeframe, bar_time)
+        stale = sorted(set(self.models.symbols) - set(ohlc))
+        probabilities = self.score(frames, bar_time)
+        entries, exits = self.rules.signals(np.array([probabilities.get(s, math.nan) for s in self.models.symbols]))
+        positions = self.execution.positions()
+        approved, decisions = {}, []
+        for k, symbol in enumerate(self.models.symbols):
+            signal, verdict = "none", "no signal"
+            if symbol in stale:
+                signal, verdict = "stale", "no candle for this bar: no decision"
+            elif entries[k] and symbol not in positions:
+                refusal = self.risk.entry_refusal(bar_time, self.execution.equity(), self.execution.held() + len(approved))
+                signal, verdict = "entry", refusal or "approved"
+                if refusal is None:
+                    approved[symbol] = True
+            elif exits[k] and symbol in positions:
+                signal, verdict = "exit", "approved"
+            decisions.append({"bar_time": bar_time, "symbol": symbol, "model_version": str(self.models.current.version),
+                              "probability": probabilities.get(symbol), "signal": signal, "verdict": verdict})
+        if self.risk.state.kill_switch:  # flatten and stay flat until re-armed
+            forced |= set(positions)
+            self.execution.cancel_pending()
+        exit_signals = {s: bool(exits[k]) or s in forced for k, s in enumerate(self.models.symbols)}
+        for decision in decisions:
+            if decision["symbol"] in forced and decision["symbol"] in positions:
+                decision["signal"], decision["verdict"] = "exit", "forced: kill switch or force-exit"
+        outcome = self.execution.on_bar(bar_time, ohlc, approved, exit_signals)
+        events += self.risk.after_bar(bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed],
+                                      problem=bool(stale))
+        self._commit(bar_time, decisions, outcome)
+        for text in events:
+            self.notifier.notify("risk" if "halt" in text.lower() or "breaker" in text or "cool" in text else "model", text)
+        for fill in outcome.fills:
+            self.notifier.notify("fill", f"{fill.intent} {fill.symbol}: {fill.size:.6g} at {fill.price:.6g}")
+        return BarReport(bar_time, self.models.current.version, probabilities, decisions, outcome, events)
+
+    def apply_commands(self) -> tuple[set[str], list[str]]:
+        """Apply the queued commands (:mod:`pricelevel.trading.control`): the symbols to close at this bar and
+        what to tell a person."""
+        forced: set[str] = set()
+        events = []
+        for command in take_commands(self.store):
+            kind, by = command["kind"], command.get("by", "?")
+            if kind == "kill":
+                self.risk.kill(f"kill switch engaged by {by} at {command['at']}")
+                forced |= set(self.execution.positions())
+            elif kind == "rearm":
+                self.risk.rearm()
+            elif kind in ("stop", "start"):
+                self.risk.state.stopped = kind == "stop"
+            elif kind == "forceexit":
+                forced |= set(command["symbols"] or self.execution.positions())
+            events.append(f"{kind} ({', '.join(command['symbols']) or 'all'}) by {by}: {self.risk.describe()}")
+        if events:
+            with self.store.transaction() as tx:
+                self.store.put(tx, RISK, self.risk.state.to_dict())
+        return forced, events
+
+    def score(self, frames: Mapping[str, Mapping[Timeframe, pd.DataFrame | None]], bar_time: pd.Timestamp) -> dict[str, float]:
+        """The model's probability for ``bar_time`` of every symbol that has that bar and a full window."""
+        spec, table_spec = self.spec, self.spec.table_spec()
+        tables = {}
+        for symbol, by_tf in frames.items():
+            bars = by_tf.get(table_spec.timeframe)
+            if bars is None or len(bars) < spec.seq_len or bars["timestamp"].iloc[-1] != bar_time:
+                continue
+            history, table = table_spec.build(by_tf)
+            tables[symbol] = symbol_table(symbol, table, history, spec.features)
+        if not tables:
+            return {}
+        scored = predict_tables(self.models.current.predict, spec, tables, since=bar_time)
+        now = scored[scored["timestamp"] == bar_time]
+        return dict(zip(now["symbol"], now["probability"].astype(float), strict=True))
+
+    def _switch(self, switch: Switch) -> str:
+        with self.store.transaction() as tx:
+            self.store.add_switch(tx, bar_time=pd.Timestamp.now(tz="UTC"), from_version=switch.from_version,
+                                  to_version=switch.to_version, accepted=int(switch.accepted), reason=switch.reason)
+        if switch.accepted:
+            self.execution = self.execution.with_rules(self.rules)
+            return f"model switch: version {switch.from_version} -> {switch.to_version} ({switch.reason})"
+        return f"model switch refused: version {switch.to_version}: {switch.reason}"
+
+    def _commit(self, bar_time: pd.Timestamp, decisions: list[dict[str, Any]], outcome: BarOutcome) -> None:
+        version = str(self.models.current.version)
+        with self.store.transaction() as tx:
+            self.store.add_decisions(tx, decisions)
+            for fill in outcome.fills:
+                self.store.add_order(
+                    tx, client_id=client_id(version, fill.symbol, bar_time, fill.intent), symbol=fill.symbol,
+                    side="Buy" if fill.intent == "entry" else "Sell", intent=fill.intent, bar_time=bar_time,
+                    model_version=version, status="FILLED", base_qty=fill.size, filled_qty=fill.size, avg_price=fill.price,
+                    fee=fill.fee, message=self.execution.name)
+            for symbol, intent in outcome.queued.items():
+                self.store.add_order(
+                    tx, client_id=client_id(version, symbol, bar_time, f"queued-{intent}"), symbol=symbol,
+                    side="Buy" if intent == "entry" else "Sell", intent=intent, bar_time=bar_time, model_version=version,
+                    status="SENT", message=f"{self.execution.name}: fills at the next open")
+            self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in outcome.closed])
+            self.store.add_equity(tx, bar_time, outcome.equity, self.execution.cash)
+            self.store.put(tx, RISK, self.risk.state.to_dict())
+            self.store.put(tx, EXECUTION, self.execution.to_state())
+            self.store.put(tx, MODEL, {"uri": self.models.uri, "version": version})
+            self.store.put(tx, LAST_BAR, str(bar_time))
+        self.last_bar = str(bar_time)
+
+    def replay(self, bar_times: Sequence[pd.Timestamp], on_bar: Callable[[BarReport], None] | None = None) -> int:
+        """``on_bar_close`` over historical bars, in order (bars already processed are skipped)."""
+        done = 0
+        for bar_time in bar_times:
+            report = self.on_bar_close(bar_time)
+            done += not report.skipped
+            if on_bar is not None:
+                on_bar(report)
+        return done

@@ -1,0 +1,740 @@
+"""A fake Bybit v5 spot exchange: trading and account endpoints on top of :mod:`tests.fakes.bybit_server`'s klines.
+
+It speaks the wire format pybit speaks to the real one: signed private requests (``X-BAPI-API-KEY``,
+``X-BAPI-SIGN`` = HMAC-SHA256 of ``timestamp + key + recv_window + payload`` where the payload is the raw
+query string of a GET or the raw JSON body of a POST, ``X-BAPI-TIMESTAMP``, ``X-BAPI-RECV-WINDOW``), answers
+``{"retCode", "retMsg", "result", "retExtInfo", "time"}`` with every number as a string, and keeps an
+account: balances per coin, instruments, a last price per symbol, orders by ``orderId`` and by
+``orderLinkId``, executions. Market orders fill at once at the last price (or only ``fill_fraction`` of
+them, the rest staying open), paying the taker fee in the coin received, as Bybit spot does: a buy pays it
+in the base coin, a sell in the quote coin.
+
+retCodes it emulates (Bybit v5 error table, spot trade section), and when:
+
+========  =====================================================  =====================================
+10001     params error                                            bad category/side/type/qty/orderLinkId
+10002     request time outside the recv_window                    X-BAPI-TIMESTAMP too far from our clock
+10003     API key is invalid                                      unknown or missing X-BAPI-API-KEY
+10004     error sign (echoes the signed origin string, key        X-BAPI-SIGN does not verify
+          included, as Bybit does: the client must redact it)
+10006     Too many visits (with the X-Bapi-Limit-* headers)       :meth:`TradeFault.rate_limit`
+10016     Server error                                            :meth:`TradeFault.api_error`
+170121    Invalid symbol                                          order on an unknown symbol
+170131    Insufficient balance                                    not enough of the coin spent
+170136    Order quantity lower than the minimum                   base qty below ``minOrderQty``
+170137    Order volume decimal too long                           base qty finer than ``basePrecision``
+170140    Order value exceeded lower limit                        value below ``minOrderAmt``
+170141    Duplicate clientOrderId                                 an ``orderLinkId`` seen before
+170148    Market order amount decimal too long                    quote amount finer than ``quotePrecision``
+170213    Order does not exist                                    cancel of an unknown or closed order
+========  =====================================================  =====================================
+
+Faults (:meth:`FakeBybitExchange.fail_next`): each queued :class:`TradeFault` is served to the next request
+on its path (order faults default to ``/v5/order/create``, the others to any trading path), so that a test
+can fail "the next order" whatever reads the client does first. ``lost`` is the nasty one: the order IS
+created and filled, then the answer stalls past the client's timeout, or is a bare 502.
+
+Standalone (binds 127.0.0.1 only)::
+
+    python -m tests.fakes.bybit_trading --port 8766 --data data/sample --price BTCUSDT=61200
+
+prints the key and secret to use (``BYBIT_API_KEY`` / ``BYBIT_API_SECRET``) and serves klines too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import hmac
+import json
+import re
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from decimal import ROUND_DOWN, Decimal, InvalidOperation
+from pathlib import Path
+from types import MappingProxyType
+
+import pandas as pd
+from werkzeug.serving import make_server
+from werkzeug.wrappers import Request, Response
+
+from tests.fakes.bybit_server import KLINE_PATH, FakeBybit, Fault
+
+ORDER_CREATE = "/v5/order/create"
+ORDER_CANCEL = "/v5/order/cancel"
+ORDER_REALTIME = "/v5/order/realtime"
+ORDER_HISTORY = "/v5/order/history"
+EXECUTION_LIST = "/v5/execution/list"
+WALLET_BALANCE = "/v5/account/wallet-balance"
+INSTRUMENTS_INFO = "/v5/market/instruments-info"
+PRIVATE_PATHS = (ORDER_CREATE, ORDER_CANCEL, ORDER_REALTIME, ORDER_HISTORY, EXECUTION_LIST, WALLET_BALANCE)
+TRADING_PATHS = (*PRIVATE_PATHS, INSTRUMENTS_INFO)
+
+RET_PARAMS = 10001
+RET_RECV_WINDOW = 10002
+RET_API_KEY_INVALID = 10003
+RET_SIGN = 10004
+RET_RATE_LIMIT = 10006
+RET_SERVER_ERROR = 10016
+RET_INVALID_SYMBOL = 170121
+RET_INSUFFICIENT_BALANCE = 170131
+RET_QTY_TOO_SMALL = 170136
+RET_QTY_DECIMALS = 170137
+RET_VALUE_TOO_SMALL = 170140
+RET_DUPLICATE_LINK_ID = 170141
+RET_AMOUNT_DECIMALS = 170148
+RET_ORDER_NOT_EXISTS = 170213
+
+MESSAGES = MappingProxyType({
+    RET_API_KEY_INVALID: "API key is invalid.",
+    RET_INSUFFICIENT_BALANCE: "Insufficient balance.",
+    RET_QTY_TOO_SMALL: "Order quantity lower than the minimum.",
+    RET_QTY_DECIMALS: "Order volume decimal too long.",
+    RET_VALUE_TOO_SMALL: "Order value exceeded lower limit.",
+    RET_DUPLICATE_LINK_ID: "Duplicate clientOrderId.",
+    RET_AMOUNT_DECIMALS: "Market order amount decimal too long.",
+    RET_ORDER_NOT_EXISTS: "Order does not exist.",
+    RET_INVALID_SYMBOL: "Invalid symbol.",
+})
+OPEN_STATUSES = ("New", "PartiallyFilled")
+LINK_ID = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
+SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
+_MS = 1_000_000
+
+
+@dataclass(frozen=True)
+class TradeFault(Fault):
+    """A :class:`~tests.fakes.bybit_server.Fault` aimed at one path, plus the faults only orders have.
+
+    ``path=None`` hits the next trading request whatever its path.
+    """
+
+    path: str | None = None
+
+    @classmethod
+    def lost(cls, stall_s: float | None = None) -> TradeFault:
+        """The order is created (and filled), then the answer is lost: it stalls ``stall_s`` (past the
+        client's timeout) before answering, or, with ``None``, the client gets a bare HTTP 502."""
+        return cls("lost", status=502, seconds=stall_s or 0.0, path=ORDER_CREATE)
+
+    @classmethod
+    def reject(cls, reason: str = "EC_NoImmediateQtyToFill") -> TradeFault:
+        """Accepted (retCode 0), then rejected by the matching engine: orderStatus ``Rejected``, no fill."""
+        return cls("reject", message=reason, path=ORDER_CREATE)
+
+    @classmethod
+    def insufficient_balance(cls) -> TradeFault:
+        return cls.order_error(RET_INSUFFICIENT_BALANCE)
+
+    @classmethod
+    def min_order_value(cls) -> TradeFault:
+        return cls.order_error(RET_VALUE_TOO_SMALL)
+
+    @classmethod
+    def order_error(cls, ret_code: int, message: str | None = None) -> TradeFault:
+        """The next order is refused with this retCode (nothing is created)."""
+        return cls("api_error", ret_code=ret_code, message=message or MESSAGES[ret_code], path=ORDER_CREATE)
+
+    def on(self, path: str | None) -> TradeFault:
+        """The same fault, aimed at ``path`` (``None``: any trading path)."""
+        return replace(self, path=path)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """One request as the fake saw it: ``params`` is the query of a GET or the JSON body of a POST."""
+
+    method: str
+    path: str
+    params: Mapping[str, object]
+    api_key: str | None
+
+
+@dataclass
+class _Order:
+    order_id: str
+    link_id: str
+    symbol: str
+    side: str
+    qty: Decimal
+    market_unit: str
+    created_ms: int
+    status: str = "New"
+    updated_ms: int = 0
+    cum_qty: Decimal = Decimal(0)
+    cum_value: Decimal = Decimal(0)
+    fee: Decimal = Decimal(0)
+    fee_coin: str = ""
+    reject_reason: str = "EC_NoError"
+    cancel_type: str = "UNKNOWN"
+
+    def to_json(self) -> dict[str, object]:
+        """The order as ``/v5/order/realtime`` and ``/v5/order/history`` list it."""
+        avg = self.cum_value / self.cum_qty if self.cum_qty else Decimal(0)
+        open_ = self.status in OPEN_STATUSES
+        if self.market_unit == "quoteCoin":
+            leaves_qty, leaves_value = Decimal(0), (self.qty - self.cum_value) if open_ else Decimal(0)
+        else:
+            leaves_qty = (self.qty - self.cum_qty) if open_ else Decimal(0)
+            leaves_value = leaves_qty * avg
+        return {
+            "orderId": self.order_id,
+            "orderLinkId": self.link_id,
+            "blockTradeId": "",
+            "symbol": self.symbol,
+            "price": "0",
+            "qty": _text(self.qty),
+            "side": self.side,
+            "isLeverage": "0",
+            "positionIdx": 0,
+            "orderStatus": self.status,
+            "cancelType": self.cancel_type,
+            "rejectReason": self.reject_reason,
+            "avgPrice": _text(avg) if self.cum_qty else "",
+            "leavesQty": _text(leaves_qty),
+            "leavesValue": _text(leaves_value),
+            "cumExecQty": _text(self.cum_qty),
+            "cumExecValue": _text(self.cum_value),
+            "cumExecFee": _text(self.fee),
+            "cumFeeDetail": {self.fee_coin: _text(self.fee)} if self.fee else {},
+            "timeInForce": "IOC",
+            "orderType": "Market",
+            "marketUnit": self.market_unit,
+            "stopOrderType": "",
+            "triggerPrice": "0",
+            "takeProfit": "0",
+            "stopLoss": "0",
+            "reduceOnly": False,
+            "closeOnTrigger": False,
+            "smpType": "None",
+            "createdTime": str(self.created_ms),
+            "updatedTime": str(self.updated_ms or self.created_ms),
+        }
+
+
+@dataclass
+class _Instrument:
+    symbol: str
+    base_coin: str
+    quote_coin: str
+    base_precision: Decimal
+    quote_precision: Decimal
+    min_order_qty: Decimal
+    max_order_qty: Decimal
+    min_order_amt: Decimal
+    max_order_amt: Decimal
+    tick_size: Decimal
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "symbol": self.symbol,
+            "baseCoin": self.base_coin,
+            "quoteCoin": self.quote_coin,
+            "innovation": "0",
+            "status": "Trading",
+            "marginTrading": "utaOnly",
+            "stTag": "0",
+            "lotSizeFilter": {
+                "basePrecision": _text(self.base_precision),
+                "quotePrecision": _text(self.quote_precision),
+                "minOrderQty": _text(self.min_order_qty),
+                "maxOrderQty": _text(self.max_order_qty),
+                "minOrderAmt": _text(self.min_order_amt),
+                "maxOrderAmt": _text(self.max_order_amt),
+            },
+            "priceFilter": {"tickSize": _text(self.tick_size)},
+            "riskParameters": {"priceLimitRatioX": "0.05", "priceLimitRatioY": "0.05"},
+        }
+
+
+class _Refused(Exception):
+    """An order refused with a retCode (nothing created)."""
+
+    def __init__(self, ret_code: int, message: str | None = None) -> None:
+        super().__init__(message or MESSAGES[ret_code])
+        self.ret_code = ret_code
+
+
+@dataclass
+class FakeBybitExchange:
+    """One spot account on a fake Bybit v5, plus the kline fake (``market``) on the same server.
+
+    ``unique_link_ids=False`` makes it refuse a repeated ``orderLinkId`` only while the first order is
+    still open (a weaker exchange), to prove that a client does not lean on the exchange's dedupe.
+    """
+
+    api_key: str = "fake-api-key-0001"
+    api_secret: str = "fake-api-secret-0001"
+    balances: dict[str, float] = field(default_factory=lambda: {"USDT": 10_000.0})
+    taker_fee: float = 0.001
+    #: Share of each market order that fills (the rest stays open, ``PartiallyFilled``).
+    fill_fraction: float = 1.0
+    unique_link_ids: bool = True
+    now: Callable[[], pd.Timestamp] = field(default=lambda: pd.Timestamp.now(tz="UTC"))
+    market: FakeBybit | None = None
+
+    def __post_init__(self) -> None:
+        if self.market is None:
+            self.market = FakeBybit(now=self.now)
+        self._balances = {coin: _dec(v) for coin, v in self.balances.items()}
+        self._instruments: dict[str, _Instrument] = {}
+        self._prices: dict[str, Decimal] = {}
+        self._orders: dict[str, _Order] = {}
+        self._by_link: dict[str, str] = {}
+        self._executions: list[dict[str, str]] = []
+        self._faults: deque[TradeFault] = deque()
+        self._lock = threading.RLock()
+        #: Every trading request, in order (klines are in ``market.requests``).
+        self.requests: list[Recorded] = []
+        #: Every order created, in order: what the exchange really took.
+        self.created: list[dict[str, object]] = []
+        self.add_instrument("BTCUSDT", "BTC", "USDT")
+
+    # ----------------------------------------------------------------------------------------- set-up
+
+    def add_instrument(
+        self,
+        symbol: str,
+        base_coin: str,
+        quote_coin: str,
+        *,
+        base_precision: str = "0.000001",
+        quote_precision: str = "0.00000001",
+        min_order_qty: str = "0.000048",
+        max_order_qty: str = "71.73956243",
+        min_order_amt: str = "1",
+        max_order_amt: str = "2000000",
+        tick_size: str = "0.01",
+    ) -> None:
+        """A spot symbol with Bybit's rules (defaults: BTCUSDT's on mainnet)."""
+        self._instruments[symbol] = _Instrument(
+            symbol,
+            base_coin,
+            quote_coin,
+            base_precision=Decimal(base_precision),
+            quote_precision=Decimal(quote_precision),
+            min_order_qty=Decimal(min_order_qty),
+            max_order_qty=Decimal(max_order_qty),
+            min_order_amt=Decimal(min_order_amt),
+            max_order_amt=Decimal(max_order_amt),
+            tick_size=Decimal(tick_size),
+        )
+
+    def set_price(self, symbol: str, price: float | str) -> None:
+        """The last traded price: market orders on ``symbol`` fill there."""
+        self._prices[symbol] = _dec(price)
+
+    def set_balance(self, coin: str, amount: float | str) -> None:
+        self._balances[coin] = _dec(amount)
+
+    def balance(self, coin: str) -> float:
+        return float(self._balances.get(coin, Decimal(0)))
+
+    def fail_next(self, *faults: Fault) -> None:
+        """Queue faults; a plain kline :class:`Fault` here aims at any trading path."""
+        for fault in faults:
+            self._faults.append(fault if isinstance(fault, TradeFault) else TradeFault(**vars(fault)))
+
+    @property
+    def pending_faults(self) -> int:
+        return len(self._faults)
+
+    def order(self, link_id: str) -> dict[str, object] | None:
+        """The order with this ``orderLinkId`` as Bybit lists it, or ``None``."""
+        order_id = self._by_link.get(link_id)
+        return self._orders[order_id].to_json() if order_id else None
+
+    def sent(self, path: str) -> list[Recorded]:
+        return [r for r in self.requests if r.path == path]
+
+    # ------------------------------------------------------------------------------------------ serving
+
+    def install(self, httpserver) -> str:
+        """Serve every path on a pytest-httpserver; returns the base URL."""
+        for path in (*TRADING_PATHS, KLINE_PATH):
+            httpserver.expect_request(path).respond_with_handler(self.handle)
+        return httpserver.url_for("").rstrip("/")
+
+    def wsgi_app(self, environ, start_response):
+        request = Request(environ)
+        known = request.path in TRADING_PATHS or request.path == KLINE_PATH
+        response = self.handle(request) if known else Response("Not Found", status=404)
+        return response(environ, start_response)
+
+    def handle(self, request: Request) -> Response:
+        """Every path (pytest-httpserver's ``respond_with_handler`` signature)."""
+        if request.path == KLINE_PATH:
+            return self.market.handle(request)
+        raw = request.get_data(as_text=True) if request.method == "POST" else request.query_string.decode()
+        try:
+            params = json.loads(raw) if request.method == "POST" else dict(request.args.items())
+        except ValueError:
+            params = None
+        with self._lock:
+            self.requests.append(
+                Recorded(request.method, request.path, params or {}, request.headers.get("X-BAPI-API-KEY"))
+            )
+            fault = self._next_fault(request.path)
+        if fault is not None and fault.kind == "slow":
+            time.sleep(fault.seconds)
+        elif fault is not None and fault.kind not in ("lost", "reject"):
+            return self.market._fault_response(fault)
+        if not isinstance(params, dict):
+            return self._error(RET_PARAMS, "params error: body is not a JSON object")
+        if request.path in PRIVATE_PATHS:
+            denied = self._authenticate(request, raw)
+            if denied is not None:
+                return denied
+        with self._lock:
+            response = self._route(request.path, params, fault)
+        if fault is not None and fault.kind == "lost":
+            if not fault.seconds:
+                return Response("Bad Gateway", status=502, mimetype="text/plain")
+            time.sleep(fault.seconds)
+        return response
+
+    def _next_fault(self, path: str) -> TradeFault | None:
+        for fault in self._faults:
+            if fault.path in (None, path):
+                self._faults.remove(fault)
+                return fault
+        return None
+
+    def _authenticate(self, request: Request, payload: str) -> Response | None:
+        """Bybit's checks, in its order: the key, the timestamp against the recv window, the signature."""
+        key = request.headers.get("X-BAPI-API-KEY", "")
+        sign = request.headers.get("X-BAPI-SIGN", "")
+        timestamp = request.headers.get("X-BAPI-TIMESTAMP", "")
+        recv_window = request.headers.get("X-BAPI-RECV-WINDOW", "5000")
+        if not hmac.compare_digest(key, self.api_key):
+            return self._error(RET_API_KEY_INVALID, MESSAGES[RET_API_KEY_INVALID])
+        try:
+            server_ms, ts, window = int(time.time() * 1000), int(timestamp), int(recv_window)
+        except ValueError:
+            return self._error(RET_PARAMS, "params error: X-BAPI-TIMESTAMP and X-BAPI-RECV-WINDOW must be integers")
+        if not server_ms - window <= ts < server_ms + 1000:
+            return self._error(
+                RET_RECV_WINDOW,
+                f"invalid request, please check your server timestamp or recv_window param. "
+                f"req_timestamp[{ts}],server_timestamp[{server_ms}],recv_window[{window}]",
+            )
+        origin = f"{timestamp}{key}{recv_window}{payload}"
+        expected = hmac.new(self.api_secret.encode(), origin.encode(), hashlib.sha256).hexdigest()
+        if not hmac.compare_digest(sign, expected):
+            return self._error(RET_SIGN, f"error sign! origin_string[{origin}]")
+        return None
+
+    def _route(self, path: str, params: dict, fault: TradeFault | None) -> Response:
+        handlers = {
+            ORDER_CREATE: lambda: self._create(params, fault),
+            ORDER_CANCEL: lambda: self._cancel(params),
+            ORDER_REALTIME: lambda: self._list_orders(params, open_=True),
+            ORDER_HISTORY: lambda: self._list_orders(params, open_=False),
+            EXECUTION_LIST: lambda: self._list_executions(params),
+            WALLET_BALANCE: lambda: self._wallet(params),
+            INSTRUMENTS_INFO: lambda: self._instruments_info(params),
+        }
+        try:
+            return self._ok(handlers[path]())
+        except _Refused as refused:
+            return self._error(refused.ret_code, str(refused))
+
+    # ------------------------------------------------------------------------------------------- orders
+
+    def _create(self, params: dict, fault: TradeFault | None) -> dict[str, object]:
+        if params.get("category") != "spot":
+            raise _Refused(RET_PARAMS, "params error: this fake trades category spot only")
+        instrument = self._instruments.get(str(params.get("symbol")))
+        if instrument is None:
+            raise _Refused(RET_INVALID_SYMBOL)
+        side, unit = params.get("side"), params.get("marketUnit")
+        if side not in ("Buy", "Sell"):
+            raise _Refused(RET_PARAMS, "params error: side invalid")
+        if params.get("orderType") != "Market":
+            raise _Refused(RET_PARAMS, "params error: this fake takes Market orders only")
+        link_id = str(params.get("orderLinkId") or f"fake-{len(self._orders) + 1}")
+        if not LINK_ID.match(link_id):
+            raise _Refused(RET_PARAMS, "params error: orderLinkId invalid")
+        if link_id in self._by_link and (
+            self.unique_link_ids or self._orders[self._by_link[link_id]].status in OPEN_STATUSES
+        ):
+            raise _Refused(RET_DUPLICATE_LINK_ID)
+        unit = unit or ("quoteCoin" if side == "Buy" else "baseCoin")  # Bybit's default for spot market orders
+        if unit not in ("quoteCoin", "baseCoin"):
+            raise _Refused(RET_PARAMS, "params error: marketUnit invalid")
+        qty = _parse(params.get("qty"))
+        if qty is None or qty <= 0:
+            raise _Refused(RET_PARAMS, "params error: qty invalid")
+        price = self._prices.get(instrument.symbol)
+        if price is None:
+            raise AssertionError(f"fake Bybit: no price for {instrument.symbol}; call set_price() first")
+        step = instrument.quote_precision if unit == "quoteCoin" else instrument.base_precision
+        if qty % step:
+            raise _Refused(RET_AMOUNT_DECIMALS if unit == "quoteCoin" else RET_QTY_DECIMALS)
+        base_qty = qty if unit == "baseCoin" else qty / price
+        value = qty if unit == "quoteCoin" else qty * price
+        if unit == "baseCoin" and qty < instrument.min_order_qty:
+            raise _Refused(RET_QTY_TOO_SMALL)
+        if value < instrument.min_order_amt:
+            raise _Refused(RET_VALUE_TOO_SMALL)
+        spend_coin, spend = (instrument.quote_coin, value) if side == "Buy" else (instrument.base_coin, base_qty)
+        if self._balances.get(spend_coin, Decimal(0)) < spend:
+            raise _Refused(RET_INSUFFICIENT_BALANCE)
+
+        now_ms = self._now_ms()
+        order = _Order(f"{1_900_000_000_000_000_000 + len(self._orders) + 1}", link_id, instrument.symbol,
+                       side, qty, unit, now_ms)
+        self._orders[order.order_id] = order
+        self._by_link[link_id] = order.order_id
+        if fault is not None and fault.kind == "reject":
+            order.status, order.reject_reason = "Rejected", fault.message
+        else:
+            self._fill(order, instrument, price, base_qty * _dec(self.fill_fraction))
+        self.created.append(order.to_json())
+        return {"orderId": order.order_id, "orderLinkId": link_id}
+
+    def _fill(self, order: _Order, instrument: _Instrument, price: Decimal, base_qty: Decimal) -> None:
+        """One execution of ``base_qty`` (down to the lot size) at ``price``; fees in the coin received."""
+        qty = _floor(base_qty, instrument.base_precision)
+        if qty <= 0:
+            order.status = "Cancelled"
+            return
+        value, rate = qty * price, _dec(self.taker_fee)
+        base, quote = instrument.base_coin, instrument.quote_coin
+        if order.side == "Buy":
+            fee, fee_coin = qty * rate, base
+            self._balances[quote] = self._balances.get(quote, Decimal(0)) - value
+            self._balances[base] = self._balances.get(base, Decimal(0)) + qty - fee
+        else:
+            fee, fee_coin = value * rate, quote
+            self._balances[base] = self._balances.get(base, Decimal(0)) - qty
+            self._balances[quote] = self._balances.get(quote, Decimal(0)) + value - fee
+        order.cum_qty += qty
+        order.cum_value += value
+        order.fee += fee
+        order.fee_coin = fee_coin
+        order.updated_ms = self._now_ms()
+        order.status = "Filled" if self.fill_fraction >= 1 else "PartiallyFilled"
+        self._executions.append(
+            {
+                "symbol": order.symbol,
+                "orderId": order.order_id,
+                "orderLinkId": order.link_id,
+                "side": order.side,
+                "orderPrice": "0",
+                "orderQty": _text(order.qty),
+                "leavesQty": "0",
+                "orderType": "Market",
+                "stopOrderType": "",
+                "execFee": _text(fee),
+                "feeCurrency": fee_coin,
+                "execId": f"fake-exec-{len(self._executions) + 1:06d}",
+                "execPrice": _text(price),
+                "execQty": _text(qty),
+                "execType": "Trade",
+                "execValue": _text(value),
+                "execTime": str(order.updated_ms),
+                "isMaker": False,
+                "feeRate": _text(rate),
+                "markPrice": "",
+                "closedSize": "",
+                "seq": len(self._executions) + 1,
+            }
+        )
+
+    def _cancel(self, params: dict) -> dict[str, object]:
+        order = self._find(params)
+        if order is None or order.status not in OPEN_STATUSES or order.symbol != params.get("symbol"):
+            raise _Refused(RET_ORDER_NOT_EXISTS)
+        order.status = "PartiallyFilledCanceled" if order.cum_qty else "Cancelled"
+        order.cancel_type = "CancelByUser"
+        order.updated_ms = self._now_ms()
+        return {"orderId": order.order_id, "orderLinkId": order.link_id}
+
+    def _find(self, params: Mapping[str, object]) -> _Order | None:
+        order_id = params.get("orderId") or self._by_link.get(str(params.get("orderLinkId")))
+        return self._orders.get(str(order_id)) if order_id else None
+
+    # -------------------------------------------------------------------------------------------- reads
+
+    def _list_orders(self, params: dict, *, open_: bool) -> dict[str, object]:
+        if params.get("category") != "spot":
+            raise _Refused(RET_PARAMS, "params error: category invalid")
+        orders = [o for o in reversed(self._orders.values()) if (o.status in OPEN_STATUSES) == open_]
+        for key, attr in (("symbol", "symbol"), ("orderId", "order_id"), ("orderLinkId", "link_id")):
+            if params.get(key):
+                orders = [o for o in orders if getattr(o, attr) == params[key]]
+        page, cursor = _page([o.to_json() for o in orders], params, default=20, most=50)
+        return {"list": page, "nextPageCursor": cursor, "category": "spot"}
+
+    def _list_executions(self, params: dict) -> dict[str, object]:
+        if params.get("category") != "spot":
+            raise _Refused(RET_PARAMS, "params error: category invalid")
+        start, end = _int(params.get("startTime")), _int(params.get("endTime"))
+        if start is None and end is None:
+            end = self._now_ms()
+        if start is None:
+            start = end - SEVEN_DAYS_MS
+        if end is None:
+            end = start + SEVEN_DAYS_MS
+        if end - start > SEVEN_DAYS_MS:
+            raise _Refused(RET_PARAMS, "params error: The time range between startTime and endTime cannot exceed 7 days.")
+        rows = [e for e in reversed(self._executions) if start <= int(e["execTime"]) <= end]
+        for key in ("symbol", "orderId", "orderLinkId"):
+            if params.get(key):
+                rows = [e for e in rows if e[key] == params[key]]
+        page, cursor = _page(rows, params, default=50, most=100)
+        return {"list": page, "nextPageCursor": cursor, "category": "spot"}
+
+    def _wallet(self, params: dict) -> dict[str, object]:
+        if params.get("accountType") != "UNIFIED":
+            raise _Refused(RET_PARAMS, "accountType only support UNIFIED.")
+        wanted = set(str(params["coin"]).split(",")) if params.get("coin") else None
+        coins = []
+        for coin, amount in sorted(self._balances.items()):
+            if amount == 0 or (wanted is not None and coin not in wanted):
+                continue  # Bybit leaves out coins with nothing in them
+            usd = self._usd(coin, amount)
+            coins.append(
+                {
+                    "coin": coin,
+                    "equity": _text(amount),
+                    "usdValue": _text(usd) if usd is not None else "",
+                    "walletBalance": _text(amount),
+                    "locked": "0",
+                    "spotHedgingQty": "0",
+                    "borrowAmount": "0",
+                    "accruedInterest": "0",
+                    "totalOrderIM": "0",
+                    "totalPositionIM": "0",
+                    "totalPositionMM": "0",
+                    "unrealisedPnl": "0",
+                    "cumRealisedPnl": "0",
+                    "bonus": "0",
+                    "marginCollateral": True,
+                    "collateralSwitch": True,
+                    "availableToWithdraw": "",
+                }
+            )
+        total = sum((self._usd(c, a) or Decimal(0)) for c, a in self._balances.items())
+        account = {
+            "accountType": "UNIFIED",
+            "totalEquity": _text(total),
+            "totalWalletBalance": _text(total),
+            "totalMarginBalance": _text(total),
+            "totalAvailableBalance": _text(total),
+            "totalPerpUPL": "0",
+            "totalInitialMargin": "0",
+            "totalMaintenanceMargin": "0",
+            "accountIMRate": "0",
+            "accountMMRate": "0",
+            "accountLTV": "0",
+            "coin": coins,
+        }
+        return {"list": [account]}
+
+    def _instruments_info(self, params: dict) -> dict[str, object]:
+        if params.get("category") not in ("spot", "linear", "inverse", "option"):
+            raise _Refused(RET_PARAMS, "params error: category invalid")
+        rows = [i.to_json() for i in self._instruments.values()] if params.get("category") == "spot" else []
+        if params.get("symbol"):
+            rows = [r for r in rows if r["symbol"] == params["symbol"]]
+        return {"category": params["category"], "list": rows, "nextPageCursor": ""}
+
+    def _usd(self, coin: str, amount: Decimal) -> Decimal | None:
+        if coin in ("USDT", "USDC", "USD"):
+            return amount
+        price = self._prices.get(f"{coin}USDT")
+        return amount * price if price is not None else None
+
+    # ---------------------------------------------------------------------------------------- responses
+
+    def _ok(self, result: dict[str, object]) -> Response:
+        return self._json({"retCode": 0, "retMsg": "OK", "result": result})
+
+    def _error(self, ret_code: int, message: str) -> Response:
+        return self._json({"retCode": ret_code, "retMsg": message, "result": {}})
+
+    def _json(self, body: dict) -> Response:
+        body = {**body, "retExtInfo": {}, "time": self._now_ms()}
+        return Response(json.dumps(body, separators=(",", ":")), mimetype="application/json")
+
+    def _now_ms(self) -> int:
+        return pd.Timestamp(self.now()).value // _MS
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def _dec(value: float | str | Decimal) -> Decimal:
+    return value if isinstance(value, Decimal) else Decimal(value if isinstance(value, str) else repr(value))
+
+
+def _parse(value: object) -> Decimal | None:
+    """Bybit takes quantities as strings; a float would reach us in exponent notation and is refused."""
+    if not isinstance(value, str) or "e" in value.lower():
+        return None
+    try:
+        return Decimal(value)
+    except InvalidOperation:
+        return None
+
+
+def _int(value: object) -> int | None:
+    return int(str(value)) if value not in (None, "") else None
+
+
+def _floor(value: Decimal, step: Decimal) -> Decimal:
+    return (value / step).to_integral_value(rounding=ROUND_DOWN) * step
+
+
+def _text(value: Decimal) -> str:
+    """Plain decimal text without trailing zeros ("0.0001", "61200"), as Bybit writes numbers."""
+    text = format(value.normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+def _page(rows: list, params: Mapping[str, object], *, default: int, most: int) -> tuple[list, str]:
+    """Bybit's cursor paging; the cursor here is an offset, opaque to the client as Bybit's is."""
+    limit = min(int(str(params.get("limit") or default)), most)
+    offset = int(str(params.get("cursor") or 0))
+    page = rows[offset : offset + limit]
+    return page, (str(offset + limit) if offset + limit < len(rows) else "")
+
+
+def _prices(pairs: Iterable[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        symbol, _, price = pair.partition("=")
+        out[symbol] = price
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fake Bybit v5 spot exchange on 127.0.0.1 (offline runs).")
+    parser.add_argument("--port", type=int, default=8766)
+    parser.add_argument("--data", type=Path, default=Path("data/sample"), help="folder of SYMBOL_TF.parquet files")
+    parser.add_argument("--price", action="append", default=[], metavar="SYMBOL=PRICE")
+    parser.add_argument("--usdt", type=float, default=10_000.0, help="starting USDT balance")
+    args = parser.parse_args(argv)
+    fake = FakeBybitExchange(balances={"USDT": args.usdt}, market=FakeBybit.from_folder(args.data))
+    for symbol, price in _prices(args.price).items():
+        if symbol not in fake._instruments:
+            fake.add_instrument(symbol, symbol.removesuffix("USDT"), "USDT")
+        fake.set_price(symbol, price)
+    server = make_server("127.0.0.1", args.port, fake.wsgi_app, threaded=True)
+    print(
+        f"fake Bybit v5 exchange on http://127.0.0.1:{server.port} (klines, spot orders, wallet); "
+        f"BYBIT_API_KEY={fake.api_key} BYBIT_API_SECRET={fake.api_secret}",
+        flush=True,
+    )
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is the way to stop it
+        server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
