@@ -17,7 +17,7 @@ export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export GX_ANALYTICS_ENABLED ?= false
 
-.PHONY: demo test install install-dev lint bench clean ui ui-prefect deploy
+.PHONY: demo test install install-dev lint bench clean ui ui-prefect deploy cluster-up cluster-down
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,7 +65,18 @@ ui-prefect: install
 # Register prefect.yaml's deployments with the server at PREFECT_API_URL (runs execute in this checkout).
 deploy: install
 	$(BIN)/prefect work-pool create pricelevel-process --type process --overwrite
+	$(BIN)/prefect work-queue create training --pool pricelevel-process --limit 1 >/dev/null 2>&1 || \
+		$(BIN)/prefect work-queue set-concurrency-limit training 1 --pool pricelevel-process
 	PRICELEVEL_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
+
+# README "Scaling out": PostgreSQL (system packages), Prefect and MLflow servers on it, a Dask scheduler with
+# 2 workers and a Prefect worker, all in .cluster/ without Docker; then `source .cluster/env`.
+# CLUSTER_ARGS="--workers 3 --port-offset 10000" changes the size or the ports.
+cluster-up: install-dev
+	$(BIN)/python -m flows.commands.cluster up $(CLUSTER_ARGS)
+
+cluster-down:
+	$(BIN)/python -m flows.commands.cluster down
 
 clean:
 	rm -rf data/raw data/validated data/quarantine data/reports data/derived data/optuna .prefect mlruns

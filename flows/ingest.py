@@ -14,12 +14,13 @@ from prefect import flow
 
 from pricelevel.data.ingest import ingest_window
 from tasks.ingest import IngestFailed, collect_outcomes, ingest_candles, summarize_ingest, validate_candles
+from tasks.notify import notify_failure
 from tasks.runtime import fan_out, load_run_config
 
 __all__ = ["IngestFailed", "ingest"]
 
 
-@flow(name="ingest")
+@flow(name="ingest", on_failure=[notify_failure])
 def ingest(
     symbols: list[str] | None = None,
     timeframes: list[str] | None = None,

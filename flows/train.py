@@ -16,6 +16,7 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.ingest import ingest
+from tasks.notify import notify_failure
 from tasks.runtime import fan_out, load_run_config
 from tasks.train import (
     backtest,
@@ -32,7 +33,7 @@ from tasks.train import (
 )
 
 
-@flow(name="train")
+@flow(name="train", on_failure=[notify_failure])
 def train(config_file: str | None = None, overrides: list[str] | None = None, skip_ingest: bool = False) -> dict:
     """Returns the registered version, its scores and the backtest metrics."""
     if not skip_ingest:

@@ -35,6 +35,7 @@ from pricelevel.levels.config import LevelsConfig
 from pricelevel.ml.config import DatasetConfig, EvaluationConfig, ModelConfig, TuningConfig
 from pricelevel.registry.config import PromotionConfig, TrackingConfig
 from pricelevel.strategy.config import SelectionConfig
+from pricelevel.telegram.config import TelegramConfig
 from pricelevel.trading.config import RiskConfig, TraderConfig
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ class _RunSections(Frozen):
 class _TradingSections(Frozen):
     trader: TraderConfig = TraderConfig()
     risk: RiskConfig = RiskConfig()
+    telegram: TelegramConfig = TelegramConfig()
 
 
 class Config(_DataSections, _ResearchSections, _TrainingSections, _RunSections, _TradingSections):

@@ -3,13 +3,24 @@ fan-out uses, all taken from the same config layers as the CLI (deployments run 
 
 from __future__ import annotations
 
+import contextlib
+import os
+from collections.abc import Iterator
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.context import FlowRunContext
+from prefect.settings import get_current_settings
+from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
 from pricelevel.config import Config, data_overrides, load_project_config
-from pricelevel.core.config import FlowConfig
+from pricelevel.core.config import ConfigError, FlowConfig
 from pricelevel.core.runtime import bootstrap
+from pricelevel.ml.config import ModelConfig
+
+#: ``model.accelerator`` values that ask for CUDA: their training tasks go to workers started with
+#: ``--resources GPU=1`` (``auto`` does not: it must also run where there is no GPU).
+CUDA_ACCELERATORS = frozenset({"cuda", "gpu"})
 
 
 @task(name="load-config", cache_policy=NO_CACHE)
@@ -23,5 +34,67 @@ def load_run_config(config_file: str | None, overrides: list[str] | None, **data
 
 
 def fan_out(flow: FlowConfig) -> TaskRunner:
-    """The task runner for a flow's per-dataset / per-symbol tasks: ``flow.max_workers`` at once."""
-    return ThreadPoolTaskRunner(max_workers=flow.max_workers)
+    """The task runner for a flow's per-dataset / per-symbol tasks (``flow.task_runner``).
+
+    ``thread``: ``flow.max_workers`` threads of this process. ``process`` and ``dask``: worker processes, which
+    report their task runs to this flow's Prefect API (also a temporary one: its address is handed to them,
+    else each would start its own) and are bootstrapped like the flow. Tasks exchange configs, paths and keys,
+    never frames, so the same wiring runs on any worker that sees the data folder.
+    """
+    if flow.task_runner == "thread":
+        return ThreadPoolTaskRunner(max_workers=flow.max_workers)
+    env = worker_environment()
+    if flow.task_runner == "process":
+        return ProcessPoolTaskRunner(max_workers=flow.max_workers, initializer=start_worker, initargs=(env,))
+    from prefect_dask import DaskTaskRunner
+
+    if flow.dask_address:
+        if get_current_settings().api.url is None:
+            raise ConfigError("flow.dask_address: Dask workers report their task runs to a Prefect server, and this "
+                              "flow has only a temporary one; set PREFECT_API_URL (`make cluster-up` writes it)")
+        return DaskTaskRunner(address=flow.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={"n_workers": min(flow.max_workers, os.cpu_count() or 1), "threads_per_worker": 1,
+                        "processes": True, "dashboard_address": None, "env": env, "preload": [__name__]},
+    )
+
+
+def worker_environment() -> dict[str, str]:
+    """What a worker process needs to report to this flow's Prefect API: its URL (and key, when set)."""
+    settings = get_current_settings()
+    url = str(settings.api.url or "")
+    context = FlowRunContext.get()
+    if not url and context is not None and context.client is not None:
+        url = str(context.client.api_url).rstrip("/")  # the flow's temporary server
+    env = {"PREFECT_API_URL": url} if url else {}
+    if settings.api.key is not None:
+        env["PREFECT_API_KEY"] = settings.api.key.get_secret_value()
+    return env
+
+
+def start_worker(env: dict[str, str]) -> None:
+    """Run once in each worker process: this flow's API, then the project runtime (redaction, numba cache)."""
+    os.environ.update(env)
+    bootstrap()
+
+
+def dask_setup(worker: object) -> None:
+    """Dask's preload hook (``dask worker --preload tasks.runtime``): a worker is bootstrapped like a flow."""
+    bootstrap()
+
+
+@contextlib.contextmanager
+def training_resources(flow: FlowConfig, model: ModelConfig) -> Iterator[None]:
+    """Tasks submitted inside go to Dask workers with a ``GPU`` resource when the model asks for CUDA.
+
+    A worker started with ``dask worker ... --resources GPU=1`` then receives exactly these, one at a time;
+    CPU workers get the rest. Outside Dask, or with ``accelerator: auto|cpu``, nothing changes.
+    """
+    if flow.task_runner != "dask" or model.accelerator not in CUDA_ACCELERATORS:
+        yield
+        return
+    import dask
+
+    with dask.annotate(resources={"GPU": 1}):
+        yield

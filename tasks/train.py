@@ -22,7 +22,7 @@ from pricelevel.levels.history import levels_step
 from pricelevel.ml.artifacts import TrainedModel
 from pricelevel.ml.dataset import DatasetPlan, dataset_step
 from pricelevel.ml.evaluation import evaluate_step, scores_table
-from pricelevel.ml.tuning import StudySummary, tune_step
+from pricelevel.ml.tuning import StudySummary, trial_worker_step, tune_step
 from pricelevel.ml.walkforward import train_step
 from pricelevel.registry.experiment import (
     Registered,
@@ -32,6 +32,7 @@ from pricelevel.registry.experiment import (
     start_run_step,
     training_keys,
 )
+from tasks.runtime import fan_out, training_resources
 
 
 @task(name="levels", task_run_name="levels {symbol}", cache_policy=NO_CACHE)
@@ -83,16 +84,35 @@ def start_run(config: Config, plan: DatasetPlan, lookahead_report: dict[str, Any
 
 @task(name="tune", cache_policy=NO_CACHE)
 def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary:
-    """Optuna study over the search space; resumes a study of the same inputs, a no-op once it is complete."""
+    """Optuna study over the search space; resumes a study of the same inputs, a no-op once it is complete.
+    With ``tuning.workers`` > 1 the trials run in that many ``tune-trials`` tasks on the flow's runner."""
     data = config.catalogue
     storage = data.optuna_storage(config.tuning.storage)
-    study = tune_step(plan, config.model_inputs, config.tuning, config.strategy, storage, data.derived.folder("trials", ""),
-                      started.log)
+    work_dir = data.derived.folder("trials", "")
+
+    def run_workers() -> None:
+        with fan_out(config.flow) as runner, training_resources(config.flow, config.model):
+            workers = [runner.submit(tune_trials, {"config": config, "plan": plan, "started": started, "worker": k})
+                       for k in range(config.tuning.workers)]
+        get_run_logger().info("trial workers finished %s trials", [w.result() for w in workers])
+
+    study = tune_step(plan, config.model_inputs, config.tuning, config.strategy, storage, work_dir, started.log,
+                      run_workers if config.tuning.workers > 1 else None)
     get_run_logger().info(
         "study %s: %d trials now, %d complete, %d pruned; best %s = %.4f with %s", study.study_name, study.trials_run_now,
         study.trials_complete, study.trials_pruned, study.metric, study.best_value, study.best_params,
     )
     return study
+
+
+@task(name="tune-trials", task_run_name="tune-trials {worker}", cache_policy=NO_CACHE)
+def tune_trials(config: Config, plan: DatasetPlan, started: StartedRun, worker: int) -> int:
+    """One trial worker of the shared study (``tuning.workers`` of them): trials until ``n_trials`` in total."""
+    data = config.catalogue
+    done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy,
+                             data.optuna_storage(config.tuning.storage), data.derived.folder("trials", ""), started.log)
+    get_run_logger().info("trial worker %d finished %d trials", worker, done)
+    return done
 
 
 @task(name="train", cache_policy=NO_CACHE)

@@ -28,8 +28,7 @@ def backtest(
 ) -> None:
     """Backtest signals on candles with the rules in `backtest.*`, or a registered model on a data folder with
     the rules stored in the model (a `--set backtest.<rule>=...` overrides one, and says so)."""
-    from pricelevel.backtest.files import backtest_files, write_result_json
-    from pricelevel.backtest.metrics import METRIC_LABELS, format_metric
+    from pricelevel.backtest.files import backtest_files
 
     state = session(ctx)
     cfg = state.config()
@@ -57,6 +56,14 @@ def backtest(
     else:
         result, metrics = backtest_files(candles, signals, cfg.backtest)
         what = "backtest"
+    show_backtest(what, result, metrics, json_out, report, levels)
+
+
+def show_backtest(what: str, result, metrics, json_out: Path | None, report: Path | None, levels=None) -> None:
+    """The metrics table, the refused entries, and the JSON / HTML files asked for (`backtest`, `trade --replay`)."""
+    from pricelevel.backtest.files import write_result_json
+    from pricelevel.backtest.metrics import METRIC_LABELS, format_metric
+
     market, frame = result.market, metrics.table()
     title = (f"{what}: {', '.join(market.symbols)} {market.timeframe} {market.timestamps[0]:%Y-%m-%d} .. "
              f"{market.timestamps[-1]:%Y-%m-%d} ({market.n_bars} bars)")

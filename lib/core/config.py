@@ -7,7 +7,7 @@ Each stage package owns the config class of its step (``pricelevel.data.config``
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -40,3 +40,9 @@ class FlowConfig(Frozen):
     max_workers: int = Field(4, ge=1, le=64)
     task_retries: int = Field(2, ge=0)
     task_retry_delay_s: float = Field(10.0, ge=0)
+    #: Where fanned-out tasks run: threads of the flow's process, worker processes, or Dask workers. The numba
+    #: kernels hold the GIL, so only ``process`` and ``dask`` compute several symbols at once.
+    task_runner: Literal["thread", "process", "dask"] = "thread"
+    #: ``tcp://host:8786`` of a running Dask scheduler; ``null`` = a temporary ``LocalCluster`` per fan-out
+    #: (``min(max_workers, cores)`` process workers, one thread each).
+    dask_address: str | None = None

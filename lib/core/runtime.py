@@ -49,6 +49,7 @@ def quiet_environment(root: Path, env: Mapping[str, str] | None = None) -> dict[
         "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
         "DO_NOT_TRACK": "true",
         "MLFLOW_DISABLE_TELEMETRY": "true",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a progress bar per model download floods logs
         "GX_ANALYTICS_ENABLED": "false",
         # One compiled-kernel cache per user, shared by every process and project (compiling costs ~10 s).
         "NUMBA_CACHE_DIR": str(cache_home / "pricelevel" / "numba"),

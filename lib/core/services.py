@@ -31,6 +31,54 @@ class Service:
     argv: tuple[str, ...]
     #: What answers once the service is ready (``url`` when empty).
     health_url: str = ""
+    #: Variables set for this service only, on top of the group's environment.
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def prefect_server(bin_dir: Path, host: str, port: int, database_url: str | None = None) -> Service:
+    """``prefect server start``; on ``database_url`` (``postgresql+asyncpg://user@host/db``, password from
+    ``PGPASSWORD``/``PGPASSFILE``) instead of its SQLite file."""
+    env = (("PREFECT_API_DATABASE_CONNECTION_URL", database_url),) if database_url else ()
+    return Service("Prefect", f"http://{host}:{port}",
+                   (str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(port)),
+                   health_url=f"http://{host}:{port}/api/health", env=env)
+
+
+def mlflow_server(bin_dir: Path, backend_store_uri: str, artifacts_destination: str, host: str, port: int,
+                  allowed_hosts: str | None = None) -> Service:
+    """``mlflow server`` that stores runs and the registry in ``backend_store_uri`` and serves the artifacts
+    itself (clients on any machine upload and download through it: ``mlflow-artifacts:/``)."""
+    argv = [str(bin_dir / "mlflow"), "server", "--backend-store-uri", backend_store_uri, "--serve-artifacts",
+            "--artifacts-destination", artifacts_destination, "--host", host, "--port", str(port), "--workers", "1"]
+    if allowed_hosts:
+        argv += ["--allowed-hosts", allowed_hosts]
+    return Service("MLflow", f"http://{host}:{port}", tuple(argv), health_url=f"http://{host}:{port}/health")
+
+
+def dask_scheduler(bin_dir: Path, host: str, port: int, dashboard_port: int) -> Service:
+    return Service("Dask scheduler", f"tcp://{host}:{port}",
+                   (str(bin_dir / "dask"), "scheduler", "--host", host, "--port", str(port),
+                    "--dashboard-address", f"{host}:{dashboard_port}"),
+                   health_url=f"http://{host}:{dashboard_port}/health")
+
+
+def dask_worker(bin_dir: Path, scheduler: str, name: str, host: str, dashboard_port: int,
+                resources: str | None = None) -> Service:
+    """One worker process with one thread (the numba kernels hold the GIL), bootstrapped like a flow;
+    ``resources="GPU=1"`` makes it the one that receives the training tasks asking for CUDA."""
+    argv = [str(bin_dir / "dask"), "worker", scheduler, "--name", name, "--nworkers", "1", "--nthreads", "1",
+            "--host", host, "--dashboard-address", f"{host}:{dashboard_port}", "--preload", "tasks.runtime"]
+    if resources:
+        argv += ["--resources", resources]
+    return Service(f"Dask worker {name}", scheduler, tuple(argv), health_url=f"http://{host}:{dashboard_port}/health")
+
+
+def prefect_worker(bin_dir: Path, pool: str, host: str, health_port: int) -> Service:
+    """``prefect worker start`` on ``pool``; its health check answers once it polls the server."""
+    return Service(f"Prefect worker {pool}", pool,
+                   (str(bin_dir / "prefect"), "worker", "start", "--pool", pool, "--with-healthcheck"),
+                   health_url=f"http://{host}:{health_port}/health",
+                   env=(("PREFECT_WORKER_WEBSERVER_HOST", host), ("PREFECT_WORKER_WEBSERVER_PORT", str(health_port))))
 
 
 def ui_commands(
@@ -87,14 +135,16 @@ class ServiceGroup:
         self.cwd = cwd
         self.grace_s = grace_s
         self.processes: list[subprocess.Popen] = []
+        #: Seconds from :meth:`wait_healthy`'s call until each service answered.
+        self.ready_s: dict[str, float] = {}
         self._stopped = False
 
     def start(self) -> None:
         """Start every service; if one cannot start, stop those started before it and raise."""
         try:
             for service in self.services:
-                self.processes.append(
-                    subprocess.Popen(service.argv, env=self.env, cwd=self.cwd, start_new_session=True))
+                self.processes.append(subprocess.Popen(
+                    service.argv, env={**self.env, **dict(service.env)}, cwd=self.cwd, start_new_session=True))
         except BaseException:
             self.stop()
             raise
@@ -124,7 +174,8 @@ class ServiceGroup:
 
         Raises RuntimeError when a service exits first, TimeoutError after ``timeout_s``.
         """
-        deadline = time.monotonic() + timeout_s
+        started = time.monotonic()
+        deadline = started + timeout_s
         waiting = list(self.services)
         while waiting:
             if stop is not None and stop.is_set():
@@ -132,7 +183,9 @@ class ServiceGroup:
             code = self.exit_code()
             if code is not None:
                 raise RuntimeError(f"a service exited with code {code} before every service was up")
-            waiting = [s for s in waiting if not _answers(s.health_url or s.url)]
+            for service in [s for s in waiting if _answers(s.health_url or s.url)]:
+                self.ready_s[service.name] = time.monotonic() - started
+            waiting = [s for s in waiting if s.name not in self.ready_s]
             if waiting and time.monotonic() > deadline:
                 raise TimeoutError(f"not up after {timeout_s:g} s: {', '.join(s.name for s in waiting)}")
             if waiting:

@@ -5,12 +5,13 @@ frame of ``feature_<name>`` columns, ``near_level`` and ``target``. Training, sc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from pandas.api.internals import create_dataframe_from_blocks
 
 from pricelevel.core.cache import DerivedStore, SymbolStep, code_fingerprint, step_key
 from pricelevel.core.files import files_fingerprint
@@ -48,12 +49,42 @@ def feature_table(
     near = level_label(timestamps, close, history, labels.threshold_frac)
     columns = feature_columns(features, timeframe)
     values = compute_features(candles, timeframe, columns, history, frames)
-    out = candles[["timestamp", "open", "high", "low", "close", "volume"]].reset_index(drop=True)
+    target = targets(candles, near, labels)
+    stamps = candles["timestamp"].array
+    prices = [candles[c].to_numpy() for c in TABLE_COLUMNS[1:6]]
+    block = values.to_numpy()
+    if isinstance(stamps, pd.arrays.DatetimeArray) and all(p.dtype == np.float64 for p in [*prices, block]):
+        return table_frame(stamps, prices, near, target, block, table_columns(columns), pd.RangeIndex(len(candles)))
+    out = candles[list(TABLE_COLUMNS[:6])].reset_index(drop=True)
     out["near_level"] = near
-    out["target"] = targets(candles, near, labels)
+    out["target"] = target
     for name in columns:
         out[FEATURE_PREFIX + name] = values[name].to_numpy()
     return out
+
+
+def table_columns(columns: Sequence[str]) -> pd.Index:
+    """A feature table's column names: :data:`TABLE_COLUMNS` then ``feature_<name>`` for ``columns``."""
+    return pd.Index([*TABLE_COLUMNS, *(FEATURE_PREFIX + c for c in columns)])
+
+
+def table_frame(
+    timestamps: pd.api.extensions.ExtensionArray, prices: Sequence[np.ndarray], near: np.ndarray, target: np.ndarray,
+    features: np.ndarray, columns: pd.Index, index: pd.Index,
+) -> pd.DataFrame:
+    """A feature table from its parts (``prices``: open, high, low, close, volume as float64; ``features``:
+    rows x columns), laid out as blocks in one go: inserting ~45 columns one by one costs more than computing
+    them."""
+    n_prices, n_features = len(prices), features.shape[1]
+    first_feature = len(TABLE_COLUMNS)
+    blocks = [
+        (timestamps, np.array([0])),
+        (np.concatenate([np.stack(prices), features.T]),
+         np.r_[1 : 1 + n_prices, first_feature : first_feature + n_features]),
+        (np.asarray(near).reshape(1, -1), np.array([TABLE_COLUMNS.index("near_level")])),
+        (np.asarray(target).reshape(1, -1), np.array([TABLE_COLUMNS.index("target")])),
+    ]
+    return create_dataframe_from_blocks(blocks, index=index, columns=columns)
 
 
 @dataclass(frozen=True)

@@ -52,6 +52,7 @@ candles whose widened ranges cannot contain the level (they add exact zeros).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,6 +76,8 @@ LEVEL_COLUMNS = (
     "approach_speed",
 )
 _DAY_NS = Timeframe.D1.nanoseconds
+#: Candle lengths in ns (``Timeframe.nanoseconds`` parses its delta at every call).
+_TIMEFRAME_NS = {tf: tf.nanoseconds for tf in Timeframe}
 #: filter name -> (timeframe it reads, MultiTimeframe attribute).
 FILTER_TIMEFRAMES = {
     "touches": (Timeframe.D1, "d1"),
@@ -191,6 +194,84 @@ def walk_forward_levels(
     return LevelHistory(refits=_to_utc(refit_ns), levels=levels)
 
 
+@dataclass(frozen=True, eq=False)
+class CandleArrays:
+    """One timeframe's candles as arrays (whole columns, views where possible): open times in UTC ns, prices."""
+
+    open_ns: np.ndarray
+    high: np.ndarray
+    low: np.ndarray
+    close: np.ndarray
+    volume: np.ndarray
+
+    @classmethod
+    def of(cls, frame: pd.DataFrame) -> CandleArrays:
+        return cls(column_ns(frame["timestamp"]), *(frame[c].to_numpy(dtype=np.float64) for c in _PRICES))
+
+
+_PRICES = ("high", "low", "close", "volume")
+
+
+def level_inputs(
+    candles: pd.DataFrame, timeframe: Timeframe, config: LevelsConfig, context: MultiTimeframe | None = None
+) -> LevelInputs:
+    """What every refit over ``candles`` reads (extrema, the filters' candles and ATRs), for :func:`refit_columns`."""
+    return _prepare(candles, Timeframe(timeframe), config, context, False)
+
+
+def extend_level_inputs(
+    inputs: LevelInputs,
+    candles: CandleArrays,
+    timeframe: Timeframe,
+    config: LevelsConfig,
+    context: Mapping[Timeframe, CandleArrays],
+) -> LevelInputs:
+    """``inputs`` brought up to ``candles`` and ``context`` (by timeframe), which append candles to theirs.
+
+    Equal to :func:`level_inputs` on the longer candles, computed from the appended ones: an extremum depends
+    only on the ``window`` closes around it, and the filters' ATR continues from its last value (recomputed
+    while still in its warm-up or after a NaN). Only the boundary is checked: the caller vouches that the
+    earlier candles are the same.
+    """
+    timeframe = Timeframe(timeframe)
+    window = config.window
+    n_old = inputs.bar_ns.size
+    bar_ns = _appended(inputs.bar_ns, candles.open_ns, f"{timeframe} candles")
+    close = candles.close
+    first = max(window, n_old - window)  # the first bar whose extremum was not decidable before
+    index = np.empty(0, dtype=np.int64)
+    if close.size - window > first:
+        is_max, is_min = local_extrema(close[first - window :], window)
+        index = np.flatnonzero(is_max | is_min) + (first - window)
+    contexts = {}
+    for name, (frame_tf, attr) in FILTER_TIMEFRAMES.items():
+        old = getattr(inputs, attr)
+        contexts[attr] = None if old is None else _extend_context(
+            old, candles if frame_tf == timeframe else context[frame_tf], frame_tf,
+            _filter_atr_period(name, config.filters), config.filters.touches.atr_buffer,
+        )
+    return LevelInputs(
+        bar_ns=bar_ns,
+        extremum_ns=np.concatenate([inputs.extremum_ns, bar_ns[index]]),
+        known_ns=np.concatenate([inputs.known_ns, bar_ns[index + window] + _TIMEFRAME_NS[timeframe]]),
+        extremum_price=np.concatenate([inputs.extremum_price, close[index]]),
+        lookback_ns=inputs.lookback_ns,
+        **contexts,
+    )
+
+
+def refit_columns(inputs: LevelInputs, asof_ns: int, config: LevelsConfig) -> dict[str, np.ndarray]:
+    """The rows a refit at ``asof_ns`` (UTC ns) adds to a history, as columns (``asof`` then
+    :data:`LEVEL_COLUMNS`, times in UTC ns; :func:`levels_frame` makes them the history's rows): what
+    :func:`walk_forward_levels` over the candles of ``inputs`` gives for that refit."""
+    return _refits(inputs, np.array([asof_ns], dtype=np.int64), config, False)
+
+
+def levels_frame(columns: Mapping[str, np.ndarray]) -> pd.DataFrame:
+    """Level rows from their columns (times in UTC ns), as :class:`LevelHistory` holds them."""
+    return _frame(dict(columns))
+
+
 def level_in_force_index(timestamps: pd.DatetimeIndex | pd.Series, history: LevelHistory) -> np.ndarray:
     """Index into ``history.refits`` of the set in force at each timestamp; -1 before the first refit."""
     refit_ns = utc_ns(history.refits)
@@ -223,14 +304,41 @@ def bracketing_levels(
     timestamps: pd.DatetimeIndex | pd.Series, close: np.ndarray, history: LevelHistory
 ) -> tuple[np.ndarray, np.ndarray]:
     """Rows of ``history.levels`` of the nearest level in force at or below / strictly above each close;
-    -1 where there is none (or the close is NaN). One sort of bars and levels together, no per-bar loop."""
+    -1 where there is none (or the close is NaN).
+
+    A history sorted by (refit, price), as :func:`walk_forward_levels` makes it, is searched per bar within
+    its set (compiled binary search); any other order goes through one sort of bars and levels together.
+    Both give the same rows: among equal prices, the last row at or below and the first row above.
+    """
     close = np.asarray(close, dtype=np.float64)
     levels = history.levels
-    n_levels = len(levels)
     refit_ns = utc_ns(history.refits)
     block = level_in_force_index(timestamps, history)  # -1: no set in force yet
-    level_block = np.searchsorted(refit_ns, utc_ns(levels["asof"]), side="left")
+    level_block = np.searchsorted(refit_ns, column_ns(levels["asof"]), side="left")
     price = levels["price"].to_numpy(dtype=np.float64)
+    if _sorted_by_set_and_price(level_block, price):
+        starts = np.searchsorted(level_block, np.arange(refit_ns.size), side="left").astype(np.int64)
+        ends = np.searchsorted(level_block, np.arange(refit_ns.size), side="right").astype(np.int64)
+        below = np.empty(close.shape, dtype=np.intp)
+        above = np.empty(close.shape, dtype=np.intp)
+        _bracket_within_sets(price, starts, ends, block.astype(np.int64), _writable(close), below, above)
+        return below, above
+    return _bracketing_by_sort(block, close, level_block, price)
+
+
+def _sorted_by_set_and_price(level_block: np.ndarray, price: np.ndarray) -> bool:
+    """Whether level rows are in (set, price) order with no NaN price (then a set's rows are a sorted run)."""
+    if np.isnan(price).any():
+        return False
+    same_set = np.diff(level_block) == 0
+    return bool(np.all(np.diff(level_block) >= 0) and np.all(np.diff(price)[same_set] >= 0))
+
+
+def _bracketing_by_sort(
+    block: np.ndarray, close: np.ndarray, level_block: np.ndarray, price: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`bracketing_levels` for level rows in any order: one sort of bars and levels together."""
+    n_levels = price.size
     # Levels (kind 0) sort before a bar (kind 1) at the same price: a level equal to the close is support.
     keys_block = np.concatenate([level_block, block])
     keys_price = np.concatenate([price, close])
@@ -276,7 +384,7 @@ class _Context:
 
 
 @dataclass(frozen=True, eq=False)
-class _Prepared:
+class LevelInputs:
     """What every refit reads, computed once: extrema with their confirmation times, filter contexts."""
 
     bar_ns: np.ndarray
@@ -307,7 +415,7 @@ def _prepare(
     config: LevelsConfig,
     context: MultiTimeframe | None,
     raw: bool,
-) -> _Prepared:
+) -> LevelInputs:
     bar_ns = _candle_ns(candles, f"{timeframe} candles")
     is_max, is_min = local_extrema(candles["close"].to_numpy(dtype=np.float64), config.window)
     index = np.flatnonzero(is_max | is_min)
@@ -316,9 +424,7 @@ def _prepare(
     touch = filters.touches
     contexts: dict[str, _Context | None] = {}
     for name, (frame_tf, attr) in FILTER_TIMEFRAMES.items():
-        frame = getattr(context, attr) if context is not None else None
-        if frame is None and frame_tf == timeframe:
-            frame = candles
+        frame = _filter_frame(candles, timeframe, context, frame_tf, attr)
         if not getattr(filters, name).enabled:
             contexts[attr] = None
             continue
@@ -330,9 +436,8 @@ def _prepare(
                 f"levels.filters.{name} needs {frame_tf} candles: pass context=MultiTimeframe({attr}=...) "
                 f"or switch it off with levels.filters.{name}.enabled=false"
             )
-        period = filters.approach.atr_period if name == "approach" else touch.atr_period
-        contexts[attr] = _context(frame, frame_tf, period, touch.atr_buffer)
-    return _Prepared(
+        contexts[attr] = _context(frame, frame_tf, _filter_atr_period(name, filters), touch.atr_buffer)
+    return LevelInputs(
         bar_ns=bar_ns,
         extremum_ns=bar_ns[index],
         known_ns=known_ns,
@@ -340,6 +445,49 @@ def _prepare(
         lookback_ns=round(config.lookback_days * _DAY_NS),
         **contexts,
     )
+
+
+def _filter_frame(
+    candles: pd.DataFrame, timeframe: Timeframe, context: MultiTimeframe | None, frame_tf: Timeframe, attr: str
+) -> pd.DataFrame | None:
+    """A filter's candles: from ``context``, else the levels' own candles when they are of its timeframe."""
+    frame = getattr(context, attr) if context is not None else None
+    return candles if frame is None and frame_tf == timeframe else frame
+
+
+def _filter_atr_period(name: str, filters) -> int:
+    return filters.approach.atr_period if name == "approach" else filters.touches.atr_period
+
+
+def _extend_context(
+    old: _Context, candles: CandleArrays, timeframe: Timeframe, atr_period: int, atr_buffer: float
+) -> _Context:
+    """:func:`_context` of ``candles``, which append candles to those of ``old``, from the appended ones."""
+    m = old.open_ns.size
+    open_ns = _appended(old.open_ns, candles.open_ns, f"{timeframe} context candles")
+    high, low, close = candles.high, candles.low, candles.close
+    resumable = m > atr_period and np.isfinite(old.atr[-1])
+    if resumable and np.isfinite(high[m:]).all() and np.isfinite(low[m:]).all() and np.isfinite(close[m:]).all():
+        atr = np.concatenate([old.atr, indicators.atr_resume(high, low, close, atr_period, m, old.atr[-1])])
+    else:
+        atr = indicators.atr(high, low, close, atr_period)
+    return _Context(
+        open_ns=open_ns,
+        close_ns=open_ns + _TIMEFRAME_NS[timeframe],
+        band_low=np.concatenate([old.band_low, low[m:] - atr_buffer * atr[m:]]),
+        band_high=np.concatenate([old.band_high, high[m:] + atr_buffer * atr[m:]]),
+        close=close,
+        volume=_writable(candles.volume),
+        atr=atr,
+    )
+
+
+def _appended(old_ns: np.ndarray, ns: np.ndarray, what: str) -> np.ndarray:
+    """``ns``, the open times of candles that must append to those of ``old_ns`` (checked at the boundary)."""
+    m = old_ns.size
+    if ns.size < m or (m and ns[m - 1] != old_ns[-1]) or (ns.size > m and not bool(np.all(np.diff(ns[max(m - 1, 0) :]) > 0))):
+        raise ValueError(f"{what}: the new candles must append to the old ones, sorted and unique")
+    return ns
 
 
 def _context(frame: pd.DataFrame, timeframe: Timeframe, atr_period: int, atr_buffer: float) -> _Context:
@@ -359,14 +507,19 @@ def _context(frame: pd.DataFrame, timeframe: Timeframe, atr_period: int, atr_buf
     )
 
 
-def _refits(prepared: _Prepared, refit_ns: np.ndarray, config: LevelsConfig, raw: bool) -> dict[str, np.ndarray]:
+def _refits(prepared: LevelInputs, refit_ns: np.ndarray, config: LevelsConfig, raw: bool) -> dict[str, np.ndarray]:
     """The level sets of the refits at ``refit_ns`` (ascending) as column arrays, ``asof`` first."""
     start_ns = _window_start(refit_ns, prepared.lookback_ns)
     lo = np.searchsorted(prepared.extremum_ns, start_ns, side="left").astype(np.int64)
     hi = np.searchsorted(prepared.known_ns, refit_ns, side="right").astype(np.int64)
+    # Only the extrema some window holds are clustered (one refit ranks its window alone): indices are shifted
+    # by ``base``, which changes no label, mean or order.
+    base = int(lo[0]) if lo.size else 0
+    span = prepared.extremum_price[base : max(base, int(hi[-1]) if hi.size else base)]
     refit, price, counts, first, last, bad_refit, bad_eps = cluster_windows(
-        prepared.extremum_price, lo, hi, float(config.eps_frac), int(config.min_samples)
+        span, lo - base, np.maximum(hi - base, 0), float(config.eps_frac), int(config.min_samples)
     )
+    first, last = first + base, last + base
     if bad_refit >= 0:
         raise ValueError(_bad_eps_message(float(bad_eps)))
     if price.size == 0:
@@ -596,10 +749,46 @@ def _leaf_sum(band_low, band_high, volume, start, size, level, every, lanes):
 
 
 @njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
-def _leaf_count(band_low, band_high, start, size, level):
+def _leaf_touch_sum(band_low, band_high, volume, block_low, block_high, start, size, level, lanes):
+    """:func:`_leaf_sum` of the touching candles of a leaf of 8 or more, skipping the 8-candle lane groups whose
+    bound blocks cannot hold the level: they would add exact zeros to their lanes, and a lane (started at
+    +0.0) is never -0.0, so adding +0.0 changes nothing."""
     touching = 0
-    for q in range(start, start + size):
-        touching += (band_low[q] <= level) & (level <= band_high[q])
+    full = start + size - size % 8
+    for k in range(8):
+        lanes[k] = 0.0
+    for base in range(start, full, 8):
+        first_block = base // _BOUND_BLOCK
+        last_block = (base + 7) // _BOUND_BLOCK
+        if level < min(block_low[first_block], block_low[last_block]) or \
+                level > max(block_high[first_block], block_high[last_block]):
+            continue
+        for k in range(8):
+            q = base + k
+            hit = band_low[q] <= level and level <= band_high[q]
+            touching += hit
+            lanes[k] += volume[q] if hit else 0.0
+    total = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    for q in range(full, start + size):
+        hit = band_low[q] <= level and level <= band_high[q]
+        touching += hit
+        total += volume[q] if hit else 0.0
+    return touching, total
+
+
+@njit(cache=True, no_cpython_wrapper=True, no_cfunc_wrapper=True)
+def _leaf_count(band_low, band_high, block_low, block_high, start, size, level):
+    """Touching candles of a leaf, skipping the bound blocks that cannot hold the level."""
+    touching = 0
+    stop = start + size
+    q = start
+    while q < stop:
+        block = q // _BOUND_BLOCK
+        block_stop = min(stop, (block + 1) * _BOUND_BLOCK)
+        if block_low[block] <= level <= block_high[block]:
+            for i in range(q, block_stop):
+                touching += (band_low[i] <= level) & (level <= band_high[i])
+        q = block_stop
     return touching
 
 
@@ -681,18 +870,52 @@ def _touch_sums(price, offsets, window_lo, window_hi, band_low, band_high, volum
                 if level < leaf_low[leaf] or level > leaf_high[leaf]:
                     leaf_sums[leaf] = 0.0
                     continue
-                if with_volume:
+                if with_volume and leaf_size[leaf] >= 8:
+                    found, total = _leaf_touch_sum(
+                        band_low, band_high, volume, block_low, block_high, lo + leaf_start[leaf], leaf_size[leaf],
+                        level, lanes,
+                    )
+                    leaf_sums[leaf] = total
+                elif with_volume:
                     found, total = _leaf_sum(
                         band_low, band_high, volume, lo + leaf_start[leaf], leaf_size[leaf], level, False, lanes
                     )
                     leaf_sums[leaf] = total
                 else:
-                    found = _leaf_count(band_low, band_high, lo + leaf_start[leaf], leaf_size[leaf], level)
+                    found = _leaf_count(
+                        band_low, band_high, block_low, block_high, lo + leaf_start[leaf], leaf_size[leaf], level
+                    )
                 touching += found
             counts[row] = touching
             if with_volume:
                 touched[row] = _run_plan(leaf_sums, program, n_program, stack)
     return counts, touched, window_sums
+
+
+@njit(cache=True)
+def _bracket_within_sets(price, starts, ends, bar_set, close, below, above):
+    """Per bar, binary search of its close in its set's sorted prices ``price[starts[s]:ends[s]]``: the last
+    row at or below it and the first row above (-1: none, no set, NaN close)."""
+    for i in range(close.shape[0]):
+        below[i] = -1
+        above[i] = -1
+        s = bar_set[i]
+        if s < 0 or np.isnan(close[i]):
+            continue
+        lo = starts[s]
+        hi = ends[s]
+        a = lo
+        z = hi
+        while a < z:  # the first row whose price is above the close (searchsorted side="right")
+            mid = (a + z) // 2
+            if price[mid] <= close[i]:
+                a = mid + 1
+            else:
+                z = mid
+        if a > lo:
+            below[i] = a - 1
+        if a < hi:
+            above[i] = a
 
 
 def _frame(columns: dict[str, np.ndarray]) -> pd.DataFrame:
@@ -713,10 +936,19 @@ def _refit_mask(bar_ns: np.ndarray, period_ns: int) -> np.ndarray:
 
 
 def _candle_ns(frame: pd.DataFrame, what: str) -> np.ndarray:
-    ns = utc_ns(frame["timestamp"])
+    ns = column_ns(frame["timestamp"])
     if ns.size > 1 and not bool(np.all(ns[1:] > ns[:-1])):
         raise ValueError(f"{what}: timestamps must be sorted and unique (canonical candles)")
     return ns
+
+
+def column_ns(timestamps: pd.Series) -> np.ndarray:
+    """:func:`~pricelevel.core.timeframes.utc_ns` of a timestamp column, read off its datetime array when it is
+    one (the same numbers, without building an index: naive times are UTC, aware ones are stored as UTC)."""
+    values = timestamps.array
+    if isinstance(values, pd.arrays.DatetimeArray):
+        return (values if values.unit == "ns" else values.as_unit("ns")).asi8
+    return utc_ns(timestamps)
 
 
 def _timestamp_ns(value: pd.Timestamp) -> int:

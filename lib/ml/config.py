@@ -88,6 +88,14 @@ class TuningConfig(Frozen):
     timeout_s: float | None = Field(3600.0, gt=0)
     #: Any SQLAlchemy URL; ``null`` = SQLite in the project (``<data.root>/optuna/optuna.db``).
     storage: str | None = None
+    #: Trial workers sharing the study (tasks of the flow's runner; on Dask, one per worker process). The study
+    #: stops at ``n_trials`` finished in total. More than one needs a server database in ``storage``.
+    workers: int = Field(1, ge=1, le=64)
+    #: With a server database: a worker beats every ``heartbeat_s``; a trial silent for ``grace_s`` (its worker
+    #: died) is failed and re-queued with the same parameters, at most ``trial_retries`` times.
+    heartbeat_s: float = Field(30.0, gt=0)
+    grace_s: float = Field(120.0, gt=0)
+    trial_retries: int = Field(1, ge=0)
     study_name: str = "pricelevel"
     #: Epochs per trial (the final model trains for ``model.max_epochs``).
     max_epochs: int = Field(10, ge=1)
@@ -99,3 +107,19 @@ class TuningConfig(Frozen):
     @property
     def direction(self) -> Literal["minimize", "maximize"]:
         return "minimize" if self.metric == "val_loss" else "maximize"
+
+    @property
+    def server_storage(self) -> bool:
+        """Whether ``storage`` is a database server (heartbeats, several workers), not a SQLite file."""
+        return self.storage is not None and not self.storage.startswith("sqlite")
+
+    @model_validator(mode="after")
+    def _workers_need_a_server(self) -> TuningConfig:
+        if self.workers > 1 and not self.server_storage:
+            raise ValueError(
+                f"workers={self.workers} needs a PostgreSQL URL in tuning.storage: SQLite allows one writer at a "
+                "time and has no heartbeats, so parallel workers would fail with 'database is locked'"
+            )
+        if self.grace_s <= self.heartbeat_s:
+            raise ValueError(f"grace_s ({self.grace_s:g}) must exceed heartbeat_s ({self.heartbeat_s:g})")
+        return self

@@ -3,17 +3,28 @@
 The objective is ``tuning.metric`` (e.g. ``val_pr_auc``), the same name early stopping monitors and the
 promotion gate compares. A study is stored under a name that includes the inputs' key, so re-running with
 the same inputs resumes it (and does nothing once ``n_trials`` have finished), while new data starts a new one.
+
+Several workers (``tuning.workers``, processes on any machine) may share one study on a server database: the
+study stops at ``n_trials`` finished trials in total, not per worker. A worker stops once the finished and
+running trials reach ``n_trials`` (``MaxTrialsCallback``), a trial that finds that many ahead of it is dropped
+before it computes anything (two workers asked at once), and a worker whose trial died with its process
+waits for the heartbeat to fail it: Optuna then re-queues it (``RetryHeartbeatStaleTrialCallback``) for whoever is left.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.storages._heartbeat import is_heartbeat_enabled
+from optuna.study import MaxTrialsCallback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
@@ -25,9 +36,18 @@ from pricelevel.ml.dataset import DatasetPlan, SymbolTable, TrainingData
 from pricelevel.ml.fit import train, with_params
 from pricelevel.ml.walkforward import fit_fold, folds_value
 
+#: How the study is run, not what it computes: left out of its key, so 4 workers on PostgreSQL resume the study
+#: one worker began (within one storage).
+ORCHESTRATION_KEYS = frozenset({"storage", "workers", "heartbeat_s", "grace_s", "trial_retries"})
 #: The model keys the search sets; everything else comes from ``model:``.
 SEARCHED = ("hidden_size", "num_layers", "dropout", "learning_rate", "batch_size", "seq_len")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+#: User attribute of a trial dropped because ``n_trials`` were already finished or running when it began.
+SURPLUS = "pricelevel.surplus"
+
+
+class SurplusTrial(Exception):
+    """This trial would exceed ``n_trials``: ended as FAIL before anything is computed, and not counted."""
 
 
 def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
@@ -48,7 +68,7 @@ def open_study(
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
-        storage=storage,
+        storage=study_storage(storage, tuning),
         study_name=study_name,
         direction=direction or tuning.direction,
         sampler=optuna.samplers.TPESampler(seed=tuning.seed),
@@ -56,6 +76,18 @@ def open_study(
             n_startup_trials=tuning.pruner_startup_trials, n_warmup_steps=tuning.pruner_warmup_epochs
         ),
         load_if_exists=True,
+    )
+
+
+def study_storage(storage: str, tuning: TuningConfig) -> str | RDBStorage:
+    """A SQLite file as its URL; a server database with heartbeats, so a dead worker's trial is failed and
+    re-queued (its parameters kept), and connections checked before use (servers drop idle ones)."""
+    if storage.startswith("sqlite"):
+        return storage
+    return RDBStorage(
+        storage, engine_kwargs={"pool_pre_ping": True}, heartbeat_interval=max(1, round(tuning.heartbeat_s)),
+        grace_period=max(2, round(tuning.grace_s)),
+        failed_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=tuning.trial_retries),
     )
 
 
@@ -95,15 +127,41 @@ def fit_objective(data_for: Callable[[int], TrainingData], model: ModelConfig, t
 
 
 def run_study(
-    study: optuna.Study, objective: Objective, tuning: TuningConfig, work_dir: Path, observer: TrialObserver | None = None
+    study: optuna.Study, objective: Objective, tuning: TuningConfig, work_dir: Path, observer: TrialObserver | None = None,
+    run_workers: Callable[[], None] | None = None,
 ) -> StudySummary:
-    """Run the trials the study still lacks (``n_trials`` minus those finished), then summarise it. Each trial
-    gets the pruning callback on ``tuning.metric`` when the tuned metric and the study point the same way."""
-    done = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
-    remaining = max(0, tuning.n_trials - done)
+    """Run the trials the study still lacks (``n_trials`` in total), then summarise it. ``run_workers`` runs
+    ``tuning.workers`` calls of :func:`run_trials` elsewhere and returns when they are done; ``None``: this
+    process is the only worker."""
+    done = _count(study, FINISHED)
+    if run_workers is not None and done < tuning.n_trials:
+        run_workers()
+    else:
+        run_trials(study, objective, tuning, work_dir, observer)
+    return summarize(study, tuning, _count(study, FINISHED) - done, key=study.user_attrs.get("pricelevel.key", ""))
+
+
+def run_trials(
+    study: optuna.Study, objective: Objective, tuning: TuningConfig, work_dir: Path, observer: TrialObserver | None = None,
+    poll_s: float = 1.0,
+) -> int:
+    """One worker: run trials until ``n_trials`` have finished in the whole study (or ``timeout_s``); returns
+    how many this worker finished. Each trial gets the pruning callback on ``tuning.metric`` when the tuned
+    metric and the study point the same way.
+
+    With heartbeats (a server database) the running trials of other workers count towards ``n_trials``: this
+    worker waits while they run, and picks up the re-queued copy of one whose worker died. Without (SQLite,
+    one worker), a trial left RUNNING can only be a dead one and is not counted."""
+    beats = is_heartbeat_enabled(study._storage)  # Optuna offers no public accessor of a study's storage
+    counted = (*FINISHED, TrialState.RUNNING) if beats else FINISHED
     prunable = study.direction.name.lower() == tuning.direction
+    deadline = math.inf if tuning.timeout_s is None else time.monotonic() + tuning.timeout_s
+    mine: list[int] = []
 
     def trial_value(trial: optuna.Trial) -> float:
+        if beats and _ahead_of(study, trial) >= tuning.n_trials:
+            trial.set_user_attr(SURPLUS, True)
+            raise SurplusTrial(f"trial {trial.number}: {tuning.n_trials} trials finished or running already")
         params = suggest(trial, tuning.space)
         if observer:
             observer.trial_started(trial.number, params)
@@ -114,19 +172,39 @@ def run_study(
         try:
             value = objective(params, trial_dir, callbacks, on_epoch)
             state = "complete"
+            mine.append(trial.number)
             return value
         except optuna.TrialPruned:
             state = "pruned"
+            mine.append(trial.number)
             raise
         finally:
             shutil.rmtree(trial_dir, ignore_errors=True)
             if observer:
                 observer.trial_ended(trial.number, state, value)
 
-    if remaining:
-        study.optimize(trial_value, n_trials=remaining, timeout=tuning.timeout_s, gc_after_trial=True)
-    finished = sum(1 for t in study.get_trials(deepcopy=False) if t.state in FINISHED)
-    return summarize(study, tuning, finished - done, key=study.user_attrs.get("pricelevel.key", ""))
+    while time.monotonic() < deadline:
+        if beats:
+            fail_stale_trials(study)  # a dead worker's trial: FAIL, and a WAITING copy with its parameters
+        if _count(study, FINISHED) >= tuning.n_trials:
+            break
+        if _count(study, counted) >= tuning.n_trials and not _count(study, (TrialState.WAITING,)):
+            time.sleep(poll_s)  # the last trials run elsewhere; if their worker dies, they come back as WAITING
+            continue
+        timeout = None if deadline == math.inf else max(0.0, deadline - time.monotonic())
+        study.optimize(trial_value, timeout=timeout, catch=(SurplusTrial,), gc_after_trial=True,
+                       callbacks=[MaxTrialsCallback(tuning.n_trials, states=counted)])
+    return len(mine)
+
+
+def _count(study: optuna.Study, states: tuple[TrialState, ...]) -> int:
+    return len(study.get_trials(deepcopy=False, states=states))
+
+
+def _ahead_of(study: optuna.Study, trial: optuna.Trial) -> int:
+    """Trials finished, plus those running that were asked for before this one."""
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return _count(study, FINISHED) + sum(1 for t in running if t.number < trial.number)
 
 
 def summarize(study: optuna.Study, tuning: TuningConfig, run_now: int, key: str = "") -> StudySummary:
@@ -149,7 +227,7 @@ def summarize(study: optuna.Study, tuning: TuningConfig, run_now: int, key: str 
         trials=[
             {"number": t.number, "state": t.state.name, "value": t.value, **t.params,
              "epochs": len(t.intermediate_values)}
-            for t in trials
+            for t in trials if not t.user_attrs.get(SURPLUS)
         ],
     )
 
@@ -157,7 +235,8 @@ def summarize(study: optuna.Study, tuning: TuningConfig, run_now: int, key: str 
 def tune_key(plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, strategy: StrategyContext) -> str:
     """Names the study: the dataset, the model and tuning settings, the strategy search it ranks by, the code."""
     return step_key(
-        "tune", dataset=plan.key, model=model.model_dump(mode="json"), tuning=tuning.model_dump(mode="json"),
+        "tune", dataset=plan.key, model=model.model_dump(mode="json"),
+        tuning=tuning.model_dump(mode="json", exclude=set(ORCHESTRATION_KEYS)),
         costs=strategy.costs.model_dump(mode="json"), selection=strategy.selection.model_dump(mode="json"),
         base=strategy.base.model_dump(mode="json"), code=code_fingerprint(run_study, walk_forward_objective),
     )
@@ -187,22 +266,44 @@ def walk_forward_objective(
 
 def tune_step(
     plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, strategy: StrategyContext, storage: str,
-    work_dir: Path, run: RunLog | None,
+    work_dir: Path, run: RunLog | None, run_workers: Callable[[], None] | None = None,
 ) -> StudySummary:
     """Run the study's missing trials (resumed when these inputs were tuned before; a no-op once complete)
-    and log the summary and best parameters to ``run`` (``None``: log nothing, the run exists already)."""
-    key = tune_key(plan, model, tuning, strategy)
-    study_name = f"{tuning.study_name}-{key}"
-    study = open_study(storage, study_name, tuning, direction="maximize")
-    study.set_user_attr("pricelevel.key", key)
+    and log the summary and best parameters to ``run`` (``None``: log nothing, the run exists already).
+    ``run_workers``: runs ``tuning.workers`` :func:`trial_worker_step` calls elsewhere (see :func:`run_study`)."""
+    study, study_name = _study(plan, model, tuning, strategy, storage)
     objective = walk_forward_objective(plan, plan.load(), model, tuning, strategy)
-    summary = run_study(study, objective, tuning, work_dir / key, run.trials(study_name) if run else None)
+    summary = run_study(study, objective, tuning, work_dir / study.user_attrs["pricelevel.key"],
+                        run.trials(study_name) if run else None, run_workers)
     summary = replace(summary, metric=objective_name(strategy, len(plan.folds)), direction="maximize")
     if run is not None:
         run.log_json(summary.to_dict(), "study_summary.json")
         run.log_params({f"best.{k}": v for k, v in summary.best_params.items()})
         run.log_metrics({"best_trial_value": summary.best_value})
     return summary
+
+
+def trial_worker_step(
+    plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, strategy: StrategyContext, storage: str,
+    work_dir: Path, run: RunLog | None,
+) -> int:
+    """One of ``tuning.workers`` trial workers of the study ``tune_step`` names: trials until ``n_trials`` have
+    finished in total (each a nested run of ``run``); returns how many this worker finished."""
+    study, study_name = _study(plan, model, tuning, strategy, storage)
+    objective = walk_forward_objective(plan, plan.load(), model, tuning, strategy)
+    return run_trials(study, objective, tuning, work_dir / study.user_attrs["pricelevel.key"],
+                      run.trials(study_name) if run else None)
+
+
+def _study(
+    plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, strategy: StrategyContext, storage: str,
+) -> tuple[optuna.Study, str]:
+    key = tune_key(plan, model, tuning, strategy)
+    study_name = f"{tuning.study_name}-{key}"
+    study = open_study(storage, study_name, tuning, direction="maximize")
+    if study.user_attrs.get("pricelevel.key") != key:
+        study.set_user_attr("pricelevel.key", key)
+    return study, study_name
 
 
 def objective_name(strategy: StrategyContext, folds: int) -> str:

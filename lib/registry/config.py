@@ -12,8 +12,10 @@ from pricelevel.core.config import Frozen
 class TrackingConfig(Frozen):
     """MLflow. Relative paths in the URIs are relative to the project folder."""
 
+    #: A local store (``sqlite:///...``) or a tracking server (``http://host:5000``) shared by every machine.
     tracking_uri: str = "sqlite:///mlruns/mlflow.db"
-    #: Where new experiments keep their artifacts (a path or URI).
+    #: Where new experiments keep their artifacts (a path or URI). With a tracking server a local path is not
+    #: used: the server stores and serves them (``mlflow server --artifacts-destination``).
     artifact_location: str = "mlruns/artifacts"
     experiment: str = "pricelevel"
     registered_model: str = "pricelevel"

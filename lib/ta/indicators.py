@@ -36,6 +36,11 @@ Kept from TA-Lib on purpose, odd as they are (so values match the reference to r
 - :func:`cci` is 0 on a window that is flat to ~1e-14 of its price level (TA-Lib's scale-aware test).
 - :func:`rate_of_change` is 0 (not inf) when the price ``window`` bars ago is exactly 0.
 
+Resumable forms (``*_resume``, ``*_state``) continue an indicator over rows appended to its input from the
+state it had before them, with the same compiled loop, so a live system extends a series bar by bar and gets
+the values a recomputation over the whole series gives, to the bit (they are not indicators of their own: no
+``lookback`` entry).
+
 The recursions and rolling windows are numba-compiled loops (cached on disk, like the backtest engine), O(n)
 except :func:`cci`, whose mean absolute deviation needs every value of every window (O(n * window), as in
 TA-Lib). Rolling sums are compensated and rolling deviations restart from an exact two-pass sum, so
@@ -57,18 +62,31 @@ __all__ = [
     "MACD",
     "Bollinger",
     "atr",
+    "atr_resume",
     "bollinger",
+    "bollinger_resume",
     "cci",
     "ease_of_movement",
+    "ease_of_movement_resume",
+    "ease_of_movement_state",
     "ema",
+    "ema_resume",
     "force_index",
+    "force_index_resume",
     "log_return",
     "lookback",
     "macd",
+    "macd_resume",
+    "macd_state",
     "rate_of_change",
     "rolling_volatility",
+    "rolling_volatility_resume",
     "rsi",
+    "rsi_resume",
+    "rsi_state",
     "sma",
+    "sma_resume",
+    "sma_state",
 ]
 
 _CCI_CONSTANT = 0.015  # Lambert's scale: ~70-80% of CCI values fall within +-100
@@ -122,24 +140,30 @@ def _window_update(x, sign, total, compensation, nan_count, pos_inf_count, neg_i
 def _rolling_sum(values, window):
     """Sum of the last ``window`` values, O(n). A window holding a non-finite value gets the IEEE sum of its
     values (NaN if it holds a NaN or both infinities, else that infinity); the next windows recover."""
+    return _rolling_sum_run(values, window, 0, (0.0, 0.0, 0, 0, 0))[0]
+
+
+@njit(cache=True)
+def _rolling_sum_run(values, window, begin, state):
+    """:func:`_rolling_sum` of rows ``begin..`` from the window ``state`` after row ``begin - 1`` (total,
+    compensation, NaN / +inf / -inf counts): those rows' sums (NaN before ``window - 1``) and the last state."""
     n = values.size
-    out = np.full(n, np.nan)
-    state = (0.0, 0.0, 0, 0, 0)  # total, compensation, NaN / +inf / -inf counts
-    for i in range(n):
+    out = np.full(max(n - begin, 0), np.nan)
+    for i in range(begin, n):
         state = _window_update(values[i], 1, *state)
         if i >= window:
             state = _window_update(values[i - window], -1, *state)
         if i >= window - 1:
             total, compensation, nan_count, pos_inf_count, neg_inf_count = state
             if nan_count > 0 or (pos_inf_count > 0 and neg_inf_count > 0):
-                out[i] = np.nan
+                out[i - begin] = np.nan
             elif pos_inf_count > 0:
-                out[i] = np.inf
+                out[i - begin] = np.inf
             elif neg_inf_count > 0:
-                out[i] = -np.inf
+                out[i - begin] = -np.inf
             else:
-                out[i] = total + compensation
-    return out
+                out[i - begin] = total + compensation
+    return out, state
 
 
 @njit(cache=True)
@@ -158,9 +182,17 @@ def _ema_from(values, seed_window, alpha, first):
         total += values[i]
     state = total / seed_window
     out[first] = state
-    for i in range(first + 1, n):
+    out[first + 1 :] = _ema_run(values, alpha, first + 1, state)
+    return out
+
+
+@njit(cache=True)
+def _ema_run(values, alpha, begin, state):
+    """The EMA recursion over rows ``begin..`` from ``state``, the EMA at row ``begin - 1``."""
+    out = np.empty(max(values.size - begin, 0))
+    for i in range(begin, values.size):
         state = (values[i] - state) * alpha + state
-        out[i] = state
+        out[i - begin] = state
     return out
 
 
@@ -174,11 +206,19 @@ def _wilder_step(average, value, window):
 def _rsi(close, window):
     """TA-Lib's RSI: Wilder averages of gains and losses, seeded with their means over the first ``window``
     changes. The loss is ``gain - change``, so a NaN change leaves the loss NaN for good."""
+    out = np.full(close.size, np.nan)
+    if close.size > 1:
+        out[1:] = _rsi_run(close, window, 1, 0.0, 0.0)[0]
+    return out
+
+
+@njit(cache=True)
+def _rsi_run(close, window, begin, average_gain, average_loss):
+    """:func:`_rsi` of rows ``begin..`` (``begin >= 1``) from the averages after row ``begin - 1`` (during the
+    first ``window`` changes: their running sums): those rows' values and the last averages."""
     n = close.size
-    out = np.full(n, np.nan)
-    average_gain = 0.0
-    average_loss = 0.0
-    for i in range(1, n):
+    out = np.full(max(n - begin, 0), np.nan)
+    for i in range(begin, n):
         change = close[i] - close[i - 1]
         gain = change if change > 0.0 else 0.0
         loss = gain - change
@@ -193,8 +233,8 @@ def _rsi(close, window):
             average_gain = _wilder_step(average_gain, gain, window)
             average_loss = _wilder_step(average_loss, loss, window)
         moved = average_gain + average_loss
-        out[i] = 0.0 if moved == 0.0 else 100.0 * (average_gain / moved)
-    return out
+        out[i - begin] = 0.0 if moved == 0.0 else 100.0 * (average_gain / moved)
+    return out, average_gain, average_loss
 
 
 @njit(cache=True)
@@ -206,10 +246,19 @@ def _nan_max(a, b):
 @njit(cache=True)
 def _atr(high, low, close, window):
     """TA-Lib's ATR: the true range from row 1, its mean over the first ``window`` of them, then Wilder."""
+    out = np.full(close.size, np.nan)
+    if close.size > 1:
+        out[1:] = _atr_run(high, low, close, window, 1, 0.0)[0]
+    return out
+
+
+@njit(cache=True)
+def _atr_run(high, low, close, window, begin, average):
+    """:func:`_atr` of rows ``begin..`` (``begin >= 1``) from the average after row ``begin - 1`` (during the
+    first ``window`` true ranges: their running sum): those rows' values and the last average."""
     n = close.size
-    out = np.full(n, np.nan)
-    average = 0.0
-    for i in range(1, n):
+    out = np.full(max(n - begin, 0), np.nan)
+    for i in range(begin, n):
         previous_close = close[i - 1]
         true_range = _nan_max(
             high[i] - low[i], _nan_max(abs(previous_close - high[i]), abs(previous_close - low[i]))
@@ -221,8 +270,8 @@ def _atr(high, low, close, window):
             average /= window
         else:
             average = _wilder_step(average, true_range, window)
-        out[i] = average
-    return out
+        out[i - begin] = average
+    return out, average
 
 
 @njit(cache=True)
@@ -483,10 +532,14 @@ def ease_of_movement(high, low, volume, window: int = 14) -> np.ndarray:
     """
     window = _check_window("window", window)
     (high, low, volume), length, start = _inputs(high=high, low=low, volume=volume)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        movement = (np.diff(high) + np.diff(low)) * (high[1:] - low[1:]) / (2 * volume[1:]) * _EMV_SCALE
-    smoothed = _rolling_sum(movement, window) / window
+    smoothed = _rolling_sum(_movement(high, low, volume), window) / window
     return _place(length, start, _after(min(1, high.size), smoothed))
+
+
+def _movement(high: np.ndarray, low: np.ndarray, volume: np.ndarray) -> np.ndarray:
+    """One-bar Ease of Movement of rows 1.. (``ta``'s scale), before the smoothing."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (np.diff(high) + np.diff(low)) * (high[1:] - low[1:]) / (2 * volume[1:]) * _EMV_SCALE
 
 
 def force_index(close, volume, window: int = 13) -> np.ndarray:
@@ -497,9 +550,14 @@ def force_index(close, volume, window: int = 13) -> np.ndarray:
     """
     window = _check_window("window", window)
     (close, volume), length, start = _inputs(close=close, volume=volume)
-    smoothed = _ema_from(np.diff(close) * volume[1:], 1, _ema_alpha(window), 0)
+    smoothed = _ema_from(_force(close, volume), 1, _ema_alpha(window), 0)
     smoothed[: window - 1] = np.nan  # pandas' min_periods: not reported before `window` values were seen
     return _place(length, start, _after(min(1, close.size), smoothed))
+
+
+def _force(close: np.ndarray, volume: np.ndarray) -> np.ndarray:
+    """Price change times volume of rows 1.., before the smoothing."""
+    return np.diff(close) * volume[1:]
 
 
 def log_return(close, window: int = 1) -> np.ndarray:
@@ -523,6 +581,121 @@ def rolling_volatility(close, window: int = 24) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore"):
         returns = np.log(x[1:] / x[:-1])
     return _place(length, start, _after(min(1, x.size), _rolling_std(returns, window, 1)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Resumable forms: the values of the rows from ``begin`` on of a series extended by new rows, from the state
+# the indicator had at ``begin - 1``, so a caller that appends bars (pricelevel.features.incremental) pays
+# for the new rows only. Each runs the indicator's own compiled loop from that state, so the values equal to
+# the bit those of the indicator on the whole series (tests/test_incremental.py). They take the whole series
+# (views, not copies) and read only its last rows; inputs are finite and ``begin`` is past the lookback (no
+# leading-NaN handling, no warm-up). A ``*_state`` function gives the state after a series' last row where
+# it is not simply the indicator's last value (EMA, ATR and force index carry just that).
+# --------------------------------------------------------------------------------------------------------
+
+
+def sma_state(values, window: int) -> tuple:
+    """The rolling sum's state after the last of ``values`` (for :func:`sma_resume`)."""
+    return _rolling_sum_run(_as_float_array(values, "values"), window, 0, (0.0, 0.0, 0, 0, 0))[1]
+
+
+def sma_resume(values, window: int, begin: int, state: tuple) -> tuple[np.ndarray, tuple]:
+    """:func:`sma` of rows ``begin..`` and the state after the last (``begin >= window``)."""
+    x = _as_float_array(values, "values")[begin - window :]
+    sums, state = _rolling_sum_run(x, window, window, state)
+    return sums / window, state
+
+
+def ema_resume(values, window: int, begin: int, last: float) -> np.ndarray:
+    """:func:`ema` of rows ``begin..``, from ``last``, its value at row ``begin - 1``."""
+    return _ema_run(_as_float_array(values, "values"), _ema_alpha(window), begin, last)
+
+
+def rsi_state(close, window: int = 14) -> tuple[float, float]:
+    """The average gain and loss after the last close (for :func:`rsi_resume`)."""
+    _, gain, loss = _rsi_run(_as_float_array(close, "close"), window, 1, 0.0, 0.0)
+    return gain, loss
+
+
+def rsi_resume(close, window: int, begin: int, state: tuple[float, float]) -> tuple[np.ndarray, tuple[float, float]]:
+    """:func:`rsi` of rows ``begin..`` and the averages after the last (``begin > window``)."""
+    out, gain, loss = _rsi_run(_as_float_array(close, "close"), window, begin, *state)
+    return out, (gain, loss)
+
+
+def atr_resume(high, low, close, window: int, begin: int, last: float) -> np.ndarray:
+    """:func:`atr` of rows ``begin..``, from ``last``, its value at row ``begin - 1`` (``begin > window``)."""
+    arrays = (_as_float_array(a, name) for a, name in ((high, "high"), (low, "low"), (close, "close")))
+    return _atr_run(*arrays, window, begin, last)[0]
+
+
+def macd_state(close, fast: int = 12, slow: int = 26, signal: int = 9) -> tuple[float, float, float]:
+    """The fast EMA, slow EMA and signal line at the last close (for :func:`macd_resume`)."""
+    fast, slow, signal = _check_macd(fast, slow, signal)
+    x = _as_float_array(close, "close")
+    fast_ema = _ema_from(x, fast, _ema_alpha(fast), slow - 1)
+    slow_ema = _ema_from(x, slow, _ema_alpha(slow), slow - 1)
+    signal_line = _ema_from(fast_ema - slow_ema, signal, _ema_alpha(signal), slow + signal - 2)
+    return fast_ema[-1], slow_ema[-1], signal_line[-1]
+
+
+def macd_resume(
+    close, fast: int, slow: int, signal: int, begin: int, state: tuple[float, float, float]
+) -> tuple[MACD, tuple[float, float, float]]:
+    """:func:`macd` of rows ``begin..`` and the state after the last (``begin > slow + signal - 2``)."""
+    x = _as_float_array(close, "close")
+    fast_ema = _ema_run(x, _ema_alpha(fast), begin, state[0])
+    slow_ema = _ema_run(x, _ema_alpha(slow), begin, state[1])
+    macd_line = fast_ema - slow_ema
+    signal_line = _ema_run(macd_line, _ema_alpha(signal), 0, state[2])
+    lines = MACD(macd_line, signal_line, macd_line - signal_line)
+    return lines, (fast_ema[-1], slow_ema[-1], signal_line[-1]) if macd_line.size else state
+
+
+def bollinger_resume(close, window: int, n_std: float, begin: int, state: tuple) -> tuple[Bollinger, tuple]:
+    """:func:`bollinger` of rows ``begin..`` and the middle band's state after the last (``begin >= window``).
+
+    The deviation restarts from an exact two-pass sum every ``window`` rows (:func:`_rolling_std`), so it is
+    recomputed from the restart before ``begin``: a run from a multiple of ``window`` that ends ``window`` rows
+    before ``begin`` or earlier has restarted in step with the whole series by then.
+    """
+    middle, state = sma_resume(close, window, begin, state)
+    origin = _aligned_start(begin, window)
+    deviation = _rolling_std(_as_float_array(close, "close")[origin:], window, 0)[begin - origin :]
+    width = n_std * deviation
+    return Bollinger(middle, middle + width, middle - width), state
+
+
+def rolling_volatility_resume(close, window: int, begin: int) -> np.ndarray:
+    """:func:`rolling_volatility` of rows ``begin..`` (its deviation restarts as in :func:`bollinger_resume`;
+    return ``r`` is row ``r + 1``)."""
+    origin = _aligned_start(begin - 1, window)
+    return rolling_volatility(_as_float_array(close, "close")[origin:], window)[begin - origin :]
+
+
+def _aligned_start(begin: int, window: int) -> int:
+    """The latest multiple of ``window`` at least ``window`` rows before ``begin`` (0 if none)."""
+    return max(0, (begin - window) // window * window)
+
+
+def ease_of_movement_state(high, low, volume, window: int = 14) -> tuple:
+    """The smoothing's state after the last row (for :func:`ease_of_movement_resume`)."""
+    arrays = [_as_float_array(a, name) for a, name in ((high, "high"), (low, "low"), (volume, "volume"))]
+    return _rolling_sum_run(_movement(*arrays), window, 0, (0.0, 0.0, 0, 0, 0))[1]
+
+
+def ease_of_movement_resume(high, low, volume, window: int, begin: int, state: tuple) -> tuple[np.ndarray, tuple]:
+    """:func:`ease_of_movement` of rows ``begin..`` and the smoothing's state after the last (``begin > window``)."""
+    first = begin - window - 1  # the movement of row r reads row r - 1; the window reaches back `window` rows
+    arrays = [_as_float_array(a, name)[first:] for a, name in ((high, "high"), (low, "low"), (volume, "volume"))]
+    sums, state = _rolling_sum_run(_movement(*arrays), window, window, state)
+    return sums / window, state
+
+
+def force_index_resume(close, volume, window: int, begin: int, last: float) -> np.ndarray:
+    """:func:`force_index` of rows ``begin..``, from ``last``, its value at row ``begin - 1`` (``begin > window``)."""
+    change = _force(_as_float_array(close, "close")[begin - 1 :], _as_float_array(volume, "volume")[begin - 1 :])
+    return _ema_run(change, _ema_alpha(window), 0, last)
 
 
 # --------------------------------------------------------------------------------------------------------

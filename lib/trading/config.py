@@ -24,7 +24,7 @@ class TraderConfig(Frozen):
     #: Bybit base URL override (a local fake exchange); ``null`` = pybit's URL for the mode.
     endpoint: str | None = None
     #: The trader's state (orders, positions, decisions, risk state): any SQLAlchemy URL; ``null`` = SQLite in
-    #: ``<data.root>/trader/state.db``.
+    #: ``<data.root>/trader/<mode>/state.db`` (paper and exchange accounts never share a state).
     state_url: str | None = None
     #: Seconds after a bar's close before its candle is fetched (the exchange needs a moment to close it).
     poll_delay_s: float = Field(5.0, ge=0)

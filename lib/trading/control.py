@@ -59,3 +59,66 @@ def _paper_positions(execution: dict[str, Any]) -> dict[str, dict[str, float]]:
         return {}
     return {symbol: {"size": engine["position"][k], "entry_price": engine["entry_price"][k], "last_close": engine["last_close"][k]}
             for k, symbol in enumerate(execution["symbols"]) if engine["position"][k] > 0}
+
+
+def pending_commands(store: StateStore) -> bool:
+    """Whether a command waits for the trader (cheap: the service asks every few seconds)."""
+    with store.transaction() as tx:
+        return bool(store.get(tx, COMMANDS, []))
+
+
+def balance(store: StateStore) -> dict[str, Any]:
+    """Equity, cash, what is in positions, and the account's return since its first bar (from the database)."""
+    equity, trades = store.frame(EQUITY), store.frame(TRADES)
+    with store.transaction() as tx:
+        risk = store.get(tx, "risk") or {}
+    if not len(equity):
+        return {"equity": None, "cash": None, "in_positions": None, "start_equity": None, "peak_equity": None,
+                "total_return": None, "realised_pnl": 0.0, "fees": 0.0, "since": None, "last_bar": None}
+    first, last = equity.iloc[0], equity.iloc[-1]
+    return {
+        "equity": float(last["equity"]), "cash": float(last["cash"]), "in_positions": float(last["equity"] - last["cash"]),
+        "start_equity": float(first["equity"]), "peak_equity": risk.get("peak_equity"),
+        "total_return": float(last["equity"] / first["equity"] - 1.0) if first["equity"] else None,
+        "realised_pnl": float(trades["pnl"].sum()) if len(trades) else 0.0,
+        "fees": float((trades["entry_fees"] + trades["exit_fees"]).sum()) if len(trades) else 0.0,
+        "since": str(pd.Timestamp(first["bar_time"])), "last_bar": str(pd.Timestamp(last["bar_time"])),
+    }
+
+
+def profit(store: StateStore, days: float | None = None) -> dict[str, Any]:
+    """Closed trades and the equity change over the last ``days`` before the newest bar (``None``: all time).
+
+    The window ends at the trader's newest bar, not the wall clock, so a replay over history answers too.
+    """
+    equity, trades = store.frame(EQUITY), store.frame(TRADES)
+    if not len(equity):
+        return {"days": days, "since": None, "until": None, "trades": 0, "wins": 0, "losses": 0, "realised_pnl": 0.0,
+                "fees": 0.0, "best": None, "worst": None, "equity_start": None, "equity_end": None, "return": None}
+    stamps = pd.to_datetime(equity["bar_time"], utc=True)
+    until = stamps.max()
+    since = stamps.min() if days is None else until - pd.Timedelta(days=days)
+    before = equity[stamps <= since]
+    start = float(before["equity"].iloc[-1]) if len(before) else float(equity["equity"].iloc[0])
+    end = float(equity["equity"].iloc[-1])
+    if len(trades):
+        trades = trades[pd.to_datetime(trades["exit_time"], utc=True) > since] if days is not None else trades
+    pnl = trades["pnl"] if len(trades) else pd.Series(dtype=float)
+    return {
+        "days": days, "since": str(since), "until": str(until), "trades": int(len(pnl)), "wins": int((pnl > 0).sum()),
+        "losses": int((pnl < 0).sum()), "realised_pnl": float(pnl.sum()),
+        "fees": float((trades["entry_fees"] + trades["exit_fees"]).sum()) if len(pnl) else 0.0,
+        "best": float(pnl.max()) if len(pnl) else None, "worst": float(pnl.min()) if len(pnl) else None,
+        "equity_start": start, "equity_end": end, "return": end / start - 1.0 if start else None,
+    }
+
+
+def recent_trades(store: StateStore, n: int = 10) -> list[dict[str, Any]]:
+    """The ``n`` most recently closed trades, newest first."""
+    trades = store.frame(TRADES)
+    if not len(trades):
+        return []
+    trades = trades.assign(exit_time=pd.to_datetime(trades["exit_time"], utc=True)).sort_values(["exit_time", "id"])
+    rows = trades.tail(max(n, 0)).iloc[::-1]
+    return [{key: (str(value) if isinstance(value, pd.Timestamp) else value) for key, value in row.items()}
+            for row in rows.to_dict("records")]

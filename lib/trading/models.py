@@ -64,6 +64,9 @@ def misfit(new: ModelSpec, running: ModelSpec, symbols: Sequence[str]) -> str | 
     unknown = sorted(set(symbols) - set(new.symbols))
     if unknown:
         return f"it was not trained on {', '.join(unknown)} (traded here); keeping the old model"
+    missing = sorted(set(new.table_spec().input_timeframes) - set(running.table_spec().input_timeframes))
+    if missing:
+        return f"it reads {', '.join(map(str, missing))} candles, which the running trader does not fetch; keeping the old model"
     if not new.rules:
         return "it has no decision rules stored (trained before rules were chosen on validation); keeping the old model"
     return None

@@ -61,6 +61,17 @@ class PaperBroker:
     """The engine over ``symbols``, one bar per :meth:`on_bar`; :meth:`to_state` / :meth:`from_state` persist it."""
 
     name = "paper"
+    records_orders = False  # the trader writes the paper fills as FILLED order rows
+
+    @property
+    def errors(self) -> list[str]:
+        return []  # the engine cannot fail to fill
+
+    def reconcile(self, last_bar: str | None) -> list[str]:
+        return []  # the engine's state is the account: nothing to compare it with
+
+    def flatten(self, symbols: Sequence[str], at: pd.Timestamp, model_version: str, reason: str) -> list[ClosedTrade]:
+        return []  # the engine fills only at a bar: forced exits wait for the next close
 
     def __init__(self, symbols: Sequence[str], costs: BacktestConfig, rules: StrategyRules, state: EngineState | None = None,
                  bar_times: Sequence[str] = ()) -> None:
@@ -76,7 +87,7 @@ class PaperBroker:
 
     def on_bar(
         self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
-        entries: Mapping[str, bool], exits: Mapping[str, bool],
+        entries: Mapping[str, bool], exits: Mapping[str, bool], model_version: str = "",
     ) -> BarOutcome:
         """One closed bar: pending orders fill at its open, stops inside it, signals at its close."""
         nan = (np.nan,) * 4

@@ -149,6 +149,10 @@ class RiskManager:
             state.refusals[kind] = state.refusals.get(kind, 0) + 1
         return reason
 
+    def halt(self, reason: str) -> None:
+        """Latch a halt (a reconciliation mismatch): no entry until re-armed."""
+        self.state.halted = self.state.halted or reason
+
     def kill(self, reason: str = "kill switch engaged") -> None:
         self.state.kill_switch, self.state.halted = True, reason
 

@@ -3,11 +3,12 @@ that trades each bar as it closes; and the replay's result in the backtest's own
 
 from __future__ import annotations
 
-import threading
-import time
+import asyncio
+import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -16,19 +17,30 @@ from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import market_from_candles
 from pricelevel.backtest.run import TRADE_COLUMNS, BacktestResult
 from pricelevel.backtest.trading import with_rules
+from pricelevel.core.secrets import Secrets
+from pricelevel.data.catalogue import DataCatalogue
+from pricelevel.data.config import BybitConfig, DataConfig, ValidationConfig
 from pricelevel.data.folder import CandleFolder
+from pricelevel.data.sources.factory import open_source
 from pricelevel.registry.config import TrackingConfig
 from pricelevel.registry.tracking import load_model, mlflow_client
 from pricelevel.registry.versions import version_for_alias
 from pricelevel.strategy.rules import StrategyRules
+from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.config import RiskConfig, TraderConfig
-from pricelevel.trading.feeds import ReplayFeed
+from pricelevel.trading.control import pending_commands
+from pricelevel.trading.events import Notifier
+from pricelevel.trading.exchange import ExchangeClient
+from pricelevel.trading.feeds import ReplayFeed, StoreFeed
+from pricelevel.trading.live import ExchangeBroker
 from pricelevel.trading.models import ModelProvider
 from pricelevel.trading.paper import PaperBroker
-from pricelevel.trading.state import EQUITY, TRADES, StateStore
-from pricelevel.trading.trader import Notifier, Trader
+from pricelevel.trading.state import EQUITY, TRADES, StateStore, default_state_url
+from pricelevel.trading.trader import Trader
 
 LIVE_VARIABLE = "PRICELEVEL_TRADER__LIVE"
+#: Seconds between attempts while a closed candle has not arrived yet, and between looks for queued commands.
+RETRY_S = 5.0
 
 
 class TradingRefused(RuntimeError):
@@ -124,24 +136,90 @@ def replay_result(replay: Replay, costs: BacktestConfig) -> BacktestResult:
                           frame[list(TRADE_COLUMNS)].reset_index(drop=True), rejected)
 
 
-def run_service(
-    trader: Trader, stop: threading.Event, delay_s: float, now: Callable[[], pd.Timestamp] | None = None,
-    sleep: Callable[[float], None] = time.sleep,
+async def serve(
+    trader: Trader, stop: asyncio.Event, delay_s: float, stale_after_s: float,
+    now: Callable[[], pd.Timestamp] | None = None,
 ) -> int:
-    """Trade every bar as it closes until ``stop`` is set: ``delay_s`` after each close, the newest closed bar
-    is stepped (once: a bar already committed is skipped). Returns the bars traded."""
+    """Trade every bar as it closes until ``stop`` is set; returns the bars traded.
+
+    ``delay_s`` after a close the newest closed bar is stepped; while a traded symbol's candle is still missing
+    the step is retried every few seconds, and ``stale_after_s`` after the close it goes ahead without it (no
+    decision on that symbol, the breaker counts it). Commands (``pricelevel trader kill``, Telegram) are looked
+    for every ``RETRY_S`` seconds and applied between bars. Each step runs in a worker thread, so the loop (and a
+    Telegram bot on it) stays responsive; a bar already committed is never stepped again.
+    """
     clock = now or (lambda: pd.Timestamp.now(tz="UTC"))
     bar = trader.timeframe.delta
     traded = 0
     while not stop.is_set():
+        if pending_commands(trader.store):  # a kill switch must not wait for the next close
+            await asyncio.to_thread(trader.act_between_bars)
         current = clock()
         closed_at = current.floor(bar)  # the close of the newest closed bar
         newest = closed_at - bar
-        if current >= closed_at + pd.Timedelta(seconds=delay_s) and (
-            trader.last_bar is None or pd.Timestamp(trader.last_bar) < newest
-        ):
-            traded += not trader.on_bar_close(newest).skipped
-            continue
-        wake = closed_at + bar + pd.Timedelta(seconds=delay_s)
-        sleep(min(1.0, max((wake - clock()).total_seconds(), 0.05)))
+        due = current >= closed_at + pd.Timedelta(seconds=delay_s)
+        if due and (trader.last_bar is None or pd.Timestamp(trader.last_bar) < newest):
+            final = current >= closed_at + pd.Timedelta(seconds=stale_after_s)
+            report = await asyncio.to_thread(trader.on_bar_close, newest, not final)
+            if not report.waiting:
+                traded += not report.skipped
+                continue
+            wake = min(current + pd.Timedelta(seconds=RETRY_S), closed_at + pd.Timedelta(seconds=stale_after_s))
+        else:
+            wake = closed_at + bar + pd.Timedelta(seconds=delay_s)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=min(RETRY_S, max((wake - clock()).total_seconds(), 0.05)))
     return traded
+
+
+def state_store(trader: TraderConfig, data_root: Path) -> StateStore:
+    """The trader's database: ``trader.state_url``, else one SQLite file per mode (paper and testnet never mix)."""
+    return StateStore(trader.state_url or default_state_url(data_root, trader.mode))
+
+
+def exchange_execution(exchange: ExchangeClient, store: StateStore, symbols: tuple[str, ...], **options: Any
+                       ) -> Callable[[StrategyRules, dict | None], ExchangeBroker]:
+    def make(rules: StrategyRules, saved: dict[str, Any] | None) -> ExchangeBroker:
+        return ExchangeBroker.from_state(saved, exchange, store, symbols, rules, **options)
+
+    return make
+
+
+class ServiceSections(Protocol):
+    """The configuration sections the service reads (``pricelevel.config.Config`` has them all)."""
+
+    trader: TraderConfig
+    risk: RiskConfig
+    backtest: BacktestConfig
+    tracking: TrackingConfig
+    data: DataConfig
+    bybit: BybitConfig
+    validation: ValidationConfig
+
+    @property
+    def catalogue(self) -> DataCatalogue: ...
+
+
+def open_service(
+    config: ServiceSections, env: Mapping[str, str], notifier: Notifier | None = None, exchange: ExchangeClient | None = None,
+    store: StateStore | None = None,
+) -> Trader:
+    """The trading service as configured: mode checked first (real money needs two acts), the model from the
+    registry, live candles through the ingest path into the store, and the paper engine or the exchange."""
+    trader_config = config.trader
+    check_mode(trader_config, config.tracking, env)
+    secrets = Secrets.from_env(env)
+    store = store or state_store(trader_config, config.data.root)
+    models = registry_models(config.tracking, model_uri(trader_config, config.tracking), trader_config.symbols)
+    table_spec = models.current.spec.table_spec()
+    source = open_source(config.data, config.bybit, secrets)
+    feed = StoreFeed(source, config.catalogue, config.validation, models.symbols, table_spec.input_timeframes,
+                     start=config.data.start)
+    if trader_config.mode == "paper":
+        make = paper_execution(models.symbols, config.backtest)
+    else:
+        exchange = exchange or BybitBroker(config.bybit, trader_config.mode, secrets, endpoint=trader_config.endpoint)
+        make = exchange_execution(exchange, store, models.symbols)
+    with store.transaction() as tx:
+        store.put(tx, "mode", trader_config.mode)
+    return Trader(store, models, feed, make, config.risk, config.backtest, notifier)

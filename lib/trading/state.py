@@ -31,6 +31,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    event,
     insert,
     select,
     update,
@@ -105,8 +106,23 @@ KV = Table(
 )
 
 
-def default_state_url(data_root: Path) -> str:
-    return f"sqlite:///{Path(data_root) / 'trader' / 'state.db'}"
+def as_utc(value: Any) -> pd.Timestamp:
+    """A time read back from the database as UTC (SQLite returns naive datetimes, PostgreSQL aware ones)."""
+    stamp = pd.Timestamp(value)
+    return stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+
+
+def _sqlite_for_several_processes(connection: Any, _record: Any) -> None:
+    """The service, ``pricelevel trader kill`` and Telegram write the same file: WAL lets readers run beside a
+    writer, and a writer waits up to 10 s for the lock instead of failing at once."""
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def default_state_url(data_root: Path, mode: str = "paper") -> str:
+    return f"sqlite:///{Path(data_root) / 'trader' / mode / 'state.db'}"
 
 
 class StateStore:
@@ -117,6 +133,8 @@ class StateStore:
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.url = url
         self.engine: Engine = create_engine(url, future=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_for_several_processes)
         METADATA.create_all(self.engine)
 
     @contextmanager
@@ -154,6 +172,11 @@ class StateStore:
     @staticmethod
     def update_order(tx: Connection, client_id: str, **values: Any) -> None:
         tx.execute(update(ORDERS).where(ORDERS.c.client_id == client_id).values(**values, updated=pd.Timestamp.now(tz="UTC")))
+
+    @staticmethod
+    def order(tx: Connection, client_id: str) -> dict[str, Any] | None:
+        row = tx.execute(select(ORDERS).where(ORDERS.c.client_id == client_id)).first()
+        return dict(row._mapping) if row else None
 
     @staticmethod
     def orders(tx: Connection, statuses: tuple[str, ...] | None = None) -> list[dict[str, Any]]:

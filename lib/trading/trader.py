@@ -24,24 +24,32 @@ from pricelevel.inference.scoring import predict_tables
 from pricelevel.ml.dataset import symbol_table
 from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.config import RiskConfig
-from pricelevel.trading.control import take_commands
+from pricelevel.trading.control import COMMANDS
+from pricelevel.trading.events import NoNotifier, Notifier
 from pricelevel.trading.exchange import client_id
 from pricelevel.trading.feeds import CandleFeed, bar_ohlc
 from pricelevel.trading.models import ModelProvider, Switch
-from pricelevel.trading.paper import BarOutcome
+from pricelevel.trading.paper import BarOutcome, ClosedTrade
 from pricelevel.trading.risk import RiskManager, RiskState, effective_rules
-from pricelevel.trading.state import StateStore
+from pricelevel.trading.state import EQUITY, TRADES, StateStore
 
 LAST_BAR, RISK, EXECUTION, MODEL = "last_bar", "risk", "execution", "model"
 
 
 class Execution(Protocol):
-    """Where orders go: the paper engine or an exchange account."""
+    """Where orders go: the paper engine (:class:`~pricelevel.trading.paper.PaperBroker`) or an exchange account
+    (:class:`~pricelevel.trading.live.ExchangeBroker`)."""
 
     name: str
+    #: True when the execution writes its own order rows (an exchange broker commits each intent before sending).
+    records_orders: bool
+    #: What went wrong at the last bar (exchange errors, orders of unknown fate): the circuit breaker counts them.
+    errors: list[str]
 
     def on_bar(self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
-               entries: Mapping[str, bool], exits: Mapping[str, bool]) -> BarOutcome: ...
+               entries: Mapping[str, bool], exits: Mapping[str, bool], model_version: str = "") -> BarOutcome: ...
+    def reconcile(self, last_bar: str | None) -> list[str]: ...
+    def flatten(self, symbols: Sequence[str], at: pd.Timestamp, model_version: str, reason: str) -> list[ClosedTrade]: ...
     def with_rules(self, rules: StrategyRules) -> Execution: ...
     def equity(self) -> float: ...
     @property
@@ -50,15 +58,6 @@ class Execution(Protocol):
     def held(self) -> int: ...
     def cancel_pending(self) -> None: ...
     def to_state(self) -> dict[str, Any]: ...
-
-
-class Notifier(Protocol):
-    def notify(self, kind: str, text: str) -> None: ...
-
-
-class NoNotifier:
-    def notify(self, kind: str, text: str) -> None:
-        pass
 
 
 @dataclass(frozen=True)
@@ -70,6 +69,8 @@ class BarReport:
     outcome: BarOutcome | None
     events: list[str] = field(default_factory=list)
     skipped: bool = False
+    #: Symbols whose candle had not arrived (with ``wait_for_candles``): nothing was done.
+    waiting: tuple[str, ...] = ()
 
 
 class Trader:
@@ -94,6 +95,8 @@ class Trader:
             self.risk = RiskManager(risk, RiskState.from_dict(store.get(tx, RISK)))
             saved = store.get(tx, EXECUTION)
         self.execution = make_execution(self.rules, saved)
+        self._last_refusal: dict[str, str] = {}
+        self.needs_reconcile = True
 
     @property
     def spec(self):
@@ -108,18 +111,43 @@ class Trader:
     def timeframe(self) -> Timeframe:
         return Timeframe(self.spec.timeframe)
 
-    def on_bar_close(self, bar_time: pd.Timestamp) -> BarReport:
-        """Decide and execute the bar opening at ``bar_time`` (its candle closed at ``bar_time + timeframe``)."""
+    def reconcile(self) -> list[str]:
+        """Settle orders of unknown fate and compare the exchange account with our positions (start-up, and after
+        any exchange error); a mismatch nobody can explain halts entries and is reported."""
+        self.needs_reconcile = False
+        problems = self.execution.reconcile(self.last_bar)
+        if problems:
+            self.risk.halt("reconciliation: " + "; ".join(problems))
+            for problem in problems:
+                self.notifier.notify("reconcile", f"RECONCILIATION MISMATCH: {problem}; entries halted until `pricelevel trader rearm`")
+        with self.store.transaction() as tx:
+            self.store.put(tx, RISK, self.risk.state.to_dict())
+            self.store.put(tx, EXECUTION, self.execution.to_state())
+        return problems
+
+    def on_bar_close(self, bar_time: pd.Timestamp, wait_for_candles: bool = False) -> BarReport:
+        """Decide and execute the bar opening at ``bar_time`` (its candle closed at ``bar_time + timeframe``).
+
+        ``wait_for_candles``: if a traded symbol's candle is missing, change nothing and return a report with
+        ``waiting`` set (the service asks again until the candle is stale)."""
         bar_time = pd.Timestamp(bar_time)
         if self.last_bar is not None and bar_time <= pd.Timestamp(self.last_bar):
             return BarReport(bar_time, self.models.current.version, {}, [], None, skipped=True)
-        forced, events = self.apply_commands()
-        switch = self.models.refresh()
-        if switch is not None:
-            events.append(self._switch(switch))
         frames = self.feed.closed_by(bar_time + self.timeframe.delta)
         ohlc = bar_ohlc(frames, self.timeframe, bar_time)
         stale = sorted(set(self.models.symbols) - set(ohlc))
+        if stale and wait_for_candles:
+            return BarReport(bar_time, self.models.current.version, {}, [], None, skipped=True, waiting=tuple(stale))
+        if self.needs_reconcile:
+            self.reconcile()
+        notes: list[tuple[str, str]] = self._day_summary(bar_time)
+        commands, forced, applied = self.apply_commands()
+        notes += applied
+        switch = self.models.refresh()
+        if switch is not None:
+            notes.append(("model", self._switch(switch)))
+        if stale:
+            notes.append(("stale", f"no {self.timeframe} candle at {bar_time} for {', '.join(stale)}: no decision on them"))
         probabilities = self.score(frames, bar_time)
         entries, exits = self.rules.signals(np.array([probabilities.get(s, math.nan) for s in self.models.symbols]))
         positions = self.execution.positions()
@@ -133,6 +161,9 @@ class Trader:
                 signal, verdict = "entry", refusal or "approved"
                 if refusal is None:
                     approved[symbol] = True
+                elif self._last_refusal.get(symbol) != refusal:  # tell once, not at every bar of a halt
+                    notes.append(("risk", f"{symbol} entry refused: {refusal}"))
+                self._last_refusal[symbol] = refusal or ""
             elif exits[k] and symbol in positions:
                 signal, verdict = "exit", "approved"
             decisions.append({"bar_time": bar_time, "symbol": symbol, "model_version": str(self.models.current.version),
@@ -144,22 +175,63 @@ class Trader:
         for decision in decisions:
             if decision["symbol"] in forced and decision["symbol"] in positions:
                 decision["signal"], decision["verdict"] = "exit", "forced: kill switch or force-exit"
-        outcome = self.execution.on_bar(bar_time, ohlc, approved, exit_signals)
-        events += self.risk.after_bar(bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed],
-                                      problem=bool(stale))
-        self._commit(bar_time, decisions, outcome)
-        for text in events:
-            self.notifier.notify("risk" if "halt" in text.lower() or "breaker" in text or "cool" in text else "model", text)
+        outcome = self.execution.on_bar(bar_time, ohlc, approved, exit_signals, model_version=str(self.models.current.version))
+        errors = list(self.execution.errors)
+        notes += [("order", f"order problem: {e}") for e in errors]
+        self.needs_reconcile = bool(errors)
+        notes += [("risk", text) for text in self.risk.after_bar(
+            bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed], problem=bool(stale or errors))]
+        self._commit(bar_time, decisions, outcome, commands)
         for fill in outcome.fills:
-            self.notifier.notify("fill", f"{fill.intent} {fill.symbol}: {fill.size:.6g} at {fill.price:.6g}")
-        return BarReport(bar_time, self.models.current.version, probabilities, decisions, outcome, events)
+            kind = "order" if fill.intent in ("entry", "exit") else "exit"
+            notes.append((kind, f"{fill.intent.replace('_', ' ')} {fill.symbol}: {fill.size:.6g} at {fill.price:.6g} "
+                                f"(fee {fill.fee:.4g}, {self.execution.name})"))
+        for trade in outcome.closed:
+            notes.append(("exit", f"closed {trade.symbol} ({trade.exit_reason.replace('_', ' ')}): P&L {trade.pnl:+,.2f}"))
+        for kind, text in notes:
+            self.notifier.notify(kind, text)
+        return BarReport(bar_time, self.models.current.version, probabilities, decisions, outcome,
+                         [text for _, text in notes])
 
-    def apply_commands(self) -> tuple[set[str], list[str]]:
-        """Apply the queued commands (:mod:`pricelevel.trading.control`): the symbols to close at this bar and
-        what to tell a person."""
+    def act_between_bars(self) -> list[str]:
+        """Commands queued since the last bar, applied now instead of at the next close (the service calls this
+        every few seconds): the latches (kill, stop, start, rearm) at once, and on an exchange the kill switch's
+        and force-exit's market sells at once. The paper engine fills only at a bar, so there the sells wait
+        for the next close (their commands stay queued until then)."""
+        commands, forced, notes = self.apply_commands()
+        if not commands:
+            return []
+        now_exchange = self.execution.records_orders
+        closed = []
+        if forced and now_exchange:
+            at = pd.Timestamp(commands[-1]["at"])
+            closed = self.execution.flatten(sorted(forced), at, str(self.models.current.version), "forced")
+            if self.risk.state.kill_switch:
+                self.execution.cancel_pending()
+        done = commands if now_exchange else [c for c in commands if c["kind"] in ("stop", "start", "rearm")]
+        version = str(self.models.current.version)
+        with self.store.transaction() as tx:
+            self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in closed])
+            queued = self.store.get(tx, COMMANDS, [])
+            self.store.put(tx, COMMANDS, [c for c in queued if c not in done])
+            self.store.put(tx, RISK, self.risk.state.to_dict())
+            self.store.put(tx, EXECUTION, self.execution.to_state())
+        texts = [text for _, text in notes] + [f"closed {t.symbol} (forced): P&L {t.pnl:+,.2f}" for t in closed]
+        for kind, text in notes:
+            self.notifier.notify(kind, text)
+        for trade in closed:
+            self.notifier.notify("exit", f"closed {trade.symbol} (forced): P&L {trade.pnl:+,.2f}")
+        return texts
+
+    def apply_commands(self) -> tuple[list[dict[str, Any]], set[str], list[tuple[str, str]]]:
+        """Apply the queued commands (:mod:`pricelevel.trading.control`): the commands applied (removed from the
+        queue when the bar commits, so a crash before that applies them again), the symbols to close at this
+        bar, and what to tell a person."""
         forced: set[str] = set()
-        events = []
-        for command in take_commands(self.store):
+        notes = []
+        with self.store.transaction() as tx:
+            commands = self.store.get(tx, COMMANDS, [])
+        for command in commands:
             kind, by = command["kind"], command.get("by", "?")
             if kind == "kill":
                 self.risk.kill(f"kill switch engaged by {by} at {command['at']}")
@@ -170,11 +242,8 @@ class Trader:
                 self.risk.state.stopped = kind == "stop"
             elif kind == "forceexit":
                 forced |= set(command["symbols"] or self.execution.positions())
-            events.append(f"{kind} ({', '.join(command['symbols']) or 'all'}) by {by}: {self.risk.describe()}")
-        if events:
-            with self.store.transaction() as tx:
-                self.store.put(tx, RISK, self.risk.state.to_dict())
-        return forced, events
+            notes.append(("command", f"{kind} ({', '.join(command['symbols']) or 'all'}) by {by}: {self.risk.describe()}"))
+        return commands, forced, notes
 
     def score(self, frames: Mapping[str, Mapping[Timeframe, pd.DataFrame | None]], bar_time: pd.Timestamp) -> dict[str, float]:
         """The model's probability for ``bar_time`` of every symbol that has that bar and a full window."""
@@ -201,28 +270,51 @@ class Trader:
             return f"model switch: version {switch.from_version} -> {switch.to_version} ({switch.reason})"
         return f"model switch refused: version {switch.to_version}: {switch.reason}"
 
-    def _commit(self, bar_time: pd.Timestamp, decisions: list[dict[str, Any]], outcome: BarOutcome) -> None:
+    def _commit(self, bar_time: pd.Timestamp, decisions: list[dict[str, Any]], outcome: BarOutcome,
+                commands: list[dict[str, Any]]) -> None:
         version = str(self.models.current.version)
         with self.store.transaction() as tx:
             self.store.add_decisions(tx, decisions)
-            for fill in outcome.fills:
-                self.store.add_order(
-                    tx, client_id=client_id(version, fill.symbol, bar_time, fill.intent), symbol=fill.symbol,
-                    side="Buy" if fill.intent == "entry" else "Sell", intent=fill.intent, bar_time=bar_time,
-                    model_version=version, status="FILLED", base_qty=fill.size, filled_qty=fill.size, avg_price=fill.price,
-                    fee=fill.fee, message=self.execution.name)
-            for symbol, intent in outcome.queued.items():
-                self.store.add_order(
-                    tx, client_id=client_id(version, symbol, bar_time, f"queued-{intent}"), symbol=symbol,
-                    side="Buy" if intent == "entry" else "Sell", intent=intent, bar_time=bar_time, model_version=version,
-                    status="SENT", message=f"{self.execution.name}: fills at the next open")
+            if not self.execution.records_orders:  # an exchange broker writes its own rows
+                for fill in outcome.fills:
+                    self.store.add_order(
+                        tx, client_id=client_id(version, fill.symbol, bar_time, fill.intent), symbol=fill.symbol,
+                        side="Buy" if fill.intent == "entry" else "Sell", intent=fill.intent, bar_time=bar_time,
+                        model_version=version, status="FILLED", base_qty=fill.size, filled_qty=fill.size,
+                        avg_price=fill.price, fee=fill.fee, message=self.execution.name)
+                for symbol, intent in outcome.queued.items():
+                    self.store.add_order(
+                        tx, client_id=client_id(version, symbol, bar_time, f"queued-{intent}"), symbol=symbol,
+                        side="Buy" if intent == "entry" else "Sell", intent=intent, bar_time=bar_time,
+                        model_version=version, status="SENT", message=f"{self.execution.name}: fills at the next open")
             self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in outcome.closed])
             self.store.add_equity(tx, bar_time, outcome.equity, self.execution.cash)
+            if commands:  # remove what this bar applied; commands queued meanwhile stay for the next bar
+                queued = self.store.get(tx, COMMANDS, [])
+                self.store.put(tx, COMMANDS, [c for c in queued if c not in commands])
             self.store.put(tx, RISK, self.risk.state.to_dict())
             self.store.put(tx, EXECUTION, self.execution.to_state())
             self.store.put(tx, MODEL, {"uri": self.models.uri, "version": version})
             self.store.put(tx, LAST_BAR, str(bar_time))
         self.last_bar = str(bar_time)
+
+    def _day_summary(self, bar_time: pd.Timestamp) -> list[tuple[str, str]]:
+        """At the first bar of a UTC day, the previous day in one message: equity, P&L, trades, open positions."""
+        if self.last_bar is None or pd.Timestamp(self.last_bar).normalize() == bar_time.normalize():
+            return []
+        day = pd.Timestamp(self.last_bar).normalize()
+        equity, trades = self.store.frame(EQUITY), self.store.frame(TRADES)
+        if not len(equity):
+            return []
+        stamps = pd.to_datetime(equity["bar_time"], utc=True)
+        today = equity[stamps.dt.normalize() == day]
+        before = equity[stamps < day]
+        start = float(before["equity"].iloc[-1]) if len(before) else float(today["equity"].iloc[0])
+        end = float(today["equity"].iloc[-1]) if len(today) else start
+        closed = trades[pd.to_datetime(trades["exit_time"], utc=True).dt.normalize() == day] if len(trades) else trades
+        held = ", ".join(sorted(self.execution.positions())) or "none"
+        return [("summary", f"{day:%Y-%m-%d}: equity {end:,.2f} ({end - start:+,.2f}, {end / start - 1:+.2%}), "
+                            f"{len(closed)} trades closed, open positions: {held}")]
 
     def replay(self, bar_times: Sequence[pd.Timestamp], on_bar: Callable[[BarReport], None] | None = None) -> int:
         """``on_bar_close`` over historical bars, in order (bars already processed are skipped)."""

@@ -73,6 +73,8 @@ WALLET_BALANCE = "/v5/account/wallet-balance"
 INSTRUMENTS_INFO = "/v5/market/instruments-info"
 PRIVATE_PATHS = (ORDER_CREATE, ORDER_CANCEL, ORDER_REALTIME, ORDER_HISTORY, EXECUTION_LIST, WALLET_BALANCE)
 TRADING_PATHS = (*PRIVATE_PATHS, INSTRUMENTS_INFO)
+#: Not Bybit: how a test in another process moves the fake's last prices (POST {"SYMBOL": "price", ...}).
+FAKE_PRICES = "/fake/prices"
 
 RET_PARAMS = 10001
 RET_RECV_WINDOW = 10002
@@ -355,13 +357,13 @@ class FakeBybitExchange:
 
     def install(self, httpserver) -> str:
         """Serve every path on a pytest-httpserver; returns the base URL."""
-        for path in (*TRADING_PATHS, KLINE_PATH):
+        for path in (*TRADING_PATHS, KLINE_PATH, FAKE_PRICES):
             httpserver.expect_request(path).respond_with_handler(self.handle)
         return httpserver.url_for("").rstrip("/")
 
     def wsgi_app(self, environ, start_response):
         request = Request(environ)
-        known = request.path in TRADING_PATHS or request.path == KLINE_PATH
+        known = request.path in TRADING_PATHS or request.path in (KLINE_PATH, FAKE_PRICES)
         response = self.handle(request) if known else Response("Not Found", status=404)
         return response(environ, start_response)
 
@@ -369,6 +371,10 @@ class FakeBybitExchange:
         """Every path (pytest-httpserver's ``respond_with_handler`` signature)."""
         if request.path == KLINE_PATH:
             return self.market.handle(request)
+        if request.path == FAKE_PRICES:
+            for symbol, price in json.loads(request.get_data(as_text=True)).items():
+                self.set_price(symbol, price)
+            return self._json({"ok": True})
         raw = request.get_data(as_text=True) if request.method == "POST" else request.query_string.decode()
         try:
             params = json.loads(raw) if request.method == "POST" else dict(request.args.items())

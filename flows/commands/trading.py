@@ -1,0 +1,214 @@
+"""`pricelevel trade` (the trading service, or a replay over history) and `pricelevel trader ...` (status and
+control of a trader through its state database, whether or not its service is running)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from flows.commands.common import UsageError, console, session, table, timestamp
+from flows.commands.research import show_backtest
+
+trader_app = typer.Typer(no_args_is_help=True, help="Status and control of a trader (its state database).")
+
+ModeOption = Annotated[str | None, typer.Option("--mode", help="paper (default) | testnet | demo | mainnet (trader.mode).")]
+
+
+def _mode_overrides(mode: str | None, model: str | None = None) -> list[str]:
+    return [*([f"trader.mode={mode}"] if mode else []), *([f"trader.model={model}"] if model else [])]
+
+
+def trade(
+    ctx: typer.Context,
+    mode: ModeOption = None,
+    model: Annotated[str | None, typer.Option("--model", help="Model URI (default models:/<name>@champion; "
+                                                               "a named version only on paper).")] = None,
+    replay: Annotated[Path | None, typer.Option("--replay", help="Replay this folder of SYMBOL_TF.parquet candles "
+                                                                 "bar by bar on paper, instead of trading live.")] = None,
+    start: Annotated[str | None, typer.Option(help="With --replay: the first bar (UTC).")] = None,
+    end: Annotated[str | None, typer.Option(help="With --replay: the last bar (UTC).")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="With --replay: write the backtest JSON here.")] = None,
+    state: Annotated[str | None, typer.Option("--state", help="With --replay: keep the state in this SQLAlchemy URL "
+                                                              "(default: a temporary file).")] = None,
+) -> None:
+    """Trade the champion each bar as it closes (paper by default; stop with Ctrl-C), or replay history."""
+    cfg = session(ctx).config(*_mode_overrides(mode, model))
+    if replay is not None:
+        if cfg.trader.mode != "paper":
+            raise UsageError("a replay trades on paper only (drop --mode / trader.mode)")
+        _replay(cfg, replay, timestamp(start), timestamp(end), json_out, state)
+        return
+    if json_out or start or end or state:
+        raise UsageError("--start, --end, --json and --state go with --replay")
+    asyncio.run(_serve(cfg))
+
+
+def _replay(cfg, folder: Path, start, end, json_out: Path | None, state: str | None) -> None:
+    from pricelevel.backtest.metrics import compute_metrics
+    from pricelevel.data.folder import CandleFolder
+    from pricelevel.trading.events import RecordingNotifier
+    from pricelevel.trading.service import model_uri, open_replay, registry_models, replay_result
+    from pricelevel.trading.state import StateStore
+
+    uri = model_uri(cfg.trader, cfg.tracking)
+    models = registry_models(cfg.tracking, uri, cfg.trader.symbols)
+    with tempfile.TemporaryDirectory(prefix="pricelevel-replay-") as tmp:
+        store = StateStore(state or f"sqlite:///{Path(tmp) / 'state.db'}")
+        notes = RecordingNotifier()
+        run = open_replay(CandleFolder.open(folder), models, store, cfg.backtest, cfg.risk, start, end, notes)
+        rules = run.trader.rules
+        out = console()
+        out.print(f"replaying {uri} (version {models.current.version}) on {folder}: {len(run.bars)} bars from "
+                  f"{run.bars[0]:%Y-%m-%d %H:%M}, on paper")
+        out.print(f"rules executed (the model's, bounded by risk:): {rules.describe()}")
+        run.trader.replay(run.bars)
+        result = replay_result(run, cfg.backtest)
+        store.close()
+    metrics = compute_metrics(result)
+    show_backtest(f"replay of {uri} on {folder}", result, metrics, json_out, None)
+    _print_trades(result.trades)
+    sets = " ".join(f"--set backtest.{k}={'null' if v is None else v}" for k, v in rules.model_dump().items())
+    out.print(f"the same trades, by the backtest: pricelevel backtest --model {uri} --data {folder} "
+              f"--start '{run.bars[0]}' {sets}")
+    halts = [text for kind, text in notes.messages if kind in ("risk", "command")]
+    if halts:
+        out.print("risk: " + " · ".join(halts[:5]) + (f" (+{len(halts) - 5} more)" if len(halts) > 5 else ""))
+
+
+def _print_trades(trades) -> None:
+    rows = ([t.symbol, f"{t.entry_time:%Y-%m-%d %H:%M}", f"{t.exit_time:%Y-%m-%d %H:%M}", f"{t.entry_price:.6g}",
+             f"{t.exit_price:.6g}", f"{t.pnl:+,.2f}", t.exit_reason] for t in trades.itertuples())
+    console().print(table(f"{len(trades)} trades", ["symbol", "entry", "exit", "entry price", "exit price", "P&L", "exit by"], rows))
+
+
+async def _serve(cfg) -> None:
+    from pricelevel.telegram.service import telegram_companion
+    from pricelevel.trading.events import FanOut
+    from pricelevel.trading.service import check_mode, open_service, serve, state_store
+
+    out = console()
+    env = dict(os.environ)
+    check_mode(cfg.trader, cfg.tracking, env)  # before anything starts: real money needs two acts
+    store = state_store(cfg.trader, cfg.data.root)  # the bot reads and commands the trader through it
+
+    def registry_lock():
+        return cfg.catalogue.lock("registry", cfg.tracking.registered_model)
+
+    async with telegram_companion(cfg.telegram, store, cfg.tracking, registry_lock, env) as phone:
+        trader = await asyncio.to_thread(open_service, cfg, env, FanOut(ConsoleNotifier(out), phone), None, store)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        out.print(f"trading {trader.models.uri} (version {trader.models.current.version}) on {cfg.trader.mode} "
+                  f"({trader.execution.name}), {', '.join(trader.models.symbols)} at {trader.timeframe}; state "
+                  f"{trader.store.url}; rules {trader.rules.describe()}; telegram "
+                  f"{'on' if cfg.telegram.enabled else 'off'}; Ctrl-C stops")
+        traded = await serve(trader, stop, cfg.trader.poll_delay_s, cfg.trader.stale_after_s)
+        stats = getattr(phone, "stats", None)
+        out.print(f"stopped after {traded} bars; state kept in {trader.store.url}"
+                  + (f"; telegram {stats()}" if stats else ""))
+
+
+class ConsoleNotifier:
+    """The service's messages on its console (and, through Telegram when configured, on a phone)."""
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def notify(self, kind: str, text: str) -> None:
+        self.out.print(f"[{kind}] {text}")
+
+
+# ---------------------------------------------------------------------------------------------- trader ...
+
+
+def _store(ctx: typer.Context, mode: str | None):
+    from pricelevel.trading.service import state_store
+
+    cfg = session(ctx).config(*_mode_overrides(mode))
+    return cfg, state_store(cfg.trader, cfg.data.root)
+
+
+@trader_app.command("status")
+def trader_status(
+    ctx: typer.Context, mode: ModeOption = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+) -> None:
+    """Mode, model version, equity, positions, open orders and risk state, from the trader's database."""
+    from pricelevel.trading.control import status
+
+    cfg, store = _store(ctx, mode)
+    current = status(store)
+    if json_out:
+        typer.echo(json.dumps(current, indent=2, default=str))
+        return
+    out = console()
+    model = current["model"] or {}
+    equity = "-" if current["equity"] is None else f"{current['equity']:,.2f} (cash {current['cash']:,.2f})"
+    out.print(f"trader ({current['mode']}, {store.url}): model {model.get('uri', '-')} version {model.get('version', '-')}, "
+              f"last bar {current['last_bar'] or '-'}, equity {equity}")
+    risk = current["risk"]
+    out.print(f"risk: {'KILL SWITCH ON · ' if risk.get('kill_switch') else ''}{risk.get('halted') or 'armed'}"
+              f"{' · stopped (no new entries)' if risk.get('stopped') else ''}"
+              f"{' · breaker tripped' if risk.get('breaker_tripped') else ''}; refusals {risk.get('refusals') or {}}")
+    if current["positions"]:
+        rows = ([s, f"{p['size']:.8g}", f"{p['entry_price']:.6g}", f"{p.get('last_close', float('nan')):.6g}"]
+                for s, p in current["positions"].items())
+        out.print(table("positions", ["symbol", "size", "entry price", "last close"], rows))
+    else:
+        out.print("positions: none")
+    for order in current["open_orders"]:
+        out.print(f"open order {order['client_id']} {order['side']} {order['symbol']} {order['status']}: {order['message']}")
+    if current["pending_commands"]:
+        out.print("queued for the trader: " + ", ".join(c["kind"] for c in current["pending_commands"]))
+    out.print(f"{current['trades']} trades closed, realised P&L {current['realised_pnl']:+,.2f}")
+
+
+def _command(ctx: typer.Context, kind: str, mode: str | None, symbols: tuple[str, ...] = ()) -> None:
+    from pricelevel.trading.control import request
+
+    _, store = _store(ctx, mode)
+    command = request(store, kind, symbols, by="cli")
+    console().print(f"{kind} queued at {command['at']} for the trader of {store.url}; a running service applies it "
+                    "within seconds, a stopped one when it starts")
+
+
+@trader_app.command("kill")
+def trader_kill(ctx: typer.Context, mode: ModeOption = None) -> None:
+    """The kill switch: flatten every position, cancel open orders, refuse entries until `trader rearm`."""
+    _command(ctx, "kill", mode)
+
+
+@trader_app.command("rearm")
+def trader_rearm(ctx: typer.Context, mode: ModeOption = None) -> None:
+    """Clear the kill switch, a drawdown or reconciliation halt, a manual stop and the breaker."""
+    _command(ctx, "rearm", mode)
+
+
+@trader_app.command("stop")
+def trader_stop(ctx: typer.Context, mode: ModeOption = None) -> None:
+    """No new entries (open positions keep their exits) until `trader start`."""
+    _command(ctx, "stop", mode)
+
+
+@trader_app.command("start")
+def trader_start(ctx: typer.Context, mode: ModeOption = None) -> None:
+    """Allow new entries again after `trader stop`."""
+    _command(ctx, "start", mode)
+
+
+@trader_app.command("forceexit")
+def trader_forceexit(
+    ctx: typer.Context, symbols: Annotated[list[str] | None, typer.Argument(help="Symbols to close (none: all).")] = None,
+    mode: ModeOption = None,
+) -> None:
+    """Close these positions (all when none is named) at market."""
+    _command(ctx, "forceexit", mode, tuple(symbols or ()))

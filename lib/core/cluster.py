@@ -1,0 +1,238 @@
+"""``make cluster-up``: the scaled-out pricelevel on one machine, without Docker, in ``<project>/.cluster``.
+
+A PostgreSQL cluster (databases ``prefect``, ``mlflow``, ``optuna``), the Prefect server and the MLflow server
+on it, a Dask scheduler with ``dask_workers`` workers (one process, one thread each) and a Prefect worker on
+the ``pricelevel-process`` pool, whose ``training`` queue runs one flow at a time. When every service answers,
+``.cluster/env`` is written: ``source`` it and the same commands and deployments run on the cluster, chosen
+by configuration only (``PRICELEVEL_FLOW__TASK_RUNNER=dask`` ...).
+
+One supervisor process owns it all (:func:`run_cluster`); ``cluster-down`` sends it SIGTERM and it stops every
+process group (:mod:`pricelevel.core.services`), then PostgreSQL (``pg_ctl stop -m fast``). The database
+password comes from ``PGPASSWORD`` or is generated once; it is kept only in ``.cluster/postgres/pgpass``
+(mode 600, ``PGPASSFILE``), never in a URL, the env file or a log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pricelevel.core.postgres import LocalPostgres
+from pricelevel.core.services import (
+    Service,
+    ServiceGroup,
+    dask_scheduler,
+    dask_worker,
+    mlflow_server,
+    prefect_server,
+    prefect_worker,
+    stop_on_signals,
+)
+
+#: The databases of the cluster's services, one each.
+DATABASES = ("prefect", "mlflow", "optuna")
+#: The work pool of ``prefect.yaml``'s deployments and its queue that runs one training or promotion at a time.
+POOL, TRAINING_QUEUE = "pricelevel-process", "training"
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    """Where the local cluster lives and listens (127.0.0.1 only)."""
+
+    folder: Path
+    host: str = "127.0.0.1"
+    postgres_port: int = 5433
+    prefect_port: int = 4200
+    mlflow_port: int = 5000
+    dask_port: int = 8786
+    dask_workers: int = 2
+    #: Worker dashboards and the Prefect worker's health check use the ports after this one.
+    dashboard_port: int = 8787
+
+    @property
+    def postgres(self) -> LocalPostgres:
+        return LocalPostgres(self.folder / "postgres", self.postgres_port, self.host)
+
+    @property
+    def env_file(self) -> Path:
+        return self.folder / "env"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.folder / "supervisor.pid"
+
+    @property
+    def log_file(self) -> Path:
+        return self.folder / "cluster.log"
+
+    @property
+    def startup_file(self) -> Path:
+        return self.folder / "startup.json"
+
+    @property
+    def scheduler(self) -> str:
+        return f"tcp://{self.host}:{self.dask_port}"
+
+    def client_environment(self) -> dict[str, str]:
+        """What ``.cluster/env`` exports: every client (CLI, flows, deployments, workers) uses the cluster."""
+        return {
+            "PREFECT_API_URL": f"http://{self.host}:{self.prefect_port}/api",
+            "PRICELEVEL_FLOW__TASK_RUNNER": "dask",
+            "PRICELEVEL_FLOW__DASK_ADDRESS": self.scheduler,
+            "PRICELEVEL_TUNING__STORAGE": self.postgres.url("optuna"),
+            "PRICELEVEL_TUNING__WORKERS": str(self.dask_workers),
+            "PRICELEVEL_TRACKING__TRACKING_URI": f"http://{self.host}:{self.mlflow_port}",
+            "PGPASSFILE": str(self.postgres.pgpass),
+        }
+
+    def stages(self, bin_dir: Path) -> list[list[Service]]:
+        """Servers first; then what connects to them (the workers), once they answer."""
+        servers = [
+            prefect_server(bin_dir, self.host, self.prefect_port, self.postgres.url("prefect", driver="asyncpg")),
+            mlflow_server(bin_dir, self.postgres.url("mlflow"), str(self.folder / "artifacts"), self.host,
+                          self.mlflow_port),
+            dask_scheduler(bin_dir, self.host, self.dask_port, self.dashboard_port),
+        ]
+        workers = [dask_worker(bin_dir, self.scheduler, f"cpu-{k}", self.host, self.dashboard_port + 1 + k)
+                   for k in range(self.dask_workers)]
+        workers.append(prefect_worker(bin_dir, POOL, self.host, self.dashboard_port + 1 + self.dask_workers))
+        return [servers, workers]
+
+
+def write_env_file(plan: ClusterPlan) -> Path:
+    """``export KEY=value`` lines to ``source`` (no password: ``PGPASSFILE`` names the file that holds it)."""
+    lines = ["# Written by `make cluster-up`; `source` it to run pricelevel on the local cluster."]
+    lines += [f"export {key}={value}" for key, value in plan.client_environment().items()]
+    plan.env_file.write_text("\n".join(lines) + "\n")
+    return plan.env_file
+
+
+def _password(plan: ClusterPlan, env: Mapping[str, str]) -> str:
+    """``PGPASSWORD`` when set, else the one this cluster was made with (its pgpass file), else a new one."""
+    if env.get("PGPASSWORD"):
+        return env["PGPASSWORD"]
+    with contextlib.suppress(OSError, IndexError):
+        return plan.postgres.pgpass.read_text().strip().split(":", 4)[4]
+    return secrets.token_urlsafe(24)
+
+
+def _setup_pools(bin_dir: Path, env: Mapping[str, str]) -> None:
+    """The work pool of the deployments, and its ``training`` queue limited to one run at a time."""
+    prefect = str(bin_dir / "prefect")
+    subprocess.run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=dict(env),
+                   check=True, capture_output=True, timeout=120)
+    created = subprocess.run([prefect, "work-queue", "create", TRAINING_QUEUE, "--pool", POOL, "--limit", "1"],
+                             env=dict(env), capture_output=True, timeout=120)
+    if created.returncode != 0:  # it exists: make sure of its limit
+        subprocess.run([prefect, "work-queue", "set-concurrency-limit", TRAINING_QUEUE, "1", "--pool", POOL],
+                       env=dict(env), check=True, capture_output=True, timeout=120)
+
+
+def run_cluster(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str], cwd: Path,
+                stop: threading.Event | None = None, timeout_s: float = 300) -> int:
+    """Start everything, write the env file, and run until SIGTERM/SIGINT, ``stop``, or a service exits (its
+    exit code); then stop every process group and PostgreSQL, and remove the env file."""
+    stop = stop or threading.Event()
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    (plan.folder / ".gitignore").write_text("*\n")
+    pg = plan.postgres
+    password = _password(plan, env)
+    groups: list[ServiceGroup] = []
+    startup: dict[str, float] = {}
+    with stop_on_signals(stop):
+        try:
+            started = time.monotonic()
+            pg.init(password)
+            pg.start(timeout_s=timeout_s)
+            for database in DATABASES:
+                pg.create_database(database, password)
+            pg.write_pgpass(password)
+            startup["PostgreSQL"] = time.monotonic() - started
+            service_env = {**env, **plan.client_environment(), "PRICELEVEL_HOME": str(cwd)}
+            service_env.pop("PGPASSWORD", None)  # the pgpass file only: not inherited by every flow run
+            for number, stage in enumerate(plan.stages(bin_dir)):
+                group = ServiceGroup(stage, service_env, cwd)
+                groups.append(group)
+                group.start()
+                if not group.wait_healthy(timeout_s, stop):
+                    return 0
+                startup |= group.ready_s
+                if number == 0:
+                    _setup_pools(bin_dir, service_env)
+            plan.startup_file.write_text(json.dumps({k: round(v, 2) for k, v in startup.items()}, indent=2))
+            write_env_file(plan)
+            while not stop.is_set():
+                for group in groups:
+                    code = group.exit_code()
+                    if code is not None:
+                        return code
+                time.sleep(0.5)
+            return 0
+        finally:
+            plan.env_file.unlink(missing_ok=True)
+            for group in reversed(groups):
+                group.stop()
+            pg.stop()
+
+
+def start_detached(plan: ClusterPlan, argv: Sequence[str], env: Mapping[str, str], cwd: Path,
+                   timeout_s: float = 300) -> int:
+    """Start the supervisor (``argv`` runs :func:`run_cluster`) in a session of its own, logging to
+    ``.cluster/cluster.log``; returns once the env file is written (0) or it died (1)."""
+    if plan.pid_file.exists() and _alive(int(plan.pid_file.read_text())):
+        return 0 if plan.env_file.exists() else 1
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    plan.env_file.unlink(missing_ok=True)
+    with plan.log_file.open("ab") as log:
+        process = subprocess.Popen(list(argv), env=dict(env), cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    plan.pid_file.write_text(str(process.pid))
+    deadline = time.monotonic() + timeout_s
+    while not plan.env_file.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_detached(plan)
+            return 1
+        time.sleep(0.5)
+    return 0
+
+
+def stop_detached(plan: ClusterPlan, timeout_s: float = 120) -> bool:
+    """SIGTERM the supervisor and wait for it to have stopped everything; SIGKILL its group after
+    ``timeout_s``. Returns whether one was running."""
+    if not plan.pid_file.exists():
+        return False
+    pid = int(plan.pid_file.read_text())
+    running = _alive(pid)
+    if running:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    plan.pid_file.unlink(missing_ok=True)
+    return running
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(OSError, IndexError):  # a zombie (our own child, not yet reaped) is gone
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return True

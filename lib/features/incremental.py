@@ -1,0 +1,450 @@
+"""A symbol's feature table kept up to date bar by bar: what the live trader scores at every closed bar, at the
+cost of the new rows instead of a recomputation over the whole history, and equal to that recomputation to
+the bit (``tests/test_incremental.py`` compares them bar by bar on real candles).
+
+:class:`TableBuilder` is handed, at every bar, the candles closed by then (every timeframe the table reads) and
+returns what :meth:`TableSpec.build <pricelevel.features.tables.TableSpec.build>` returns on them: the newest
+``rows`` rows of the table, and (:attr:`TableBuilder.history`, built when asked for) the level history. It stays
+exact because every step is:
+
+- **Appends only.** Each timeframe's candles must be the previous call's, unchanged, with candles appended
+  that close after the last bar already computed (a candle arriving late would change rows already made).
+  Anything else (a rewrite, a shorter history, a late candle, a NaN in the prices, too short a history for
+  the recursions to be past their warm-up) rebuilds from scratch with ``TableSpec.build``. A time gap (a
+  missing candle) is an append like any other: every computation counts bars, not hours.
+- **Levels** change only at a refit bar: a refit at ``T`` reads only candles closed by ``T``, so the history
+  gains that refit's rows (:func:`~pricelevel.levels.walkforward.refit_columns` on the refit inputs extended
+  with the new candles, :func:`~pricelevel.levels.walkforward.extend_level_inputs`) and earlier refits never
+  change.
+- **Indicators with a memory** (compensated rolling sums, EMAs, Wilder's RSI and ATR, MACD, force index)
+  continue from their state with the same compiled loops (``pricelevel.ta.indicators.*_resume``); windowed
+  ones are recomputed on a tail long enough to give the same values (rolling deviations from their last exact
+  restart).
+- **Columns** are combined row by row by the functions the full computation uses
+  (:func:`~pricelevel.features.compute.bar_columns`, ``level_columns``, ``context_candle_columns``,
+  ``join_context``); ``near_level`` row by row; ``target``, which looks ``horizon`` bars ahead and so changes as
+  bars arrive, from the returned rows alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from pricelevel.core.timeframes import Timeframe, utc_ns
+from pricelevel.features.catalogue import GROUPS, needed_timeframes
+from pricelevel.features.compute import bar_columns, context_candle_columns, join_context, level_columns
+from pricelevel.features.labels import targets
+from pricelevel.features.tables import TABLE_COLUMNS, TableSpec, table_columns, table_frame
+from pricelevel.levels.history import level_context
+from pricelevel.levels.walkforward import (
+    CandleArrays,
+    LevelHistory,
+    LevelInputs,
+    column_ns,
+    extend_level_inputs,
+    level_inputs,
+    levels_frame,
+    nearest_of_brackets,
+    refit_columns,
+)
+from pricelevel.ta import indicators
+
+#: With fewer bars every update is a full build: from here on every bar recursion is past its warm-up.
+WARM_BARS = 64
+#: Likewise for the candles of a ``context`` timeframe (RSI and ATR of 14, SMA of 20 candles).
+WARM_CANDLES = 21
+_CANDLE_COLUMNS = ("open", "high", "low", "close", "volume")
+_TIME_COLUMNS = ("asof", "first_seen", "last_seen")
+
+
+class TableBuilder:
+    """The feature table of one symbol, updated as its candles grow: one builder per symbol, :meth:`update`
+    at every closed bar with the candles closed by then, :attr:`history` for the level history if wanted."""
+
+    def __init__(self, spec: TableSpec, rows: int) -> None:
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.spec = spec
+        self.rows = rows
+        self.rebuilds = 0  # updates that recomputed everything (the first one, and any that was not an append)
+        self._plan = _Plan.of(spec, rows)
+        self._state: _State | None = None
+        self._history: LevelHistory | None = None
+
+    def update(self, frames: Mapping[Timeframe, pd.DataFrame | None]) -> pd.DataFrame:
+        """The last ``rows`` rows of ``spec.build(frames)``'s table (its index too), for these candles."""
+        plan, state = self._plan, self._state
+        candles = _read(frames, plan) if state is not None else None
+        if state is not None and candles is not None and _appends(plan, state, candles):
+            self._state = _advance(plan, state, candles)
+            if self._state.refit_ns.size != state.refit_ns.size:
+                self._history = None  # rebuilt when asked for: the trader's scoring does not read it
+            return _table(plan, self._state)
+        self.rebuilds += 1
+        self._history, table = self.spec.build(frames)
+        self._state = _start(plan, frames, self._history, table)
+        return table.iloc[-self.rows :]
+
+    @property
+    def history(self) -> LevelHistory:
+        """``spec.build(frames)``'s level history for the candles of the last update."""
+        if self._history is None:
+            if self._state is None:
+                raise RuntimeError("no update yet: the history is that of the candles of an update")
+            self._history = LevelHistory(refits=_utc_index(self._state.refit_ns), levels=levels_frame(self._state.levels))
+        return self._history
+
+
+@dataclass(frozen=True, eq=False)
+class _Plan:
+    """What every update of a spec reads, worked out once: columns, timeframes and their lengths."""
+
+    spec: TableSpec
+    rows: int
+    columns: tuple[str, ...]
+    timeframes: tuple[Timeframe, ...]  # every timeframe the table reads
+    context_timeframes: tuple[Timeframe, ...]
+    nanoseconds: dict[Timeframe, int]
+    refit_period: int  # ns
+    level_columns: bool  # whether the set reads the levels / level_strength columns
+    table_columns: pd.Index
+
+    @classmethod
+    def of(cls, spec: TableSpec, rows: int) -> _Plan:
+        columns = spec.columns
+        timeframes = spec.input_timeframes
+        return cls(
+            spec=spec,
+            rows=rows,
+            columns=columns,
+            timeframes=timeframes,
+            context_timeframes=needed_timeframes(columns),
+            nanoseconds={tf: tf.nanoseconds for tf in timeframes},
+            refit_period=spec.levels.refit_every * spec.timeframe.nanoseconds,
+            level_columns=bool(set(columns) & {*GROUPS["levels"], *GROUPS["level_strength"]}),
+            table_columns=table_columns(columns),
+        )
+
+
+# ----------------------------------------------------------------------------------------------- state
+
+
+@dataclass(frozen=True, eq=False)
+class _Candles:
+    """One timeframe's candles as arrays: open times (UTC ns), timestamps as given, the prices read."""
+
+    ns: np.ndarray
+    timestamps: pd.api.extensions.ExtensionArray | np.ndarray
+    prices: dict[str, np.ndarray]
+
+    @property
+    def arrays(self) -> CandleArrays:
+        return CandleArrays(self.ns, *(self.prices[c] for c in ("high", "low", "close", "volume")))
+
+
+@dataclass(frozen=True, eq=False)
+class _Block:
+    """The level set in force: the columns the features read, sorted by price."""
+
+    price: np.ndarray
+    touches: np.ndarray
+    extrema: np.ndarray
+    last_seen_ns: np.ndarray
+
+    @classmethod
+    def of(cls, levels: Mapping[str, np.ndarray]) -> _Block:
+        """The set from its level columns (times in UTC ns)."""
+        block = cls(
+            price=np.asarray(levels["price"], dtype=np.float64),
+            touches=np.asarray(levels["touches"], dtype=np.float64),
+            extrema=np.asarray(levels["n_extrema"], dtype=np.float64),
+            last_seen_ns=np.asarray(levels["last_seen"], dtype=np.int64),
+        )
+        if np.any(block.price[1:] < block.price[:-1]):
+            raise ValueError("a refit's levels must be sorted by price")
+        return block
+
+    def bracket(self, close: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:func:`~pricelevel.levels.walkforward.bracketing_levels` within this set: the last level at or
+        below the close and the first above it (rows of the set, -1: none)."""
+        count = np.searchsorted(self.price, close, side="right")
+        valid = ~np.isnan(close)
+        below = np.where(valid & (count > 0), count - 1, -1)
+        above = np.where(valid & (count < self.price.size), count, -1)
+        return below.astype(np.intp), above.astype(np.intp)
+
+
+@dataclass(frozen=True, eq=False)
+class _Context:
+    """A ``context`` timeframe: its recursions' states and every candle's values (before the join)."""
+
+    rsi: tuple[float, float]
+    sma: tuple
+    atr: float
+    values: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True, eq=False)
+class _State:
+    """Everything an update continues from: the candles seen, the levels, the recursions, the last rows."""
+
+    candles: dict[Timeframe, _Candles]
+    refit_ns: np.ndarray  # the history's refits and levels (as columns, times in UTC ns)
+    levels: dict[str, np.ndarray]
+    inputs: LevelInputs
+    block: _Block
+    recursions: dict[str, object]
+    contexts: dict[Timeframe, _Context]
+    features: np.ndarray  # the last rows' feature columns, in the spec's order
+    near: np.ndarray  # their near_level
+
+
+def _read(frames: Mapping[Timeframe, pd.DataFrame | None], plan: _Plan) -> dict[Timeframe, _Candles] | None:
+    """The candles of every timeframe the table reads (``None`` if one is missing: a full build says why)."""
+    out = {}
+    for tf in plan.timeframes:
+        frame = frames.get(tf)
+        if frame is None:
+            return None
+        stamps = frame["timestamp"]
+        names = _CANDLE_COLUMNS if tf == plan.spec.timeframe else _CANDLE_COLUMNS[1:]
+        out[tf] = _Candles(column_ns(stamps), stamps.array, {c: frame[c].to_numpy(dtype=np.float64) for c in names})
+    return out
+
+
+def _appends(plan: _Plan, state: _State, candles: dict[Timeframe, _Candles]) -> bool:
+    """Whether ``candles`` are the state's with finite candles appended, each closing after the last bar seen."""
+    seen_until = state.candles[plan.spec.timeframe].ns[-1] + plan.nanoseconds[plan.spec.timeframe]
+    for tf, old in state.candles.items():
+        new = candles[tf]
+        m = old.ns.size
+        if new.ns.size < m or not _same(new.ns[:m], old.ns):
+            return False
+        if new.ns.size > m and (
+            new.ns[m] + plan.nanoseconds[tf] <= seen_until or np.any(np.diff(new.ns[m:]) <= 0)
+        ):
+            return False
+        for name, values in new.prices.items():
+            if not (_same(values[:m], old.prices[name]) and np.isfinite(values[m:]).all()):
+                return False
+    return True
+
+
+def _same(new: np.ndarray, old: np.ndarray) -> bool:
+    """Equal values; read off the memory when both are views of the same memory (a feed that cuts one
+    history, as the replay does: pandas never writes to memory a frame shares), compared otherwise."""
+    if new.__array_interface__["data"][0] == old.__array_interface__["data"][0] and new.strides == old.strides:
+        return True
+    return np.array_equal(new, old)
+
+
+def _start(
+    plan: _Plan, frames: Mapping[Timeframe, pd.DataFrame | None], history: LevelHistory, table: pd.DataFrame
+) -> _State | None:
+    """The state after a full build, or ``None`` when the next update must build in full again (too few bars
+    for the recursions to be past their warm-up, or non-finite prices)."""
+    spec = plan.spec
+    candles = _read(frames, plan)
+    if candles is None or any(not np.isfinite(v).all() for c in candles.values() for v in c.prices.values()):
+        return None
+    bars = candles[spec.timeframe]
+    if bars.ns.size < WARM_BARS or any(candles[tf].ns.size < WARM_CANDLES for tf in plan.context_timeframes):
+        return None
+    high, low, close, volume = (bars.prices[c] for c in ("high", "low", "close", "volume"))
+    recursions = {
+        "sma_20": indicators.sma_state(close, 20),
+        "volume_sma_14": indicators.sma_state(volume, 14),
+        "volume_sma_13": indicators.sma_state(volume, 13),
+        "eom_14": indicators.ease_of_movement_state(high, low, volume, 14),
+        "rsi_14": indicators.rsi_state(close, 14),
+        "macd": indicators.macd_state(close, 12, 26, 9),
+        "ema_50": float(indicators.ema(close, 50)[-1]),
+        "force_index_13": float(indicators.force_index(close, volume, 13)[-1]),
+        "atr_14": float(indicators.atr(high, low, close, 14)[-1]),
+    }
+    contexts = {tf: _context_start(candles[tf]) for tf in plan.context_timeframes}
+    levels = {
+        name: column_ns(values) if name in _TIME_COLUMNS else values.to_numpy()
+        for name, values in history.levels.items()
+    }
+    last = int(np.searchsorted(levels["asof"], utc_ns(history.refits)[-1], side="left"))
+    tail = table.iloc[-plan.rows :]
+    return _State(
+        candles=candles,
+        refit_ns=utc_ns(history.refits),
+        levels=levels,
+        inputs=level_inputs(frames[spec.timeframe], spec.timeframe, spec.levels, level_context(frames)),
+        block=_Block.of({name: values[last:] for name, values in levels.items()}),
+        recursions=recursions,
+        contexts=contexts,
+        features=tail[list(plan.table_columns[len(TABLE_COLUMNS) :])].to_numpy(dtype=np.float64),
+        near=tail["near_level"].to_numpy(dtype=np.int8),
+    )
+
+
+def _context_start(candles: _Candles) -> _Context:
+    high, low, close = (candles.prices[c] for c in ("high", "low", "close"))
+    series = {
+        "log_return": indicators.log_return(close, 1),
+        "rsi_14": indicators.rsi(close, 14),
+        "atr_14": indicators.atr(high, low, close, 14),
+        "sma_20": indicators.sma(close, 20),
+    }
+    return _Context(
+        rsi=indicators.rsi_state(close, 14),
+        sma=indicators.sma_state(close, 20),
+        atr=float(series["atr_14"][-1]),
+        values=context_candle_columns(close, series),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- one update
+
+
+def _advance(plan: _Plan, state: _State, candles: dict[Timeframe, _Candles]) -> _State:
+    """The state after the candles appended since ``state``: the new bars' rows, a refit's rows if one passed."""
+    spec = plan.spec
+    contexts = {tf: _context_advance(c, state.candles[tf], candles[tf]) for tf, c in state.contexts.items()}
+    bars = candles[spec.timeframe]
+    begin, end = state.candles[spec.timeframe].ns.size, bars.ns.size
+    if end == begin:
+        return _State(candles, state.refit_ns, state.levels, state.inputs, state.block, state.recursions, contexts,
+                      state.features, state.near)
+    refit_ns, levels, inputs, block = state.refit_ns, state.levels, state.inputs, state.block
+    periods = np.floor_divide(bars.ns[begin - 1 : end], plan.refit_period)
+    segments = []  # (first row, end row, level set in force)
+    first = begin
+    refits = begin + np.flatnonzero(periods[1:] != periods[:-1])
+    for row in refits:
+        if row > first:
+            segments.append((first, row, block))
+        if inputs.bar_ns.size < end:
+            context = {tf: c.arrays for tf, c in candles.items()}
+            inputs = extend_level_inputs(inputs, bars.arrays, spec.timeframe, spec.levels, context)
+        refit = refit_columns(inputs, int(bars.ns[row]), spec.levels)
+        levels = {name: np.concatenate([values, refit[name]]) for name, values in levels.items()}
+        block = _Block.of(refit)
+        first = row
+    segments.append((first, end, block))
+    if refits.size:
+        refit_ns = np.concatenate([refit_ns, bars.ns[refits]])
+
+    series, recursions = _bar_series(bars, begin, state.recursions)
+    high, low, close = (bars.prices[c][begin:] for c in ("high", "low", "close"))
+    values = bar_columns(high, low, close, series)
+    level_values, near = _level_rows(plan, bars, begin, segments, series["atr_14"])
+    values |= level_values
+    bar_close_ns = bars.ns[begin:] + plan.nanoseconds[spec.timeframe]
+    for tf, context in contexts.items():
+        ctx = candles[tf]
+        values |= join_context(bar_close_ns, close, ctx.ns + plan.nanoseconds[tf], ctx.prices["close"], context.values, tf)
+    new = np.column_stack([values[name] for name in plan.columns])
+    new[np.isinf(new)] = np.nan  # as compute_features: an infinity is "not defined"
+    features = np.concatenate([state.features, new])[-plan.rows :]
+    near = np.concatenate([state.near, near])[-plan.rows :]
+    return _State(candles, refit_ns, levels, inputs, block, recursions, contexts, features, near)
+
+
+def _bar_series(bars: _Candles, begin: int, state: dict[str, object]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
+    """:func:`~pricelevel.features.compute.bar_series` of rows ``begin..`` and the recursions' new states."""
+    high, low, close, volume = (bars.prices[c] for c in ("high", "low", "close", "volume"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        eom, eom_state = indicators.ease_of_movement_resume(high, low, volume, 14, begin, state["eom_14"])
+        volume_14, volume_14_state = indicators.sma_resume(volume, 14, begin, state["volume_sma_14"])
+        volume_13, volume_13_state = indicators.sma_resume(volume, 13, begin, state["volume_sma_13"])
+        bands, sma_state = indicators.bollinger_resume(close, 20, 2.0, begin, state["sma_20"])
+        rsi, rsi_state = indicators.rsi_resume(close, 14, begin, state["rsi_14"])
+        macd, macd_state = indicators.macd_resume(close, 12, 26, 9, begin, state["macd"])
+        series = {
+            "log_return_1": indicators.log_return(close[begin - 1 :], 1)[1:],
+            "log_return_6": indicators.log_return(close[begin - 6 :], 6)[6:],
+            "log_return_24": indicators.log_return(close[begin - 24 :], 24)[24:],
+            "log_volume_change": np.diff(np.log1p(volume[begin - 1 :])),
+            "volatility_24": indicators.rolling_volatility_resume(close, 24, begin),
+            "cci_20": indicators.cci(high[begin - 19 :], low[begin - 19 :], close[begin - 19 :], 20)[19:],
+            "eom_14": eom,
+            "volume_sma_14": volume_14,
+            "volume_sma_13": volume_13,
+            "sma_20": bands.middle,  # sma(close, 20) is Bollinger's middle band: the same sum over 20
+            "ema_50": indicators.ema_resume(close, 50, begin, state["ema_50"]),
+            "bollinger_upper": bands.upper,
+            "bollinger_middle": bands.middle,
+            "bollinger_lower": bands.lower,
+            "force_index_13": indicators.force_index_resume(close, volume, 13, begin, state["force_index_13"]),
+            "roc_10": indicators.rate_of_change(close[begin - 10 :], 10)[10:],
+            "rsi_14": rsi,
+            "macd": macd.macd,
+            "macd_signal": macd.signal,
+            "macd_hist": macd.histogram,
+            "atr_14": indicators.atr_resume(high, low, close, 14, begin, state["atr_14"]),
+        }
+    recursions = {
+        "sma_20": sma_state, "volume_sma_14": volume_14_state, "volume_sma_13": volume_13_state, "eom_14": eom_state,
+        "rsi_14": rsi_state, "macd": macd_state, "ema_50": float(series["ema_50"][-1]),
+        "force_index_13": float(series["force_index_13"][-1]), "atr_14": float(series["atr_14"][-1]),
+    }
+    return series, recursions
+
+
+def _level_rows(
+    plan: _Plan, bars: _Candles, begin: int, segments: list[tuple[int, int, _Block]], atr: np.ndarray
+) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The level columns (when the set reads them) and ``near_level`` of rows ``begin..``, each segment of rows
+    against the level set in force there."""
+    threshold = plan.spec.labels.threshold_frac
+    parts: list[dict[str, np.ndarray]] = []
+    near = []
+    for first, end, block in segments:
+        close = bars.prices["close"][first:end]
+        below, above = block.bracket(close)
+        level = nearest_of_brackets(close, block.price, below, above)
+        near.append((np.abs(close - level) <= threshold * close).astype(np.int8))  # as labels.level_label
+        if plan.level_columns:
+            parts.append(level_columns(bars.ns[first:end], close, atr[first - begin : end - begin], block.price,
+                                       block.touches, block.extrema, block.last_seen_ns, below, above))
+    columns = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]} if parts else {}
+    return columns, np.concatenate(near)
+
+
+def _context_advance(context: _Context, old: _Candles, new: _Candles) -> _Context:
+    """A context timeframe's state after its appended candles (their values as ``context_series`` gives them)."""
+    begin = old.ns.size
+    if new.ns.size == begin:
+        return context
+    high, low, close = (new.prices[c] for c in ("high", "low", "close"))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rsi, rsi_state = indicators.rsi_resume(close, 14, begin, context.rsi)
+        sma, sma_state = indicators.sma_resume(close, 20, begin, context.sma)
+        series = {
+            "log_return": indicators.log_return(close[begin - 1 :], 1)[1:],
+            "rsi_14": rsi,
+            "atr_14": indicators.atr_resume(high, low, close, 14, begin, context.atr),
+            "sma_20": sma,
+        }
+    values = context_candle_columns(close[begin:], series)
+    return _Context(
+        rsi=rsi_state,
+        sma=sma_state,
+        atr=float(series["atr_14"][-1]),
+        values={name: np.concatenate([context.values[name], values[name]]) for name in values},
+    )
+
+
+def _utc_index(ns: np.ndarray) -> pd.DatetimeIndex:
+    """Refit times as :func:`~pricelevel.levels.walkforward.walk_forward_levels` gives them."""
+    return pd.DatetimeIndex(np.asarray(ns, dtype=np.int64).view("datetime64[ns]")).tz_localize("UTC")
+
+
+def _table(plan: _Plan, state: _State) -> pd.DataFrame:
+    """The last rows of the table from the state: candles, ``near_level``, ``target``, feature columns."""
+    bars = state.candles[plan.spec.timeframe]
+    end = bars.ns.size
+    first = end - state.features.shape[0]
+    prices = {name: bars.prices[name][first:] for name in _CANDLE_COLUMNS}
+    target = targets(prices, state.near, plan.spec.labels)  # reads open/high of these rows only
+    return table_frame(bars.timestamps[first:], list(prices.values()), state.near, target, state.features,
+                       plan.table_columns, pd.RangeIndex(first, end))

@@ -1,0 +1,211 @@
+"""A fake Telegram Bot API on 127.0.0.1, speaking the real wire format (``POST /bot<TOKEN>/<method>``, form or
+JSON parameters, ``{"ok": true, "result": ...}`` answers), for tests of :mod:`pricelevel.telegram`.
+
+It answers ``getMe``, ``deleteWebhook`` (``drop_pending_updates`` clears the pending updates), long-polled
+``getUpdates`` (held until an update arrives or ``timeout`` passes; ``offset`` confirms), ``sendMessage``
+(recorded in :attr:`FakeBotAPI.sent`) and ``answerCallbackQuery``; 401 for any other token, 404 for any other
+method. Tests inject updates (:meth:`FakeBotAPI.message`, :meth:`FakeBotAPI.press`), 429s with ``retry_after``
+(:meth:`FakeBotAPI.fail_next`) and outages (:attr:`FakeBotAPI.down`: 502 for everything;
+:attr:`FakeBotAPI.hang_s`: every answer that late, so clients time out).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from werkzeug.serving import WSGIRequestHandler, make_server
+from werkzeug.wrappers import Request, Response
+
+BOT_USER = {"id": 4242, "is_bot": True, "first_name": "Pricelevel", "username": "pricelevel_test_bot"}
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No request log lines: they would carry the token (the real server keeps its logs to itself too)."""
+
+    def log_request(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Sent:
+    chat_id: int
+    text: str
+    reply_markup: dict | None
+    at: float
+
+    def buttons(self) -> dict[str, str]:
+        """``label -> callback_data`` of the inline keyboard."""
+        rows = (self.reply_markup or {}).get("inline_keyboard", [])
+        return {button["text"]: button["callback_data"] for row in rows for button in row}
+
+
+class FakeBotAPI:
+    """See the module docstring. Use as a context manager; :attr:`url` is the ``telegram.base_url``."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self._cond = threading.Condition()
+        self._updates: list[dict[str, Any]] = []
+        self._update_id = 100
+        self._message_id = 1
+        self._faults: deque[tuple[str, int, int]] = deque()
+        self._closing = False
+        self.sent: list[Sent] = []
+        self.calls: list[tuple[str, float]] = []
+        self.answered: list[str] = []
+        self.polls = 0
+        #: True: every request gets 502 Bad Gateway (an outage).
+        self.down = False
+        #: Seconds every request waits before it is answered (a hanging Telegram: clients time out).
+        self.hang_s = 0.0
+        self._server = make_server("127.0.0.1", 0, self._wsgi, threaded=True, request_handler=_QuietHandler)
+        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-bot-api", daemon=True)
+
+    def __enter__(self) -> FakeBotAPI:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    # ------------------------------------------------------------------------------------------ injection
+
+    def message(self, chat_id: int, text: str, user_id: int | None = None, chat_type: str = "private",
+                username: str = "alice") -> int:
+        """A user sends ``text`` (a command gets its ``bot_command`` entity); returns the update id."""
+        message: dict[str, Any] = {
+            "message_id": self._next_message_id(), "date": int(time.time()), "chat": _chat(chat_id, chat_type),
+            "from": _user(user_id if user_id is not None else chat_id, username), "text": text,
+        }
+        if text.startswith("/"):
+            message["entities"] = [{"type": "bot_command", "offset": 0, "length": len(text.split()[0])}]
+        return self._add({"message": message})
+
+    def press(self, chat_id: int, data: str, user_id: int | None = None, chat_type: str = "private",
+              username: str = "alice") -> int:
+        """A user presses an inline button carrying ``data`` under a message of the bot."""
+        uid = user_id if user_id is not None else chat_id
+        message = {"message_id": self._next_message_id(), "date": int(time.time()), "chat": _chat(chat_id, chat_type),
+                   "from": BOT_USER, "text": "(question)"}
+        return self._add({"callback_query": {"id": f"cq{self._update_id}", "from": _user(uid, username),
+                                             "chat_instance": f"ci{chat_id}", "data": data, "message": message}})
+
+    def fail_next(self, method: str, status: int = 429, retry_after: int = 1, times: int = 1) -> None:
+        """The next ``times`` calls of ``method`` fail with ``status`` (429: with ``retry_after`` seconds)."""
+        for _ in range(times):
+            self._faults.append((method, status, retry_after))
+
+    @property
+    def pending(self) -> int:
+        with self._cond:
+            return len(self._updates)
+
+    def texts(self, chat_id: int | None = None) -> list[str]:
+        return [s.text for s in list(self.sent) if chat_id is None or s.chat_id == chat_id]
+
+    # ------------------------------------------------------------------------------------------ server
+
+    def _add(self, update: dict[str, Any]) -> int:
+        with self._cond:
+            self._update_id += 1
+            self._updates.append({"update_id": self._update_id, **update})
+            self._cond.notify_all()
+            return self._update_id
+
+    def _next_message_id(self) -> int:
+        with self._cond:
+            self._message_id += 1
+            return self._message_id
+
+    def _wsgi(self, environ: dict, start_response: Any) -> Any:
+        return self._handle(Request(environ))(environ, start_response)
+
+    def _handle(self, request: Request) -> Response:
+        prefix, _, method = request.path.lstrip("/").partition("/")
+        self.calls.append((method, time.monotonic()))
+        if self.hang_s:
+            time.sleep(self.hang_s)
+        if self.down:
+            return _error(502, "Bad Gateway")
+        if prefix != f"bot{self.token}":
+            return _error(401, "Unauthorized")
+        for i, (name, status, retry_after) in enumerate(self._faults):
+            if name == method:
+                del self._faults[i]
+                if status == 429:
+                    return _error(429, f"Too Many Requests: retry after {retry_after}", {"retry_after": retry_after})
+                return _error(status, "injected failure")
+        params = {**request.form.to_dict(), **(request.get_json(silent=True) or {})}
+        answer = getattr(self, f"_api_{method}", None)
+        if answer is None:
+            return _error(404, "Not Found: method not found")
+        return _ok(answer(params))
+
+    def _api_getMe(self, params: dict) -> dict:
+        return BOT_USER
+
+    def _api_deleteWebhook(self, params: dict) -> bool:
+        if str(params.get("drop_pending_updates", "")).lower() in ("true", "1"):
+            with self._cond:
+                self._updates.clear()
+        return True
+
+    def _api_getUpdates(self, params: dict) -> list[dict]:
+        offset = int(params.get("offset") or 0)
+        deadline = time.monotonic() + float(params.get("timeout") or 0)
+        with self._cond:
+            self.polls += 1
+            self._updates = [u for u in self._updates if u["update_id"] >= offset]
+            while not self._updates and not self._closing and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return list(self._updates)
+
+    def _api_sendMessage(self, params: dict) -> dict:
+        markup = params.get("reply_markup")
+        markup = json.loads(markup) if isinstance(markup, str) else markup
+        chat_id = int(params["chat_id"])
+        self.sent.append(Sent(chat_id, params["text"], markup, time.monotonic()))
+        return {"message_id": self._next_message_id(), "date": int(time.time()), "chat": _chat(chat_id, "private"),
+                "from": BOT_USER, "text": params["text"]}
+
+    def _api_answerCallbackQuery(self, params: dict) -> bool:
+        self.answered.append(params["callback_query_id"])
+        return True
+
+
+def _chat(chat_id: int, chat_type: str) -> dict[str, Any]:
+    chat: dict[str, Any] = {"id": chat_id, "type": chat_type}
+    if chat_type == "private":
+        chat["first_name"] = "Alice"
+    else:
+        chat["title"] = "Trading desk"
+    return chat
+
+
+def _user(user_id: int, username: str) -> dict[str, Any]:
+    return {"id": user_id, "is_bot": False, "first_name": username.title(), "username": username}
+
+
+def _ok(result: Any) -> Response:
+    return Response(json.dumps({"ok": True, "result": result}), mimetype="application/json")
+
+
+def _error(status: int, description: str, parameters: dict | None = None) -> Response:
+    body: dict[str, Any] = {"ok": False, "error_code": status, "description": description}
+    if parameters:
+        body["parameters"] = parameters
+    return Response(json.dumps(body), status=status, mimetype="application/json")
