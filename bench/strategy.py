@@ -23,11 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS: dict[str, list[str]] = {
-    "rules: stops, take-profit = move, time stop = horizon (the default grid)": [],
+    "the label's own exits: take-profit = move, time stop = horizon, no stop-loss (the default grid)": [],
+    "+ stop-loss and wider exits (sl 2 %/4 %, tp 4 %, no time stop; the first grid)":
+        ["selection.sl_stop=[null,0.02,0.04]", "selection.tp_stop=[move,0.04]", "selection.max_hold_bars=[horizon,null]"],
     "+ probability exits (p below the validation median)": ["selection.exit_quantiles=[null,0.5]"],
     "rarer entries (1 % and 2 % of bars)": ["selection.entry_quantiles=[0.01,0.02]"],
-    "the label's own exits only (take-profit = move, time stop = horizon, no stop-loss)":
-        ["selection.sl_stop=[null]", "selection.tp_stop=[move]", "selection.max_hold_bars=[horizon]"],
     "tuned on the worst fold instead of the mean": ["selection.aggregate=worst"],
     "the first feature set (base: 4 columns)": ["features.set=base"],
 }

@@ -17,7 +17,7 @@ from prefect import flow
 
 from flows.ingest import ingest
 from tasks.notify import notify_failure
-from tasks.runtime import fan_out, load_run_config
+from tasks.runtime import fan_out, load_run_config, routes_to_gpu, training_resources
 from tasks.train import (
     backtest,
     build_dataset,
@@ -49,7 +49,12 @@ def train(config_file: str | None = None, overrides: list[str] | None = None, sk
     started = start_run(config, plan, checked)
     try:
         study = tune(config, plan, started)
-        trained = fit_final(config, plan, study, started)
+        if routes_to_gpu(config.flow, config.model):  # the final fit on a `--resources GPU=1` Dask worker
+            with fan_out(config.flow) as runner, training_resources(config.flow, config.model):
+                trained = runner.submit(fit_final, {"config": config, "plan": plan, "study": study,
+                                                    "started": started}).result()
+        else:
+            trained = fit_final(config, plan, study, started)
         report = evaluate(config, plan, trained, started)
         traded = backtest(config, plan, trained, started)
         registered = register(config, started, trained, plan, report["scores"])

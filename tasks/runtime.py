@@ -85,13 +85,18 @@ def dask_setup(worker: object) -> None:
 
 
 @contextlib.contextmanager
+def routes_to_gpu(flow: FlowConfig, model: ModelConfig) -> bool:
+    """Whether the training tasks go to a Dask worker with a ``GPU`` resource."""
+    return flow.task_runner == "dask" and model.accelerator in CUDA_ACCELERATORS
+
+
 def training_resources(flow: FlowConfig, model: ModelConfig) -> Iterator[None]:
     """Tasks submitted inside go to Dask workers with a ``GPU`` resource when the model asks for CUDA.
 
     A worker started with ``dask worker ... --resources GPU=1`` then receives exactly these, one at a time;
     CPU workers get the rest. Outside Dask, or with ``accelerator: auto|cpu``, nothing changes.
     """
-    if flow.task_runner != "dask" or model.accelerator not in CUDA_ACCELERATORS:
+    if not routes_to_gpu(flow, model):
         yield
         return
     import dask

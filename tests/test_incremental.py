@@ -284,6 +284,35 @@ def test_extended_level_inputs_equal_a_fresh_preparation_and_refit_alike(config:
         pd.testing.assert_frame_equal(rows, expected, check_exact=True)
 
 
+def test_extensions_that_branch_never_write_over_each_other() -> None:
+    """Extensions write into room after the arrays they extend; extending one inputs twice, or the first result
+    again, leaves every result equal to a fresh preparation of its own candles."""
+    spec = spec_of()
+    frames = frames_of(spec, "XRPUSDT")
+    ends = closes(frames, spec.timeframe)
+
+    def inputs_at(until) -> tuple:
+        cut = cut_frames(frames, int(until))
+        arrays = {tf: CandleArrays.of(frame) for tf, frame in cut.items()}
+        return level_inputs(cut[spec.timeframe], spec.timeframe, spec.levels, level_context(cut)), arrays
+
+    def extend(inputs, until):
+        arrays = inputs_at(until)[1]
+        return extend_level_inputs(inputs, arrays[spec.timeframe], spec.timeframe, spec.levels, arrays)
+
+    base, _ = inputs_at(ends[-40])
+    first = extend(base, ends[-30])
+    second = extend(base, ends[-20])  # from the same inputs: must not reuse the room the first one took
+    third = extend(first, ends[-10])
+    again = extend(first, ends[-25])
+    for got, until in ((first, ends[-30]), (second, ends[-20]), (third, ends[-10]), (again, ends[-25])):
+        want, _ = inputs_at(until)
+        for attr in ("d1", "h4", "h1"):
+            for name in ("open_ns", "close_ns", "band_low", "band_high", "close", "volume", "atr"):
+                assert np.array_equal(getattr(getattr(got, attr), name), getattr(getattr(want, attr), name),
+                                      equal_nan=True), (attr, name)
+
+
 def test_extending_level_inputs_refuses_what_is_not_an_append() -> None:
     spec = spec_of()
     frames = frames_of(spec, "BTCUSDT")

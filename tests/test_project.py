@@ -58,3 +58,6 @@ def test_deployments_point_at_flows_and_limit_concurrency() -> None:
         assert isinstance(getattr(module, name), Flow), deployment["entrypoint"]
     for name in ("train-nightly", "promote"):
         assert deployments[name]["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
+    # The trader: one per account, on its own pool so training never delays a decision.
+    assert deployments["trade"]["concurrency_limit"] == {"limit": 1, "collision_strategy": "CANCEL_NEW"}
+    assert deployments["trade"]["work_pool"]["name"] == "pricelevel-trader"

@@ -468,3 +468,22 @@ def test_a_replay_result_is_a_backtest_result(tiny: TinyModel, tmp_path: Path) -
     result = replay_result(replay, BacktestConfig())
     assert len(result.equity) == len(replay.bars) and result.equity.notna().all()
     assert isinstance(replay.trader, Trader)
+
+
+def test_features_are_built_once_then_kept_up_to_date_and_equal_a_full_build(tiny: TinyModel, tmp_path: Path) -> None:
+    """The trader builds each symbol's table in full once, then appends the new bars (the parity test above
+    compares the resulting trades with the backtest's full build); its probability equals a full rebuild's."""
+    models = registry_models(tiny.tracking, tiny.champion)
+    replay = open_replay(CandleFolder.open(tiny.folder), models, StateStore(f"sqlite:///{tmp_path}/s.db"),
+                         BacktestConfig(), PERMISSIVE, tiny.replay_start, end=tiny.replay_start + pd.Timedelta(days=2))
+    reports: list = []
+    replay.trader.replay(replay.bars, reports.append)
+    builders = replay.trader._builders
+    assert sorted(builders) == sorted(models.symbols) and all(b.rebuilds == 1 for b in builders.values())
+    assert all({"features", "prediction", "decision", "execution", "persistence", "total"} <= set(r.timings)
+               for r in reports)
+    last = reports[-1]
+    frames = replay.trader.feed.closed_by(last.bar_time + replay.trader.timeframe.delta)
+    replay.trader._builders = {}  # a fresh builder is a full build
+    assert replay.trader.score(frames, last.bar_time) == last.probabilities
+    assert all(b.rebuilds == 1 for b in replay.trader._builders.values())

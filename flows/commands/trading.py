@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -47,7 +46,10 @@ def trade(
         return
     if json_out or start or end or state:
         raise UsageError("--start, --end, --json and --state go with --replay")
-    asyncio.run(_serve(cfg))
+    from pricelevel.telegram.trader_service import trade_with_telegram
+
+    out = console()
+    asyncio.run(trade_with_telegram(cfg, dict(os.environ), lambda text: out.print(text, markup=False)))
 
 
 def _replay(cfg, folder: Path, start, end, json_out: Path | None, state: str | None) -> None:
@@ -86,45 +88,6 @@ def _print_trades(trades) -> None:
     rows = ([t.symbol, f"{t.entry_time:%Y-%m-%d %H:%M}", f"{t.exit_time:%Y-%m-%d %H:%M}", f"{t.entry_price:.6g}",
              f"{t.exit_price:.6g}", f"{t.pnl:+,.2f}", t.exit_reason] for t in trades.itertuples())
     console().print(table(f"{len(trades)} trades", ["symbol", "entry", "exit", "entry price", "exit price", "P&L", "exit by"], rows))
-
-
-async def _serve(cfg) -> None:
-    from pricelevel.telegram.service import telegram_companion
-    from pricelevel.trading.events import FanOut
-    from pricelevel.trading.service import check_mode, open_service, serve, state_store
-
-    out = console()
-    env = dict(os.environ)
-    check_mode(cfg.trader, cfg.tracking, env)  # before anything starts: real money needs two acts
-    store = state_store(cfg.trader, cfg.data.root)  # the bot reads and commands the trader through it
-
-    def registry_lock():
-        return cfg.catalogue.lock("registry", cfg.tracking.registered_model)
-
-    async with telegram_companion(cfg.telegram, store, cfg.tracking, registry_lock, env) as phone:
-        trader = await asyncio.to_thread(open_service, cfg, env, FanOut(ConsoleNotifier(out), phone), None, store)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        out.print(f"trading {trader.models.uri} (version {trader.models.current.version}) on {cfg.trader.mode} "
-                  f"({trader.execution.name}), {', '.join(trader.models.symbols)} at {trader.timeframe}; state "
-                  f"{trader.store.url}; rules {trader.rules.describe()}; telegram "
-                  f"{'on' if cfg.telegram.enabled else 'off'}; Ctrl-C stops")
-        traded = await serve(trader, stop, cfg.trader.poll_delay_s, cfg.trader.stale_after_s)
-        stats = getattr(phone, "stats", None)
-        out.print(f"stopped after {traded} bars; state kept in {trader.store.url}"
-                  + (f"; telegram {stats()}" if stats else ""))
-
-
-class ConsoleNotifier:
-    """The service's messages on its console (and, through Telegram when configured, on a phone)."""
-
-    def __init__(self, out) -> None:
-        self.out = out
-
-    def notify(self, kind: str, text: str) -> None:
-        self.out.print(f"[{kind}] {text}")
 
 
 # ---------------------------------------------------------------------------------------------- trader ...

@@ -11,7 +11,10 @@ exact because every step is:
   that close after the last bar already computed (a candle arriving late would change rows already made).
   Anything else (a rewrite, a shorter history, a late candle, a NaN in the prices, too short a history for
   the recursions to be past their warm-up) rebuilds from scratch with ``TableSpec.build``. A time gap (a
-  missing candle) is an append like any other: every computation counts bars, not hours.
+  missing candle) is an append like any other: every computation counts bars, not hours. The candles seen
+  before are compared value by value, except where a column is the very memory seen before (a feed that cuts
+  one history, as the replay does): pandas does not write to memory that frames share, and the builder holds
+  on to what it saw, so that memory still holds it.
 - **Levels** change only at a refit bar: a refit at ``T`` reads only candles closed by ``T``, so the history
   gains that refit's rows (:func:`~pricelevel.levels.walkforward.refit_columns` on the refit inputs extended
   with the new candles, :func:`~pricelevel.levels.walkforward.extend_level_inputs`) and earlier refits never

@@ -48,6 +48,10 @@ in newly confirmed ones and dropping those past the lookback, and clusters each 
 filters by compiled passes over every level row at once. The touch counts and volume sums reproduce numpy's
 ``(levels x candles).sum(axis=1)`` to the bit: its pairwise summation tree is replayed, skipping blocks of
 candles whose widened ranges cannot contain the level (they add exact zeros).
+
+For a live system that appends candles (:mod:`pricelevel.features.incremental`): :func:`extend_level_inputs`
+brings what refits read up to the new candles from the appended ones, and :func:`refit_columns` computes one
+refit from it, equal to that refit of :func:`walk_forward_levels` over all the candles.
 """
 
 from __future__ import annotations
@@ -381,6 +385,19 @@ class _Context:
     close: np.ndarray
     volume: np.ndarray
     atr: np.ndarray
+    spare: _Spare | None = None  # room after the arrays for the next extension (extended contexts only)
+
+
+class _Spare:
+    """Buffers whose prefix a context's grown arrays view, with room after it: the next extension of that context
+    writes its candles there instead of copying every array. ``used`` is how much is taken, so a second extension
+    of the same context (which would write where the first one did) copies instead."""
+
+    GROWN = ("close_ns", "band_low", "band_high", "volume", "atr")
+
+    def __init__(self, arrays: dict[str, np.ndarray], used: int) -> None:
+        self.arrays = arrays
+        self.used = used
 
 
 @dataclass(frozen=True, eq=False)
@@ -462,30 +479,46 @@ def _filter_atr_period(name: str, filters) -> int:
 def _extend_context(
     old: _Context, candles: CandleArrays, timeframe: Timeframe, atr_period: int, atr_buffer: float
 ) -> _Context:
-    """:func:`_context` of ``candles``, which append candles to those of ``old``, from the appended ones."""
+    """:func:`_context` of ``candles``, which append candles to those of ``old``, from the appended ones (written
+    after ``old``'s arrays when it has room there, so a bar's extension does not copy the whole history)."""
     m = old.open_ns.size
     open_ns = _appended(old.open_ns, candles.open_ns, f"{timeframe} context candles")
+    n = open_ns.size
     high, low, close = candles.high, candles.low, candles.close
     resumable = m > atr_period and np.isfinite(old.atr[-1])
     if resumable and np.isfinite(high[m:]).all() and np.isfinite(low[m:]).all() and np.isfinite(close[m:]).all():
-        atr = np.concatenate([old.atr, indicators.atr_resume(high, low, close, atr_period, m, old.atr[-1])])
+        atr = indicators.atr_resume(high, low, close, atr_period, m, old.atr[-1])
     else:
-        atr = indicators.atr(high, low, close, atr_period)
-    return _Context(
-        open_ns=open_ns,
-        close_ns=open_ns + _TIMEFRAME_NS[timeframe],
-        band_low=np.concatenate([old.band_low, low[m:] - atr_buffer * atr[m:]]),
-        band_high=np.concatenate([old.band_high, high[m:] + atr_buffer * atr[m:]]),
-        close=close,
-        volume=_writable(candles.volume),
-        atr=atr,
-    )
+        atr = indicators.atr(high, low, close, atr_period)[m:]
+    new = {
+        "close_ns": open_ns[m:] + _TIMEFRAME_NS[timeframe],
+        "band_low": low[m:] - atr_buffer * atr,
+        "band_high": high[m:] + atr_buffer * atr,
+        "volume": candles.volume[m:],
+        "atr": atr,
+    }
+    spare = old.spare
+    if spare is None or spare.used != m or next(iter(spare.arrays.values())).size < n:
+        capacity = 2 * n + 64
+        spare = _Spare({name: _grown_copy(getattr(old, name), capacity) for name in _Spare.GROWN}, m)
+    for name, values in new.items():
+        spare.arrays[name][m:n] = values
+    spare.used = n
+    grown = {name: spare.arrays[name][:n] for name in _Spare.GROWN}
+    return _Context(open_ns=open_ns, close=close, spare=spare, **grown)
+
+
+def _grown_copy(values: np.ndarray, capacity: int) -> np.ndarray:
+    out = np.empty(capacity, dtype=values.dtype)
+    out[: values.size] = values
+    return out
 
 
 def _appended(old_ns: np.ndarray, ns: np.ndarray, what: str) -> np.ndarray:
     """``ns``, the open times of candles that must append to those of ``old_ns`` (checked at the boundary)."""
     m = old_ns.size
-    if ns.size < m or (m and ns[m - 1] != old_ns[-1]) or (ns.size > m and not bool(np.all(np.diff(ns[max(m - 1, 0) :]) > 0))):
+    appended = ns.size >= m and (m == 0 or ns[m - 1] == old_ns[-1])
+    if not appended or (ns.size > m and not bool(np.all(np.diff(ns[max(m - 1, 0) :]) > 0))):
         raise ValueError(f"{what}: the new candles must append to the old ones, sorted and unique")
     return ns
 

@@ -6,11 +6,16 @@ probabilities into signals with the model's own rules (bounded by the risk limit
 about every entry, and hands the bar to the execution (the paper engine, or an exchange). Everything a bar
 decided is committed in one transaction of the state database; a bar already committed is never processed
 again, so a restart continues where the last run stopped.
+
+Features are kept up to date bar by bar (:class:`~pricelevel.features.incremental.TableBuilder`, one per
+symbol): equal to the full rebuild the backtest makes, to the bit, at the cost of the new rows. Every report
+carries the time each part of the bar took (``BarReport.timings``, seconds), which ``bench/trade.py`` reads.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,6 +25,7 @@ import pandas as pd
 
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.core.timeframes import Timeframe
+from pricelevel.features.incremental import TableBuilder
 from pricelevel.inference.scoring import predict_tables
 from pricelevel.ml.dataset import symbol_table
 from pricelevel.strategy.rules import StrategyRules
@@ -71,6 +77,12 @@ class BarReport:
     skipped: bool = False
     #: Symbols whose candle had not arrived (with ``wait_for_candles``): nothing was done.
     waiting: tuple[str, ...] = ()
+    #: Seconds spent on each part of the bar: features, prediction, decision (signals and risk), execution
+    #: (orders, or the paper engine), persistence (the state transaction), total.
+    timings: dict[str, float] = field(default_factory=dict)
+
+#: Rows of the feature table kept beyond the model's window (a margin, so a window never reads a cut row).
+TABLE_MARGIN = 8
 
 
 class Trader:
@@ -97,6 +109,8 @@ class Trader:
         self.execution = make_execution(self.rules, saved)
         self._last_refusal: dict[str, str] = {}
         self.needs_reconcile = True
+        self._builders: dict[str, TableBuilder] = {}  # per symbol, for the current model's table spec
+        self._timings: dict[str, float] = {}
 
     @property
     def spec(self):
@@ -131,6 +145,8 @@ class Trader:
         ``wait_for_candles``: if a traded symbol's candle is missing, change nothing and return a report with
         ``waiting`` set (the service asks again until the candle is stale)."""
         bar_time = pd.Timestamp(bar_time)
+        started = time.perf_counter()
+        self._timings = {}
         if self.last_bar is not None and bar_time <= pd.Timestamp(self.last_bar):
             return BarReport(bar_time, self.models.current.version, {}, [], None, skipped=True)
         frames = self.feed.closed_by(bar_time + self.timeframe.delta)
@@ -149,6 +165,7 @@ class Trader:
         if stale:
             notes.append(("stale", f"no {self.timeframe} candle at {bar_time} for {', '.join(stale)}: no decision on them"))
         probabilities = self.score(frames, bar_time)
+        clock = time.perf_counter()
         entries, exits = self.rules.signals(np.array([probabilities.get(s, math.nan) for s in self.models.symbols]))
         positions = self.execution.positions()
         approved, decisions = {}, []
@@ -175,13 +192,18 @@ class Trader:
         for decision in decisions:
             if decision["symbol"] in forced and decision["symbol"] in positions:
                 decision["signal"], decision["verdict"] = "exit", "forced: kill switch or force-exit"
+        self._timings["decision"] = time.perf_counter() - clock
+        clock = time.perf_counter()
         outcome = self.execution.on_bar(bar_time, ohlc, approved, exit_signals, model_version=str(self.models.current.version))
+        self._timings["execution"] = time.perf_counter() - clock
         errors = list(self.execution.errors)
         notes += [("order", f"order problem: {e}") for e in errors]
         self.needs_reconcile = bool(errors)
         notes += [("risk", text) for text in self.risk.after_bar(
             bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed], problem=bool(stale or errors))]
+        clock = time.perf_counter()
         self._commit(bar_time, decisions, outcome, commands)
+        self._timings["persistence"] = time.perf_counter() - clock
         for fill in outcome.fills:
             kind = "order" if fill.intent in ("entry", "exit") else "exit"
             notes.append((kind, f"{fill.intent.replace('_', ' ')} {fill.symbol}: {fill.size:.6g} at {fill.price:.6g} "
@@ -190,8 +212,9 @@ class Trader:
             notes.append(("exit", f"closed {trade.symbol} ({trade.exit_reason.replace('_', ' ')}): P&L {trade.pnl:+,.2f}"))
         for kind, text in notes:
             self.notifier.notify(kind, text)
+        self._timings["total"] = time.perf_counter() - started
         return BarReport(bar_time, self.models.current.version, probabilities, decisions, outcome,
-                         [text for _, text in notes])
+                         [text for _, text in notes], timings=dict(self._timings))
 
     def act_between_bars(self) -> list[str]:
         """Commands queued since the last bar, applied now instead of at the next close (the service calls this
@@ -247,17 +270,26 @@ class Trader:
 
     def score(self, frames: Mapping[str, Mapping[Timeframe, pd.DataFrame | None]], bar_time: pd.Timestamp) -> dict[str, float]:
         """The model's probability for ``bar_time`` of every symbol that has that bar and a full window."""
+        clock = time.perf_counter()
         spec, table_spec = self.spec, self.spec.table_spec()
+        if any(builder.spec != table_spec for builder in self._builders.values()):
+            self._builders = {}  # another model (a switch) reads other features: start over
         tables = {}
         for symbol, by_tf in frames.items():
             bars = by_tf.get(table_spec.timeframe)
             if bars is None or len(bars) < spec.seq_len or bars["timestamp"].iloc[-1] != bar_time:
                 continue
-            history, table = table_spec.build(by_tf)
-            tables[symbol] = symbol_table(symbol, table, history, spec.features)
+            builder = self._builders.get(symbol)
+            if builder is None:
+                builder = self._builders[symbol] = TableBuilder(table_spec, spec.seq_len + TABLE_MARGIN)
+            table = builder.update(by_tf)
+            tables[symbol] = symbol_table(symbol, table, builder.history, spec.features)
+        self._timings["features"] = time.perf_counter() - clock
         if not tables:
             return {}
+        clock = time.perf_counter()
         scored = predict_tables(self.models.current.predict, spec, tables, since=bar_time)
+        self._timings["prediction"] = time.perf_counter() - clock
         now = scored[scored["timestamp"] == bar_time]
         return dict(zip(now["symbol"], now["probability"].astype(float), strict=True))
 

@@ -108,6 +108,24 @@ class FakeBybit:
     ) -> None:
         self._candles[(category, symbol, Timeframe(timeframe).bybit_interval)] = to_canonical(candles)
 
+    def shift_to_now(self) -> pd.Timedelta:
+        """Move every candle by the whole days that put the newest day's candles at today's (UTC) date."""
+        newest = max(frame[TIMESTAMP].max() for frame in self._candles.values())
+        delta = pd.Timestamp(self.now()).floor("1D") - newest.floor("1D")
+        for key, frame in self._candles.items():
+            self._candles[key] = frame.assign(**{TIMESTAMP: frame[TIMESTAMP] + delta})
+        return delta
+
+    def latest_open(self, symbol: str, category: str = "spot") -> float | None:
+        """The open of the newest candle that has opened, on the finest timeframe served for ``symbol``."""
+        served = [f for (c, s, _), f in self._candles.items() if c == category and s == symbol and len(f) > 1]
+        if not served:
+            return None
+        frames = sorted(served, key=lambda f: f[TIMESTAMP].diff().median())
+        frame = frames[0]
+        opened = frame[frame[TIMESTAMP] <= pd.Timestamp(self.now())]
+        return float(opened["open"].iloc[-1]) if len(opened) else None
+
     @property
     def datasets(self) -> list[tuple[str, str, str]]:
         """(category, symbol, interval) of every series served."""

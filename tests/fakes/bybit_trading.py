@@ -475,7 +475,7 @@ class FakeBybitExchange:
         qty = _parse(params.get("qty"))
         if qty is None or qty <= 0:
             raise _Refused(RET_PARAMS, "params error: qty invalid")
-        price = self._prices.get(instrument.symbol)
+        price = self._price(instrument.symbol)
         if price is None:
             raise AssertionError(f"fake Bybit: no price for {instrument.symbol}; call set_price() first")
         step = instrument.quote_precision if unit == "quoteCoin" else instrument.base_precision
@@ -654,8 +654,15 @@ class FakeBybitExchange:
     def _usd(self, coin: str, amount: Decimal) -> Decimal | None:
         if coin in ("USDT", "USDC", "USD"):
             return amount
-        price = self._prices.get(f"{coin}USDT")
+        price = self._price(f"{coin}USDT")
         return amount * price if price is not None else None
+
+    def _price(self, symbol: str) -> Decimal | None:
+        """The price set by :meth:`set_price`, else the open of the market fake's newest opened candle."""
+        if symbol in self._prices:
+            return self._prices[symbol]
+        latest = self.market.latest_open(symbol) if self.market is not None else None
+        return _dec(latest) if latest is not None else None
 
     # ---------------------------------------------------------------------------------------- responses
 
@@ -726,11 +733,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/sample"), help="folder of SYMBOL_TF.parquet files")
     parser.add_argument("--price", action="append", default=[], metavar="SYMBOL=PRICE")
     parser.add_argument("--usdt", type=float, default=10_000.0, help="starting USDT balance")
+    parser.add_argument("--shift-to-now", action="store_true",
+                        help="move the candles by whole days so the newest day is today: a new candle opens every "
+                             "bar, as on the exchange, and market orders fill at the newest candle's open")
     args = parser.parse_args(argv)
-    fake = FakeBybitExchange(balances={"USDT": args.usdt}, market=FakeBybit.from_folder(args.data))
-    for symbol, price in _prices(args.price).items():
+    market = FakeBybit.from_folder(args.data)
+    if args.shift_to_now:
+        market.shift_to_now()
+    fake = FakeBybitExchange(balances={"USDT": args.usdt}, market=market)
+    for symbol in sorted({key[1] for key in market.datasets}):
         if symbol not in fake._instruments:
-            fake.add_instrument(symbol, symbol.removesuffix("USDT"), "USDT")
+            fake.add_instrument(symbol, symbol.removesuffix("USDT"), "USDT", base_precision="0.0001", min_order_qty="0.0001")
+    for symbol, price in _prices(args.price).items():
         fake.set_price(symbol, price)
     server = make_server("127.0.0.1", args.port, fake.wsgi_app, threaded=True)
     print(
