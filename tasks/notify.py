@@ -27,8 +27,11 @@ def notify_promotion(config: Config, outcome: dict[str, Any]) -> bool:
 
 def notify_failure(flow: Any, flow_run: Any, state: Any) -> None:
     """Prefect ``on_failure`` hook: tell the authorised chats that a run failed (config from the run's own
-    ``config_file`` and ``overrides`` parameters). Never raises."""
+    ``config_file`` and ``overrides`` parameters). A subflow (the ingest inside ``train``) stays silent: its
+    parent fails with it and sends the one message. Never raises."""
     try:
+        if getattr(flow_run, "parent_task_run_id", None) is not None:
+            return
         parameters = flow_run.parameters or {}
         config = load_project_config(parameters.get("config_file"), parameters.get("overrides") or [])
         send_lifecycle(config.telegram, "pipeline", failure_text(flow.name, flow_run.name, state.message), os.environ)

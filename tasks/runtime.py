@@ -84,12 +84,12 @@ def dask_setup(worker: object) -> None:
     bootstrap()
 
 
-@contextlib.contextmanager
 def routes_to_gpu(flow: FlowConfig, model: ModelConfig) -> bool:
     """Whether the training tasks go to a Dask worker with a ``GPU`` resource."""
     return flow.task_runner == "dask" and model.accelerator in CUDA_ACCELERATORS
 
 
+@contextlib.contextmanager
 def training_resources(flow: FlowConfig, model: ModelConfig) -> Iterator[None]:
     """Tasks submitted inside go to Dask workers with a ``GPU`` resource when the model asks for CUDA.
 
@@ -99,7 +99,24 @@ def training_resources(flow: FlowConfig, model: ModelConfig) -> Iterator[None]:
     if not routes_to_gpu(flow, model):
         yield
         return
+    require_gpu_worker(flow)
     import dask
 
     with dask.annotate(resources={"GPU": 1}):
         yield
+
+
+def require_gpu_worker(flow: FlowConfig, timeout_s: float = 10.0) -> None:
+    """Fail in one line, instead of waiting forever, when no Dask worker has a ``GPU`` resource: tasks that ask
+    for one wait for such a worker, and neither the temporary local cluster nor ``make cluster-up`` starts one."""
+    hint = "start one with `dask worker ADDRESS --resources GPU=1` (README \"Scaling out\"), or use model.accelerator=auto"
+    if not flow.dask_address:
+        raise ConfigError(f"model.accelerator asks for CUDA on the dask runner, but flow.dask_address is not set and a "
+                          f"temporary local cluster has no GPU worker; {hint}")
+    from distributed import Client
+
+    with Client(flow.dask_address, timeout=timeout_s) as client:
+        workers = client.scheduler_info()["workers"].values()
+        if not any(worker.get("resources", {}).get("GPU") for worker in workers):
+            raise ConfigError(f"model.accelerator asks for CUDA, but no Dask worker at {flow.dask_address} has a GPU "
+                              f"resource; {hint}")

@@ -148,14 +148,26 @@ def test_dask_address_without_a_prefect_server_is_refused_with_one_line(monkeypa
         fan_out(FlowConfig(task_runner="dask", dask_address="tcp://127.0.0.1:1"))
 
 
-def test_training_tasks_ask_for_the_gpu_only_on_dask_with_cuda() -> None:
+def test_training_tasks_ask_for_the_gpu_only_on_dask_with_cuda(monkeypatch) -> None:
     import dask
 
-    from pricelevel.core.config import FlowConfig
+    from pricelevel.core.config import ConfigError, FlowConfig
     from pricelevel.ml.config import ModelConfig
-    from tasks.runtime import training_resources
+    from tasks import runtime
+    from tasks.runtime import routes_to_gpu, training_resources
 
     for runner, accelerator, wanted in [("dask", "cuda", {"GPU": 1}), ("dask", "gpu", {"GPU": 1}),
                                         ("dask", "auto", None), ("thread", "cuda", None)]:
-        with training_resources(FlowConfig(task_runner=runner), ModelConfig(accelerator=accelerator)):
-            assert dask.get_annotations().get("resources") == wanted, (runner, accelerator)
+        flow, model = FlowConfig(task_runner=runner), ModelConfig(accelerator=accelerator)
+        assert routes_to_gpu(flow, model) is (wanted is not None), (runner, accelerator)
+        if wanted is None:
+            with training_resources(flow, model):
+                assert dask.get_annotations().get("resources") is None, (runner, accelerator)
+            continue
+        with monkeypatch.context() as patch:
+            patch.setattr(runtime, "require_gpu_worker", lambda flow: None)  # a GPU worker exists
+            with training_resources(flow, model):
+                assert dask.get_annotations().get("resources") == wanted, (runner, accelerator)
+        # without one (the temporary local cluster has none) training is refused in one line, not left waiting
+        with pytest.raises(ConfigError, match="no GPU worker"), training_resources(flow, model):
+            pass

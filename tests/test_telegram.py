@@ -708,6 +708,9 @@ def test_a_failed_run_is_told_by_the_flow_hook(fake: FakeBotAPI, project: Path, 
     assert fake.texts() == ["[pipeline] FAILED: flow train (run brave-fox): Flow run encountered an exception: "
                             "ValueError: boom ***"]
     notify_failure(SimpleNamespace(name="train"), SimpleNamespace(name="x", parameters={"overrides": ["nope"]}), state)
+    subflow = SimpleNamespace(name="inner", parameters=run.parameters, parent_task_run_id="some-task-run")
+    notify_failure(SimpleNamespace(name="ingest"), subflow, state)  # the parent train run tells it once
+    assert len(fake.texts()) == 1
 
 
 # ------------------------------------------------------------------------------------------------ summary

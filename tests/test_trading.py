@@ -199,6 +199,36 @@ def test_the_kill_switch_flattens_and_blocks_until_rearmed(tiny: TinyModel, tmp_
     assert status(store)["risk"]["kill_switch"] is False
 
 
+def test_commands_between_bars_on_paper_apply_once_and_in_order(tiny: TinyModel, tmp_path: Path) -> None:
+    """The service looks for commands every few seconds: each applies once (one message), a rearm after a kill
+    wins, and a force-exit applied between bars still closes its position at the next bar."""
+    models = registry_models(tiny.tracking, tiny.champion)
+    store = StateStore(f"sqlite:///{tmp_path}/s.db")
+    notes = RecordingNotifier()
+    replay = open_replay(CandleFolder.open(tiny.folder), models, store, BacktestConfig(), PERMISSIVE, tiny.replay_start,
+                         notifier=notes)
+    trader, bars = replay.trader, replay.bars
+    k = 0
+    while not trader.execution.positions():
+        trader.on_bar_close(bars[k])
+        k += 1
+    request(store, "kill", by="test")
+    request(store, "rearm", by="test")
+    for _ in range(3):
+        trader.act_between_bars()
+    assert [text.split(" ")[0] for kind, text in notes.messages if kind == "command"] == ["kill", "rearm"]
+    assert status(store)["risk"]["kill_switch"] is False and not status(store)["pending_commands"]
+    (held,) = list(trader.execution.positions())[:1]
+    request(store, "forceexit", symbols=(held,), by="test")
+    trader.act_between_bars()
+    trader.act_between_bars()
+    assert sum(kind == "command" for kind, _ in notes.messages) == 3
+    trader.on_bar_close(bars[k])  # the exit is decided here and fills at the next open
+    trader.on_bar_close(bars[k + 1])
+    assert held not in trader.execution.positions()
+    assert any(t.startswith(f"closed {held}") for kind, t in notes.messages if kind == "exit")
+
+
 # ------------------------------------------------------------------------------------------------ hot-swap
 
 
@@ -480,10 +510,17 @@ def test_features_are_built_once_then_kept_up_to_date_and_equal_a_full_build(tin
     replay.trader.replay(replay.bars, reports.append)
     builders = replay.trader._builders
     assert sorted(builders) == sorted(models.symbols) and all(b.rebuilds == 1 for b in builders.values())
-    assert all({"features", "prediction", "decision", "execution", "persistence", "total"} <= set(r.timings)
+    assert all({"candles", "model", "features", "prediction", "decision", "execution", "persistence", "total"} <= set(r.timings)
                for r in reports)
     last = reports[-1]
     frames = replay.trader.feed.closed_by(last.bar_time + replay.trader.timeframe.delta)
     replay.trader._builders = {}  # a fresh builder is a full build
     assert replay.trader.score(frames, last.bar_time) == last.probabilities
     assert all(b.rebuilds == 1 for b in replay.trader._builders.values())
+
+
+def test_what_the_risk_limits_change_in_a_models_rules_is_named() -> None:
+    model = StrategyRules(threshold=0.6, sl_stop=None, tp_stop=0.03, max_hold_bars=6, sizing="fraction", fraction=0.1)
+    executed = rules.effective_rules(model, RiskConfig())
+    assert rules.rule_changes(model, executed) == ["sl_stop None -> 0.02", "sizing fraction -> risk"]
+    assert rules.rule_changes(model, rules.effective_rules(model, RiskConfig(max_stop_loss=None))) == []

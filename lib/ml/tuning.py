@@ -1,7 +1,9 @@
 """Optuna search over the model's hyper-parameters: TPE sampler, median pruner, persisted study.
 
-The objective is ``tuning.metric`` (e.g. ``val_pr_auc``), the same name early stopping monitors and the
-promotion gate compares. A study is stored under a name that includes the inputs' key, so re-running with
+A trial's value is the strategy it makes (:func:`walk_forward_objective`): every walk-forward fold trained,
+its rules chosen on its validation segment, and the folds' ``selection.metric`` (Sharpe after costs) combined
+by ``selection.aggregate``; within a fit, early stopping and checkpoints watch ``tuning.metric`` (e.g.
+``val_pr_auc``), the classification metric the promotion gate compares between models. A study is stored under a name that includes the inputs' key, so re-running with
 the same inputs resumes it (and does nothing once ``n_trials`` have finished), while new data starts a new one.
 
 Several workers (``tuning.workers``, processes on any machine) may share one study on a server database: the

@@ -39,6 +39,13 @@ def effective_rules(model: StrategyRules, risk: RiskConfig) -> StrategyRules:
     return model.model_copy(update=update)
 
 
+def rule_changes(model: StrategyRules, executed: StrategyRules) -> list[str]:
+    """What the risk limits changed in the model's rules, as ``key model -> executed`` (empty: nothing). The
+    promotion gate judged the model's own rules, so a change here trades something it did not judge."""
+    before, after = model.model_dump(), executed.model_dump()
+    return [f"{key} {before[key]} -> {after[key]}" for key in before if before[key] != after[key]]
+
+
 def position_value(equity: float, stop: float | None, risk_per_trade: float, max_fraction: float) -> float:
     """What a new position may be worth: lose ``risk_per_trade`` of equity at ``stop``, at most ``max_fraction``."""
     cap = max_fraction * equity

@@ -40,6 +40,8 @@ from pricelevel.trading.risk import RiskManager, RiskState, effective_rules
 from pricelevel.trading.state import EQUITY, TRADES, StateStore
 
 LAST_BAR, RISK, EXECUTION, MODEL = "last_bar", "risk", "execution", "model"
+#: Symbols a force-exit applied between bars still has to close (paper fills only at a bar).
+FORCED = "forced_exits"
 
 
 class Execution(Protocol):
@@ -77,7 +79,7 @@ class BarReport:
     skipped: bool = False
     #: Symbols whose candle had not arrived (with ``wait_for_candles``): nothing was done.
     waiting: tuple[str, ...] = ()
-    #: Seconds spent on each part of the bar: features, prediction, decision (signals and risk), execution
+    #: Seconds spent on each part of the bar: candles (the feed), model (commands and the alias), features, prediction, decision (signals and risk), execution
     #: (orders, or the paper engine), persistence (the state transaction), total.
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -150,18 +152,23 @@ class Trader:
         if self.last_bar is not None and bar_time <= pd.Timestamp(self.last_bar):
             return BarReport(bar_time, self.models.current.version, {}, [], None, skipped=True)
         frames = self.feed.closed_by(bar_time + self.timeframe.delta)
+        self._timings["candles"] = time.perf_counter() - started
         ohlc = bar_ohlc(frames, self.timeframe, bar_time)
         stale = sorted(set(self.models.symbols) - set(ohlc))
         if stale and wait_for_candles:
             return BarReport(bar_time, self.models.current.version, {}, [], None, skipped=True, waiting=tuple(stale))
         if self.needs_reconcile:
             self.reconcile()
+        clock = time.perf_counter()
         notes: list[tuple[str, str]] = self._day_summary(bar_time)
         commands, forced, applied = self.apply_commands()
         notes += applied
+        with self.store.transaction() as tx:
+            forced |= set(self.store.get(tx, FORCED, []))  # force-exits applied between bars, on paper
         switch = self.models.refresh()
         if switch is not None:
             notes.append(("model", self._switch(switch)))
+        self._timings["model"] = time.perf_counter() - clock  # commands, and where @champion points now
         if stale:
             notes.append(("stale", f"no {self.timeframe} candle at {bar_time} for {', '.join(stale)}: no decision on them"))
         probabilities = self.score(frames, bar_time)
@@ -218,9 +225,10 @@ class Trader:
 
     def act_between_bars(self) -> list[str]:
         """Commands queued since the last bar, applied now instead of at the next close (the service calls this
-        every few seconds): the latches (kill, stop, start, rearm) at once, and on an exchange the kill switch's
-        and force-exit's market sells at once. The paper engine fills only at a bar, so there the sells wait
-        for the next close (their commands stay queued until then)."""
+        every few seconds), each once and in order: the latches (kill, stop, start, rearm) at once, and on an
+        exchange the kill switch's and force-exit's market sells at once. The paper engine fills only at a
+        bar, so there the sells happen at the next close: the kill switch is latched in the risk state, and
+        the symbols to force out are kept (``FORCED``) until the bar that closes them."""
         commands, forced, notes = self.apply_commands()
         if not commands:
             return []
@@ -231,12 +239,13 @@ class Trader:
             closed = self.execution.flatten(sorted(forced), at, str(self.models.current.version), "forced")
             if self.risk.state.kill_switch:
                 self.execution.cancel_pending()
-        done = commands if now_exchange else [c for c in commands if c["kind"] in ("stop", "start", "rearm")]
         version = str(self.models.current.version)
         with self.store.transaction() as tx:
             self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in closed])
             queued = self.store.get(tx, COMMANDS, [])
-            self.store.put(tx, COMMANDS, [c for c in queued if c not in done])
+            self.store.put(tx, COMMANDS, [c for c in queued if c not in commands])
+            if forced and not now_exchange:
+                self.store.put(tx, FORCED, sorted(set(self.store.get(tx, FORCED, [])) | forced))
             self.store.put(tx, RISK, self.risk.state.to_dict())
             self.store.put(tx, EXECUTION, self.execution.to_state())
         texts = [text for _, text in notes] + [f"closed {t.symbol} (forced): P&L {t.pnl:+,.2f}" for t in closed]
@@ -328,6 +337,7 @@ class Trader:
             self.store.put(tx, EXECUTION, self.execution.to_state())
             self.store.put(tx, MODEL, {"uri": self.models.uri, "version": version})
             self.store.put(tx, LAST_BAR, str(bar_time))
+            self.store.put(tx, FORCED, [])
         self.last_bar = str(bar_time)
 
     def _day_summary(self, bar_time: pd.Timestamp) -> list[tuple[str, str]]:
