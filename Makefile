@@ -55,6 +55,7 @@ bench: install-dev
 	OMP_NUM_THREADS=1 $(BIN)/python bench/backtest.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/levels.py
 	OMP_NUM_THREADS=1 $(BIN)/python bench/train.py
+	OMP_NUM_THREADS=1 $(BIN)/python bench/trade.py
 
 ui: install
 	$(BIN)/pricelevel ui

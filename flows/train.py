@@ -29,8 +29,8 @@ from tasks.train import (
     lookahead,
     register,
     start_run,
-    tune,
 )
+from tasks.tuning import tune
 
 
 @flow(name="train", on_failure=[notify_failure])

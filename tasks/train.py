@@ -1,8 +1,6 @@
-"""Prefect tasks of the training flow: each is one library call (a ``*_step`` of its stage) and a log line.
-
-Heavy steps derive their output folder from their inputs (:mod:`pricelevel.core.cache`), so a re-run with the
-same data, config and code reads what the previous run wrote; Prefect's own result cache is not used.
-"""
+"""Prefect tasks of the training flow: each is one library call (a ``*_step`` of its stage) and a log line. Heavy
+steps derive their output folder from their inputs (:mod:`pricelevel.core.cache`), so a re-run with the same data,
+config and code reads what the previous run wrote; Prefect's own result cache is not used."""
 
 from __future__ import annotations
 
@@ -22,7 +20,7 @@ from pricelevel.levels.history import levels_step
 from pricelevel.ml.artifacts import TrainedModel
 from pricelevel.ml.dataset import DatasetPlan, dataset_step
 from pricelevel.ml.evaluation import evaluate_step, scores_table
-from pricelevel.ml.tuning import StudySummary, trial_worker_step, tune_step
+from pricelevel.ml.tuning import StudySummary
 from pricelevel.ml.walkforward import train_step
 from pricelevel.registry.experiment import (
     Registered,
@@ -32,7 +30,6 @@ from pricelevel.registry.experiment import (
     start_run_step,
     training_keys,
 )
-from tasks.runtime import fan_out, training_resources
 
 
 @task(name="levels", task_run_name="levels {symbol}", cache_policy=NO_CACHE)
@@ -58,9 +55,7 @@ def lookahead(config: Config, tables: list[SymbolStep]) -> dict[str, Any]:
     """Recompute features and labels on data cut at ``lookahead.cuts`` points; fail the run on any difference."""
     data = config.catalogue
     summary = lookahead_step(data.validated(), data.derived, tables, config.table_spec, config.lookahead.cuts)
-    logger = get_run_logger()
-    for line in summary["lines"] if summary["built"] else [f"passed before: {summary['folder']}"]:
-        logger.info("%s", line)
+    get_run_logger().info("%s", "\n".join(summary["lines"]) if summary["built"] else f"passed before: {summary['folder']}")
     return summary
 
 
@@ -80,39 +75,6 @@ def start_run(config: Config, plan: DatasetPlan, lookahead_report: dict[str, Any
     started = start_run_step(config.tracking, plan, keys, config.flat(), files, config.model.seed, project_root(), lookahead_report)
     get_run_logger().info("MLflow run %s (%s)", started.run.run_id, "new" if started.created else "reused: trained before")
     return started
-
-
-@task(name="tune", cache_policy=NO_CACHE)
-def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary:
-    """Optuna study over the search space; resumes a study of the same inputs, a no-op once it is complete.
-    With ``tuning.workers`` > 1 the trials run in that many ``tune-trials`` tasks on the flow's runner."""
-    data = config.catalogue
-    storage = data.optuna_storage(config.tuning.storage)
-    work_dir = data.derived.folder("trials", "")
-
-    def run_workers() -> None:
-        with fan_out(config.flow) as runner, training_resources(config.flow, config.model):
-            workers = [runner.submit(tune_trials, {"config": config, "plan": plan, "started": started, "worker": k})
-                       for k in range(config.tuning.workers)]
-        get_run_logger().info("trial workers finished %s trials", [w.result() for w in workers])
-
-    study = tune_step(plan, config.model_inputs, config.tuning, config.strategy, storage, work_dir, started.log,
-                      run_workers if config.tuning.workers > 1 else None)
-    get_run_logger().info(
-        "study %s: %d trials now, %d complete, %d pruned; best %s = %.4f with %s", study.study_name, study.trials_run_now,
-        study.trials_complete, study.trials_pruned, study.metric, study.best_value, study.best_params,
-    )
-    return study
-
-
-@task(name="tune-trials", task_run_name="tune-trials {worker}", cache_policy=NO_CACHE)
-def tune_trials(config: Config, plan: DatasetPlan, started: StartedRun, worker: int) -> int:
-    """One trial worker of the shared study (``tuning.workers`` of them): trials until ``n_trials`` in total."""
-    data = config.catalogue
-    done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy,
-                             data.optuna_storage(config.tuning.storage), data.derived.folder("trials", ""), started.log)
-    get_run_logger().info("trial worker %d finished %d trials", worker, done)
-    return done
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -148,11 +110,8 @@ def register(config: Config, started: StartedRun, trained: TrainedModel, plan: D
     done = register_step(started, trained, plan, config.tracking.registered_model, config.tuning.metric, scores)
     metric = f"best_{config.tuning.metric}"
     get_run_logger().info("%s version %s is @challenger (%s)", done.name, done.version, "new" if done.created else "existed")
-    create_markdown_artifact(
-        key="train-result", description="Training result",
-        markdown=f"# `{done.name}` version {done.version} (@challenger)\n\n- {metric}: {scores[metric]:.4f}\n"
-        f"- MLflow run `{started.run.run_id}`\n",
-    )
+    create_markdown_artifact(key="train-result", description="Training result",
+                             markdown=done.markdown(metric, scores[metric], started.run.run_id))
     return done
 
 

@@ -258,7 +258,7 @@ def test_promotions_are_serialised_by_the_registry_lock(trained):
 def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_harness, monkeypatch):
     import shutil
 
-    import tasks.train as train_tasks
+    import tasks.tuning as tuning_tasks
     from flows.train import train
     from pricelevel.registry.tracking import mlflow_client
 
@@ -271,7 +271,7 @@ def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_ha
     def out_of_memory(*args, **kwargs):
         raise MemoryError("the tuner ran out of memory")
 
-    monkeypatch.setattr(train_tasks, "tune_step", out_of_memory)
+    monkeypatch.setattr(tuning_tasks, "tune_step", out_of_memory)
     overrides = [*SMALL, "data.symbols=[ETHUSDT]", "lookahead.enabled=false"]
     with pytest.raises(MemoryError):
         train(overrides=overrides)

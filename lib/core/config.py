@@ -6,6 +6,7 @@ Each stage package owns the config class of its step (``pricelevel.data.config``
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Annotated, Literal
 
@@ -31,6 +32,16 @@ def _utc(value: datetime) -> datetime:
 
 UtcDatetime = Annotated[datetime, AfterValidator(_utc)]
 Symbol = Annotated[str, Field(pattern=r"^[A-Z0-9]{2,20}USDT?$|^[A-Z0-9]{2,20}USDC$")]
+
+
+def _http_url(value: str | None) -> str | None:
+    if value is not None and not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError(f"must be an http(s) URL, got {value!r}")
+    return value.rstrip("/") if value else value
+
+
+#: An optional base URL (an endpoint override): http(s), without the trailing slash.
+HttpUrl = Annotated[str | None, AfterValidator(_http_url)]
 
 
 class FlowConfig(Frozen):

@@ -60,6 +60,10 @@ class DataCatalogue:
         """``tuning.storage`` when set, else the project's SQLite study database."""
         return configured or f"sqlite:///{self.root / 'optuna' / 'optuna.db'}"
 
+    def tuning_places(self, configured: str | None = None) -> tuple[str, Path]:
+        """Where a study lives and where its trials write: the same for the study and every trial worker."""
+        return self.optuna_storage(configured), self.derived.folder("trials", "")
+
     def lock(self, *parts: str, timeout_s: float | None = None) -> FileLock:
         """An inter-process lock named by ``parts`` (e.g. ``("raw", "bybit", "BTCUSDT_1h")``)."""
         return FileLock(self.root.joinpath(".locks", *parts).with_suffix(".lock"), timeout_s)

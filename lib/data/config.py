@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from pricelevel.core.config import Frozen, Symbol, UtcDatetime
+from pricelevel.core.config import Frozen, HttpUrl, Symbol, UtcDatetime
 from pricelevel.core.timeframes import Timeframe
 
 
@@ -44,7 +43,7 @@ class BybitConfig(Frozen):
 
     category: Literal["spot", "linear"] = "spot"
     #: Base URL override (a mirror, a local fake server). ``null``: pybit's URL for mainnet/testnet/demo.
-    endpoint: str | None = None
+    endpoint: HttpUrl = None
     testnet: bool = False
     demo: bool = False
     timeout_s: float = Field(10.0, gt=0)
@@ -53,13 +52,6 @@ class BybitConfig(Frozen):
     backoff_s: float = Field(1.0, ge=0)
     backoff_max_s: float = Field(30.0, ge=0)
     page_limit: int = Field(1000, ge=1, le=1000)
-
-    @field_validator("endpoint")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"must be an http(s) URL, got {value!r}")
-        return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
     def _one_environment(self) -> BybitConfig:

@@ -110,6 +110,10 @@ class StudySummary:
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
+    def describe(self) -> str:
+        return (f"study {self.study_name}: {self.trials_run_now} trials now, {self.trials_complete} complete, "
+                f"{self.trials_pruned} pruned; best {self.metric} = {self.best_value:.4f} with {self.best_params}")
+
 
 #: What one trial computes: ``objective(params, trial_dir, pruning_callbacks, on_epoch) -> value``. The pruning
 #: callbacks belong in the trial's first fit; ``on_epoch(epoch, metrics)`` reports its per-epoch metrics.

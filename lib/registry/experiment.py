@@ -223,6 +223,10 @@ class Registered:
     created: bool
     model_uri: str | None = None
 
+    def markdown(self, metric: str, value: float, run_id: str) -> str:
+        """The training run's result as the flow's Prefect artifact shows it."""
+        return f"# `{self.name}` version {self.version} (@challenger)\n\n- {metric}: {value:.4f}\n- MLflow run `{run_id}`\n"
+
 
 def register_step(
     started: StartedRun, trained: TrainedModel, plan: DatasetPlan, registered_model: str, tuned_metric: str,

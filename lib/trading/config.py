@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from pricelevel.core.config import Frozen, Symbol
+from pricelevel.core.config import Frozen, HttpUrl, Symbol
 
 
 class TraderConfig(Frozen):
@@ -22,7 +21,7 @@ class TraderConfig(Frozen):
     #: Symbols to trade; ``null`` = the model's.
     symbols: tuple[Symbol, ...] | None = None
     #: Bybit base URL override (a local fake exchange); ``null`` = pybit's URL for the mode.
-    endpoint: str | None = None
+    endpoint: HttpUrl = None
     #: The trader's state (orders, positions, decisions, risk state): any SQLAlchemy URL; ``null`` = SQLite in
     #: ``<data.root>/trader/<mode>/state.db`` (paper and exchange accounts never share a state).
     state_url: str | None = None
@@ -35,13 +34,6 @@ class TraderConfig(Frozen):
     #: The environment's confirmation for mainnet (``PRICELEVEL_TRADER__LIVE=yes``); a config file or ``--set``
     #: cannot give it.
     live: bool = False
-
-    @field_validator("endpoint")
-    @classmethod
-    def _url(cls, value: str | None) -> str | None:
-        if value is not None and not re.match(r"^https?://[^\s/]+", value):
-            raise ValueError(f"must be an http(s) URL, got {value!r}")
-        return value.rstrip("/") if value else value
 
 
 class RiskConfig(Frozen):

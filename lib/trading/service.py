@@ -138,14 +138,14 @@ def replay_result(replay: Replay, costs: BacktestConfig) -> BacktestResult:
 
 async def serve(
     trader: Trader, stop: asyncio.Event, delay_s: float, stale_after_s: float,
-    now: Callable[[], pd.Timestamp] | None = None,
+    now: Callable[[], pd.Timestamp] | None = None, poll_s: float = RETRY_S,
 ) -> int:
     """Trade every bar as it closes until ``stop`` is set; returns the bars traded.
 
     ``delay_s`` after a close the newest closed bar is stepped; while a traded symbol's candle is still missing
     the step is retried every few seconds, and ``stale_after_s`` after the close it goes ahead without it (no
     decision on that symbol, the breaker counts it). Commands (``pricelevel trader kill``, Telegram) are looked
-    for every ``RETRY_S`` seconds and applied between bars. Each step runs in a worker thread, so the loop (and a
+    for every ``poll_s`` seconds (``RETRY_S``) and applied between bars. Each step runs in a worker thread, so the loop (and a
     Telegram bot on it) stays responsive; a bar already committed is never stepped again.
     """
     clock = now or (lambda: pd.Timestamp.now(tz="UTC"))
@@ -164,11 +164,11 @@ async def serve(
             if not report.waiting:
                 traded += not report.skipped
                 continue
-            wake = min(current + pd.Timedelta(seconds=RETRY_S), closed_at + pd.Timedelta(seconds=stale_after_s))
+            wake = min(current + pd.Timedelta(seconds=poll_s), closed_at + pd.Timedelta(seconds=stale_after_s))
         else:
             wake = closed_at + bar + pd.Timedelta(seconds=delay_s)
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=min(RETRY_S, max((wake - clock()).total_seconds(), 0.05)))
+            await asyncio.wait_for(stop.wait(), timeout=min(poll_s, max((wake - clock()).total_seconds(), 0.05)))
     return traded
 
 
