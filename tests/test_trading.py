@@ -524,3 +524,19 @@ def test_what_the_risk_limits_change_in_a_models_rules_is_named() -> None:
     executed = rules.effective_rules(model, RiskConfig())
     assert rules.rule_changes(model, executed) == ["sl_stop None -> 0.02", "sizing fraction -> risk"]
     assert rules.rule_changes(model, rules.effective_rules(model, RiskConfig(max_stop_loss=None))) == []
+
+
+def test_the_bar_that_closed_is_scored_as_the_backtest_scores_it(tiny: TinyModel) -> None:
+    """``predict_at`` (the trader's one model call a bar) gives the probabilities ``predict_tables`` (the
+    backtest's path) gives for the same windows."""
+    from pricelevel.inference.scoring import predict_at, predict_tables, tables_for_spec
+
+    models = registry_models(tiny.tracking, tiny.champion)
+    model = models.current
+    tables = tables_for_spec(CandleFolder.open(tiny.folder), model.spec)
+    at = tables[SYMBOLS[0]].frame.timestamps[-3]
+    scored = predict_tables(model.predict, model.spec, tables, since=at)
+    want = {row.symbol: row.probability for row in scored[scored["timestamp"] == at].itertuples()}
+    got = predict_at(model.predict, model.spec, [t.frame for t in tables.values()], at)
+    assert sorted(got) == sorted(want) == sorted(SYMBOLS)
+    assert got == pytest.approx(want, rel=1e-6)

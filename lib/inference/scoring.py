@@ -26,7 +26,14 @@ from pricelevel.core.cache import DerivedStore, code_fingerprint, step_key
 from pricelevel.core.runlog import RunLog
 from pricelevel.data.folder import CandleFolder, CandleFolderError
 from pricelevel.ml.artifacts import TrainedModel
-from pricelevel.ml.dataset import DatasetPlan, SymbolTable, build_windows, labels_at, symbol_table
+from pricelevel.ml.dataset import (
+    DatasetPlan,
+    SymbolFrame,
+    SymbolTable,
+    build_windows,
+    labels_at,
+    symbol_table,
+)
 from pricelevel.ml.spec import ModelSpec
 from pricelevel.strategy.rules import StrategyRules
 
@@ -78,6 +85,26 @@ def predict_tables(
     rows["near_level"] = labels_at(tables, rows, "near_level")
     rows["target"] = labels_at(tables, rows, "target")
     return rows.sort_values(["timestamp", "symbol"], kind="stable").reset_index(drop=True)
+
+
+def predict_at(predict: Predict, spec: ModelSpec, frames: Sequence[SymbolFrame], at: pd.Timestamp) -> dict[str, float]:
+    """The probability of the window ending at ``at`` of every frame that has one (the bar that just closed, for
+    the trader): the windows :func:`predict_tables` scores (same normalisation, same completeness rule), in
+    one call of the model instead of a frame of every window."""
+    windows = build_windows(sorted(frames, key=lambda f: f.symbol), spec.normalization,
+                            {f.symbol: spec.symbol_id(f.symbol) for f in frames}, spec.seq_len,
+                            start=None, end=at, require_target=False)
+    batch, ids, symbols = [], [], []
+    for f, array in enumerate(windows.arrays):
+        ends = windows.index[windows.index[:, 0] == f, 1]
+        if len(ends) and windows.timestamps[f][ends[-1]] == at:
+            batch.append(array[ends[-1] - spec.seq_len + 1 : ends[-1] + 1])
+            ids.append(windows.symbol_ids[f])
+            symbols.append(windows.symbols[f])
+    if not batch:
+        return {}
+    probability = predict(np.ascontiguousarray(np.stack(batch)), np.asarray(ids, dtype=np.int64))
+    return dict(zip(symbols, np.asarray(probability, dtype=np.float64).tolist(), strict=True))
 
 
 @dataclass(frozen=True)

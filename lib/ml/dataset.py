@@ -339,15 +339,19 @@ class SymbolTable:
 
 
 def symbol_table(symbol: str, table: pd.DataFrame, history: LevelHistory, columns: Sequence[str]) -> SymbolTable:
-    """The model's view of a feature table: ``columns`` (in order) as float32 and the target."""
+    """The model's view of a feature table (:func:`symbol_frame`) with its candles, levels and labels."""
+    candles = table[["timestamp", "open", "high", "low", "close", "volume"]]
+    return SymbolTable(symbol, candles, history, table["near_level"].to_numpy(np.int8), symbol_frame(symbol, table, columns))
+
+
+def symbol_frame(symbol: str, table: pd.DataFrame, columns: Sequence[str]) -> SymbolFrame:
+    """What the model reads of a feature table: ``columns`` (in order) as float32, and the target."""
     missing = [c for c in columns if FEATURE_PREFIX + c not in table.columns]
     if missing:
         raise KeyError(f"{symbol}: the feature table has no column(s) {missing}")
     timestamps = pd.DatetimeIndex(table["timestamp"])
     features = np.ascontiguousarray(table[[FEATURE_PREFIX + c for c in columns]].to_numpy(dtype=np.float32))
-    frame = SymbolFrame(symbol, timestamps, features, table["target"].to_numpy(dtype=np.float32))
-    candles = table[["timestamp", "open", "high", "low", "close", "volume"]]
-    return SymbolTable(symbol, candles, history, table["near_level"].to_numpy(np.int8), frame)
+    return SymbolFrame(symbol, timestamps, features, table["target"].to_numpy(dtype=np.float32))
 
 
 

@@ -121,8 +121,14 @@ def version_for_alias(client: MlflowClient, name: str, alias: str) -> ModelVersi
     Looked up through the model's alias map: MLflow's SQL store reports a missing alias as
     INVALID_PARAMETER_VALUE, which cannot be told apart from a real error by code.
     """
-    version = (_aliases(client, name) or {}).get(alias)
+    version = alias_version(client, name, alias)
     return client.get_model_version(name, version) if version is not None else None
+
+
+def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
+    """The version number holding ``alias`` (None: no such alias or model), in one registry query: what a
+    trader asks at every bar."""
+    return (_aliases(client, name) or {}).get(alias)
 
 
 def find_version_by_tag(client: MlflowClient, name: str, key: str, value: str) -> ModelVersion | None:

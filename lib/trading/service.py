@@ -24,7 +24,7 @@ from pricelevel.data.folder import CandleFolder
 from pricelevel.data.sources.factory import open_source
 from pricelevel.registry.config import TrackingConfig
 from pricelevel.registry.tracking import load_model, mlflow_client
-from pricelevel.registry.versions import version_for_alias
+from pricelevel.registry.versions import alias_version
 from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.config import RiskConfig, TraderConfig
@@ -69,10 +69,10 @@ def registry_models(tracking: TrackingConfig, uri: str, symbols: tuple[str, ...]
 
     def resolve(alias_uri: str) -> str:
         name, alias = alias_uri.removeprefix("models:/").split("@")
-        version = version_for_alias(client, name, alias)
+        version = alias_version(client, name, alias)
         if version is None:
             raise LookupError(f"no version of {name} holds @{alias}")
-        return str(version.version)
+        return str(version)
 
     return ModelProvider(uri, resolve, lambda u: load_model(u, client), symbols)
 

@@ -26,8 +26,8 @@ import pandas as pd
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.core.timeframes import Timeframe
 from pricelevel.features.incremental import TableBuilder
-from pricelevel.inference.scoring import predict_tables
-from pricelevel.ml.dataset import symbol_table
+from pricelevel.inference.scoring import predict_at
+from pricelevel.ml.dataset import symbol_frame
 from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.config import RiskConfig
 from pricelevel.trading.control import COMMANDS
@@ -283,7 +283,7 @@ class Trader:
         spec, table_spec = self.spec, self.spec.table_spec()
         if any(builder.spec != table_spec for builder in self._builders.values()):
             self._builders = {}  # another model (a switch) reads other features: start over
-        tables = {}
+        inputs = []
         for symbol, by_tf in frames.items():
             bars = by_tf.get(table_spec.timeframe)
             if bars is None or len(bars) < spec.seq_len or bars["timestamp"].iloc[-1] != bar_time:
@@ -291,16 +291,12 @@ class Trader:
             builder = self._builders.get(symbol)
             if builder is None:
                 builder = self._builders[symbol] = TableBuilder(table_spec, spec.seq_len + TABLE_MARGIN)
-            table = builder.update(by_tf)
-            tables[symbol] = symbol_table(symbol, table, builder.history, spec.features)
+            inputs.append(symbol_frame(symbol, builder.update(by_tf), spec.features))
         self._timings["features"] = time.perf_counter() - clock
-        if not tables:
-            return {}
         clock = time.perf_counter()
-        scored = predict_tables(self.models.current.predict, spec, tables, since=bar_time)
+        probabilities = predict_at(self.models.current.predict, spec, inputs, bar_time) if inputs else {}
         self._timings["prediction"] = time.perf_counter() - clock
-        now = scored[scored["timestamp"] == bar_time]
-        return dict(zip(now["symbol"], now["probability"].astype(float), strict=True))
+        return probabilities
 
     def _switch(self, switch: Switch) -> str:
         with self.store.transaction() as tx:
