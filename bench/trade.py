@@ -170,6 +170,7 @@ def paper_replay(tracking, uri: str, tmp_path: Path, bars: int) -> dict:
         "bars": len(reports), "symbols": len(models.symbols), "timeframe": str(replay.trader.timeframe),
         "first_bar_ms": {p: round(1e3 * reports[0].timings.get(p, 0.0), 1) for p in PARTS},
         "latency_ms": {p: percentiles([r.timings.get(p, 0.0) for r in rest]) for p in PARTS},
+        "bars_over_50_ms": sum(r.timings.get("total", 0.0) > 0.05 for r in rest),
         "feature_rebuilds": sum(b.rebuilds for b in replay.trader._builders.values()),
         "fills": orders, "bars_per_s": round(len(reports) / wall, 1), "wall_s": round(wall, 1),
         "memory_mb": {"rss_after_replay": rss_mb(), "rss_growth_during_replay": round(rss_mb() - rss_before, 1),
