@@ -81,7 +81,7 @@ def _sets(values: list[str]) -> list[str]:
 
 
 def test_replay_makes_exactly_the_backtests_trades(tiny: TinyModel, cli, tmp_path: Path) -> None:
-    sets = _sets([*_tracking_sets(tiny), *PERMISSIVE_SETS])
+    sets = _sets([*_tracking_sets(tiny), *PERMISSIVE_SETS, "risk.max_stop_loss=0.02"])
     start = str(tiny.replay_start)
     code, out, err = cli("trade", "--replay", str(tiny.folder), "--start", start, "--json", str(tmp_path / "replay.json"), *sets)
     assert code == 0, err
@@ -116,9 +116,12 @@ def test_a_config_edit_does_not_change_what_the_trader_executes(tiny: TinyModel,
 
 def test_effective_rules_bound_the_stop_and_size_by_risk_then_cap() -> None:
     model = StrategyRules(threshold=0.6, sl_stop=0.05, tp_stop=None)
-    seeded = rules.effective_rules(model, RiskConfig())
+    seed = RiskConfig(max_stop_loss=0.02, take_profit=0.04)  # the seed numbers
+    seeded = rules.effective_rules(model, seed)
     assert (seeded.sl_stop, seeded.tp_stop, seeded.sizing, seeded.risk, seeded.fraction) == (0.02, 0.04, "risk", 0.02, 0.1)
-    assert rules.effective_rules(StrategyRules(threshold=0.6, sl_stop=0.01), RiskConfig()).sl_stop == 0.01  # tighter kept
+    assert rules.effective_rules(StrategyRules(threshold=0.6, sl_stop=0.01), seed).sl_stop == 0.01  # tighter kept
+    default = rules.effective_rules(model, RiskConfig())  # the default keeps the model's own exits
+    assert (default.sl_stop, default.tp_stop) == (0.05, None)
     # 2 % risked at a 2 % stop asks for the whole equity: the 10 % cap binds first (README "Risk").
     assert rules.position_value(10_000, 0.02, 0.02, 0.1) == 1_000
     assert rules.position_value(10_000, 0.5, 0.02, 0.1) == pytest.approx(400)  # a wide stop: the risk rule binds
@@ -521,9 +524,9 @@ def test_features_are_built_once_then_kept_up_to_date_and_equal_a_full_build(tin
 
 def test_what_the_risk_limits_change_in_a_models_rules_is_named() -> None:
     model = StrategyRules(threshold=0.6, sl_stop=None, tp_stop=0.03, max_hold_bars=6, sizing="fraction", fraction=0.1)
-    executed = rules.effective_rules(model, RiskConfig())
+    executed = rules.effective_rules(model, RiskConfig(max_stop_loss=0.02))
     assert rules.rule_changes(model, executed) == ["sl_stop None -> 0.02", "sizing fraction -> risk"]
-    assert rules.rule_changes(model, rules.effective_rules(model, RiskConfig(max_stop_loss=None))) == []
+    assert rules.rule_changes(model, rules.effective_rules(model, RiskConfig())) == []
 
 
 def test_the_bar_that_closed_is_scored_as_the_backtest_scores_it(tiny: TinyModel) -> None:

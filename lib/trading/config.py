@@ -42,9 +42,10 @@ class RiskConfig(Frozen):
     #: Equity this far below its peak halts trading until re-armed (the halt survives restarts).
     max_drawdown: float = Field(0.2, gt=0, lt=1)
     #: The widest stop-loss a position may have: a model's tighter stop is kept, a missing or wider one becomes this.
-    max_stop_loss: float | None = Field(0.02, gt=0, lt=1)
-    #: Take-profit for a model whose rules have none (``null``: none).
-    take_profit: float | None = Field(0.04, gt=0)
+    #: ``null`` (the default): the model's own stop, as the promotion gate judged it (README "Risk": the seed's 2 %).
+    max_stop_loss: float | None = Field(None, gt=0, lt=1)
+    #: Take-profit for a model whose rules have none (``null``, the default: none; the seed's was 4 %).
+    take_profit: float | None = Field(None, gt=0)
     #: Equity lost if a position hits its stop-loss; the position is also capped at ``max_position_fraction``.
     risk_per_trade: float = Field(0.02, gt=0, le=1)
     max_position_fraction: float = Field(0.1, gt=0, le=1)

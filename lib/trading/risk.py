@@ -3,10 +3,11 @@
 The model's rules decide *what* to trade (they are the backtest's); the risk manager decides *whether* a new
 position may be opened now and bounds how it is protected and sized:
 
-- ``effective_rules``: the model's stop-loss, never wider than ``risk.max_stop_loss`` (none: that); its
-  take-profit, or ``risk.take_profit`` when it has none; size = ``risk_per_trade`` of equity lost at the stop,
-  capped at ``max_position_fraction`` of equity. (With the seed's 2 % risk and 2 % stop the risk rule asks
-  for the whole equity, so the 10 % cap always binds first.)
+- ``effective_rules``: the model's rules, which the promotion gate judged, bounded where ``risk:`` asks for
+  it: a stop-loss never wider than ``risk.max_stop_loss`` (a model without one gets it), ``risk.take_profit``
+  for a model without one (both off by default: the trader then executes exactly the promoted rules); size
+  = ``risk_per_trade`` of equity lost at the stop, capped at ``max_position_fraction`` of equity. (With the
+  seed's 2 % risk and a 2 % stop the risk rule asks for the whole equity, so the 10 % cap binds first.)
 - refusals of new entries, each recorded with its reason: a latched **drawdown halt** (equity
   ``max_drawdown`` below its peak; survives restarts until re-armed), the **kill switch** (latched likewise),
   a manual **stop** (no new entries), the **daily loss limit**, a **cool-down** after ``cooldown_losses``
