@@ -176,7 +176,8 @@ def test_exit_reasons_follow_the_engines_order() -> None:
     assert exit_reason(position, high=102, low=99, signal=False, max_hold_bars=None) is None
 
 
-def test_the_kill_switch_flattens_and_blocks_until_rearmed(tiny: TinyModel, tmp_path: Path) -> None:
+def _holding_trader(tiny: TinyModel, tmp_path: Path):
+    """A paper trader replayed until it holds a position: (trader, store, notes, bars, index of the next bar)."""
     models = registry_models(tiny.tracking, tiny.champion)
     store = StateStore(f"sqlite:///{tmp_path}/s.db")
     notes = RecordingNotifier()
@@ -187,6 +188,11 @@ def test_the_kill_switch_flattens_and_blocks_until_rearmed(tiny: TinyModel, tmp_
     while not trader.execution.positions():  # trade until something is held
         trader.on_bar_close(bars[k])
         k += 1
+    return trader, store, notes, bars, k
+
+
+def test_the_kill_switch_flattens_and_blocks_until_rearmed(tiny: TinyModel, tmp_path: Path) -> None:
+    trader, store, notes, bars, k = _holding_trader(tiny, tmp_path)
     request(store, "kill", by="test")
     trader.on_bar_close(bars[k])  # the kill is applied: exits queued for the next open (paper fills at a bar)
     trader.replay(bars[k + 1 : k + 12])
@@ -205,16 +211,7 @@ def test_the_kill_switch_flattens_and_blocks_until_rearmed(tiny: TinyModel, tmp_
 def test_commands_between_bars_on_paper_apply_once_and_in_order(tiny: TinyModel, tmp_path: Path) -> None:
     """The service looks for commands every few seconds: each applies once (one message), a rearm after a kill
     wins, and a force-exit applied between bars still closes its position at the next bar."""
-    models = registry_models(tiny.tracking, tiny.champion)
-    store = StateStore(f"sqlite:///{tmp_path}/s.db")
-    notes = RecordingNotifier()
-    replay = open_replay(CandleFolder.open(tiny.folder), models, store, BacktestConfig(), PERMISSIVE, tiny.replay_start,
-                         notifier=notes)
-    trader, bars = replay.trader, replay.bars
-    k = 0
-    while not trader.execution.positions():
-        trader.on_bar_close(bars[k])
-        k += 1
+    trader, store, notes, bars, k = _holding_trader(tiny, tmp_path)
     request(store, "kill", by="test")
     request(store, "rearm", by="test")
     for _ in range(3):
