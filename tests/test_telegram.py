@@ -139,7 +139,7 @@ def test_every_command_from_an_authorised_chat_answers_and_acts(fake: FakeBotAPI
         answers = {}
         async with session(fake, store, tg_config(fake)):
             for text in ("/help", "/status", "/positions", "/balance", "/profit", "/profit 1", "/profit abc", "/trades 1",
-                         "/stop", "/start", "/forceexit BTCUSDT", "/forceexit all", "/forceexit", "/frobnicate"):
+                         "/stop", "/start", "/resume", "/forceexit BTCUSDT", "/forceexit all", "/forceexit", "/frobnicate"):
                 answers[text] = (await ask(fake, text)).text
             answers["group /status"] = (await ask(fake, "/status", chat=DESK, user_id=BOB, chat_type="group",
                                                   username="bob")).text
@@ -159,6 +159,8 @@ def test_every_command_from_an_authorised_chat_answers_and_acts(fake: FakeBotAPI
     assert answers["/profit abc"] == "days must be a number, got 'abc'"
     assert answers["/trades 1"].splitlines()[1] == "2024-06-04 00:00 UTC SOLUSDT stop_loss: 100 -> 75 (-25.00%), P&L -25.00"
     assert answers["/stop"].startswith("queued stop: no new entries")
+    assert answers["/start"] == answers["/help"]  # Telegram's Start button queues nothing
+    assert answers["/resume"].startswith("queued start: entries allowed again")
     assert answers["/forceexit BTCUSDT"].startswith("queued forceexit BTCUSDT")
     assert answers["/forceexit all"].startswith("queued forceexit all")
     assert answers["/forceexit"].startswith("usage: /forceexit SYMBOL|all")

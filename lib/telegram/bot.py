@@ -120,11 +120,12 @@ class ControlBot:
                 self.store, int(commands.parse_number(args, 10, "n", integer=True, limit=50))),
             "model": lambda args: self.registry.model_text(control.status(self.store)["model"]),
             "help": lambda args: commands.help_text(),
+            "start": lambda args: commands.help_text(),  # Telegram's Start button: never a trading command
         }
         for name, answer in answers.items():
             app.add_handler(CommandHandler(name, self._answering(answer), filters=allowed))
-        for kind in ("stop", "start"):
-            app.add_handler(CommandHandler(kind, self._answering(
+        for name, kind in (("stop", "stop"), ("resume", "start")):
+            app.add_handler(CommandHandler(name, self._answering(
                 lambda args, by, kind=kind: commands.queue_command(self.store, kind, (), by), with_by=True), filters=allowed))
         app.add_handler(CommandHandler("forceexit", self._answering(
             lambda args, by: commands.queue_command(self.store, "forceexit", commands.parse_forceexit(args), by),
