@@ -139,7 +139,7 @@ def test_every_command_from_an_authorised_chat_answers_and_acts(fake: FakeBotAPI
         answers = {}
         async with session(fake, store, tg_config(fake)):
             for text in ("/help", "/status", "/positions", "/balance", "/profit", "/profit 1", "/profit abc", "/trades 1",
-                         "/stop", "/start", "/resume", "/forceexit BTCUSDT", "/forceexit all", "/forceexit", "/frobnicate"):
+                         "/stop", "/start", "/forceexit BTCUSDT", "/forceexit all", "/forceexit", "/frobnicate"):
                 answers[text] = (await ask(fake, text)).text
             answers["group /status"] = (await ask(fake, "/status", chat=DESK, user_id=BOB, chat_type="group",
                                                   username="bob")).text
@@ -159,16 +159,15 @@ def test_every_command_from_an_authorised_chat_answers_and_acts(fake: FakeBotAPI
     assert answers["/profit abc"] == "days must be a number, got 'abc'"
     assert answers["/trades 1"].splitlines()[1] == "2024-06-04 00:00 UTC SOLUSDT stop_loss: 100 -> 75 (-25.00%), P&L -25.00"
     assert answers["/stop"].startswith("queued stop: no new entries")
-    assert answers["/start"] == answers["/help"]  # Telegram's Start button queues nothing
-    assert answers["/resume"].startswith("queued start: entries allowed again")
+    assert answers["/start"].startswith("Allow new entries again")  # asks first: Telegram's Start button sends it too
     assert answers["/forceexit BTCUSDT"].startswith("queued forceexit BTCUSDT")
     assert answers["/forceexit all"].startswith("queued forceexit all")
     assert answers["/forceexit"].startswith("usage: /forceexit SYMBOL|all")
     assert answers["/frobnicate"] == "unknown command /frobnicate; /help lists them"
     assert "mode: paper" in answers["group /status"] and fake.sent[-1].chat_id == DESK
     # The effect: exactly what `pricelevel trader stop|start|forceexit` queue, by whom.
-    assert pending(store) == [("stop", [], "telegram:alice"), ("start", [], "telegram:alice"),
-                              ("forceexit", ["BTCUSDT"], "telegram:alice"), ("forceexit", [], "telegram:alice")]
+    assert pending(store) == [("stop", [], "telegram:alice"), ("forceexit", ["BTCUSDT"], "telegram:alice"),
+                              ("forceexit", [], "telegram:alice")]
 
 
 def test_strangers_get_no_reply_and_change_nothing(fake: FakeBotAPI, store: StateStore,
@@ -298,6 +297,9 @@ def test_kill_rearm_and_rollback_act_only_after_their_button(fake: FakeBotAPI, s
             question = await ask(fake, "/rearm", user_id=BOB, username="bob", **group)
             seen["carol"] = (await press(fake, question.buttons()["Yes, re-arm"], user_id=CAROL, username="carol", **group)).text
             seen["bob"] = (await press(fake, question.buttons()["Yes, re-arm"], user_id=BOB, username="bob", **group)).text
+            question = await ask(fake, "/start")  # also what Telegram's Start button sends
+            seen["start asked"] = pending(store)
+            seen["start"] = (await press(fake, question.buttons()["Yes, allow entries"])).text
             seen["model"] = (await ask(fake, "/model")).text
             question = await ask(fake, "/rollback")
             seen["champion asked"] = champion()
@@ -314,7 +316,9 @@ def test_kill_rearm_and_rollback_act_only_after_their_button(fake: FakeBotAPI, s
     assert seen["again"].startswith("That confirmation has expired or was used already")
     assert seen["carol"] == "Only the person who sent /rearm can confirm it."
     assert seen["bob"].startswith("queued rearm")
-    assert pending(store) == [("kill", [], "telegram:alice"), ("rearm", [], "telegram:bob")]
+    assert seen["start asked"] == [("kill", [], "telegram:alice"), ("rearm", [], "telegram:bob")]
+    assert seen["start"].startswith("queued start: entries allowed again")
+    assert pending(store) == [("kill", [], "telegram:alice"), ("rearm", [], "telegram:bob"), ("start", [], "telegram:alice")]
     model = seen["model"]
     assert "trading now: version 2" in model
     assert "@champion: version 2 (test_pr_auc 0.41, backtest_sharpe 1.25)" in model
@@ -324,7 +328,7 @@ def test_kill_rearm_and_rollback_act_only_after_their_button(fake: FakeBotAPI, s
     assert seen["rollback"].startswith("rolled back tg-model@champion: version 2 -> 1")
     assert seen["rollback again"].startswith("nothing rolled back: model 'tg-model' has no former champion")
     assert champion() == "1" and locks == ["2", "1"]  # each rollback ran under the lock
-    assert len(fake.answered) == 7  # every authorised press was answered (the button's spinner stops)
+    assert len(fake.answered) == 8  # every authorised press was answered (the button's spinner stops)
 
 
 def test_a_confirmation_expires(fake: FakeBotAPI, store: StateStore) -> None:

@@ -49,6 +49,8 @@ CONFIRM = {
              "until /rearm.", "Yes, kill"),
     "rearm": ("Re-arm the trader? The kill switch, drawdown halt, /stop and the breaker are cleared.", "Yes, re-arm"),
     "rollback": ("Roll @champion back to the previous champion? The trader switches at its next bar.", "Yes, roll back"),
+    # Telegram's Start button sends /start too: opening the bot must never re-allow entries by itself.
+    "start": ("Allow new entries again (after /stop)?", "Yes, allow entries"),
 }
 
 
@@ -105,6 +107,7 @@ class ControlBot:
         self._actions: dict[str, Callable[[str], str]] = {
             "kill": lambda by: commands.queue_command(store, "kill", (), by),
             "rearm": lambda by: commands.queue_command(store, "rearm", (), by),
+            "start": lambda by: commands.queue_command(store, "start", (), by),
             "rollback": lambda by: registry.rollback_text(),
         }
 
@@ -120,13 +123,11 @@ class ControlBot:
                 self.store, int(commands.parse_number(args, 10, "n", integer=True, limit=50))),
             "model": lambda args: self.registry.model_text(control.status(self.store)["model"]),
             "help": lambda args: commands.help_text(),
-            "start": lambda args: commands.help_text(),  # Telegram's Start button: never a trading command
         }
         for name, answer in answers.items():
             app.add_handler(CommandHandler(name, self._answering(answer), filters=allowed))
-        for name, kind in (("stop", "stop"), ("resume", "start")):
-            app.add_handler(CommandHandler(name, self._answering(
-                lambda args, by, kind=kind: commands.queue_command(self.store, kind, (), by), with_by=True), filters=allowed))
+        app.add_handler(CommandHandler("stop", self._answering(
+            lambda args, by: commands.queue_command(self.store, "stop", (), by), with_by=True), filters=allowed))
         app.add_handler(CommandHandler("forceexit", self._answering(
             lambda args, by: commands.queue_command(self.store, "forceexit", commands.parse_forceexit(args), by),
             with_by=True), filters=allowed))

@@ -34,7 +34,7 @@ COMMANDS = {
     "profit": "[days] closed trades and P&L (all time, or the last N days)",
     "trades": "[n] the last n closed trades (10)",
     "stop": "no new entries (exits go on)",
-    "resume": "entries again after /stop (not /start: that is Telegram's Start button, it shows this list)",
+    "start": "entries again after /stop (asks first: Telegram's Start button sends /start too)",
     "forceexit": "SYMBOL|all close positions at the next bar",
     "kill": "the kill switch: close everything, refuse entries (asks first)",
     "rearm": "clear the kill switch and halts (asks first)",
@@ -173,8 +173,7 @@ EFFECTS = {
 
 
 def queue_command(store: StateStore, kind: str, symbols: Sequence[str] = (), by: str = "telegram") -> str:
-    """``/stop``, ``/resume`` (``start``), ``/forceexit``, ``/kill``, ``/rearm``: queued exactly as ``pricelevel
-    trader <kind>``."""
+    """``/stop``, ``/start``, ``/forceexit``, ``/kill``, ``/rearm``: queued exactly as ``pricelevel trader <kind>``."""
     command = control.request(store, kind, symbols, by)
     target = f" {', '.join(command['symbols'])}" if command["symbols"] else (" all" if kind == "forceexit" else "")
     return f"queued {kind}{target}: {EFFECTS[kind]}. The trader applies it within seconds (or when it starts)."
