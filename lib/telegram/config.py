@@ -37,7 +37,7 @@ class TelegramConfig(Frozen):
     request_timeout_s: float = Field(10.0, gt=0)
     #: Long-poll timeout of ``getUpdates`` (the server holds the request this long when nothing is pending).
     poll_timeout_s: float = Field(10.0, ge=0)
-    #: Seconds a ``/kill`` or ``/rollback`` confirmation button stays valid.
+    #: Seconds a ``/kill``, ``/rearm``, ``/rollback`` or ``/start`` confirmation button stays valid.
     confirm_timeout_s: float = Field(60.0, gt=0)
     #: UTC hour of an extra daily summary (equity, P&L, trades, positions) from the bot; ``null``: none (the trader
     #: itself sends one at the first bar of each UTC day).
