@@ -90,8 +90,8 @@ def demo_sized_model(tmp_path: Path, timeframe: str):
 
     from pricelevel.config import load_project_config
     from pricelevel.data.folder import CandleFolder
-    from pricelevel.inference.scoring import predict_tables
-    from pricelevel.ml.dataset import fit_normalization, symbol_table
+    from pricelevel.inference.scoring import predict_tables, tables_for_spec
+    from pricelevel.ml.dataset import fit_normalization
     from pricelevel.ml.model import MultiSymbolLSTM
     from pricelevel.ml.spec import ModelSpec
     from pricelevel.registry.config import TrackingConfig
@@ -116,10 +116,7 @@ def demo_sized_model(tmp_path: Path, timeframe: str):
                          hparams=dict(module.hparams), feature_config=config.features.model_dump(mode="json"),
                          rules=rules)
 
-    tables = {}
-    for symbol in symbols:
-        history, table = table_spec.build(table_spec.read_frames(folder, symbol))
-        tables[symbol] = symbol_table(symbol, table, history, columns)
+    tables = tables_for_spec(folder, spec({}, {"threshold": 0.5}), symbols)  # the spec's inputs, before its statistics
     first = tables[symbols[0]].frame.timestamps
     normalization = fit_normalization([t.frame for t in tables.values()], first[len(first) // 2])
 

@@ -56,7 +56,7 @@ def _replay(cfg, folder: Path, start, end, json_out: Path | None, state: str | N
     from pricelevel.backtest.metrics import compute_metrics
     from pricelevel.data.folder import CandleFolder
     from pricelevel.trading.events import RecordingNotifier
-    from pricelevel.trading.risk import rule_changes
+    from pricelevel.trading.risk import rule_changes_note
     from pricelevel.trading.service import model_uri, open_replay, registry_models, replay_result
     from pricelevel.trading.state import StateStore
 
@@ -71,10 +71,9 @@ def _replay(cfg, folder: Path, start, end, json_out: Path | None, state: str | N
         out.print(f"replaying {uri} (version {models.current.version}) on {folder}: {len(run.bars)} bars from "
                   f"{run.bars[0]:%Y-%m-%d %H:%M}, on paper")
         out.print(f"rules executed (the model's, bounded by risk:): {rules.describe()}")
-        changed = rule_changes(run.trader.spec.strategy_rules(), rules)
-        if changed:
-            out.print(f"the risk limits change the model's rules ({'; '.join(changed)}): the promotion gate judged "
-                      "the model's own; set the risk: keys to trade exactly those")
+        note = rule_changes_note(run.trader.spec.strategy_rules(), rules)
+        if note:
+            out.print(note)
         run.trader.replay(run.bars)
         result = replay_result(run, cfg.backtest)
         store.close()

@@ -13,7 +13,7 @@ from typing import Protocol
 from pricelevel.telegram.config import TelegramConfig
 from pricelevel.telegram.service import telegram_companion
 from pricelevel.trading.events import FanOut, Notifier
-from pricelevel.trading.risk import rule_changes
+from pricelevel.trading.risk import rule_changes_note
 from pricelevel.trading.service import ServiceSections, check_mode, open_service, serve, state_store
 
 
@@ -51,10 +51,9 @@ async def trade_with_telegram(config: Sections, env: Mapping[str, str], echo: Ca
              f"({trader.execution.name}), {', '.join(trader.models.symbols)} at {trader.timeframe}; state "
              f"{trader.store.url}; rules {trader.rules.describe()}; telegram "
              f"{'on' if config.telegram.enabled else 'off'}; Ctrl-C stops")
-        changed = rule_changes(trader.spec.strategy_rules(), trader.rules)
-        if changed:
-            notifier.notify("risk", f"the risk limits change the model's rules ({'; '.join(changed)}); the promotion "
-                                    "gate judged the model's own")
+        note = rule_changes_note(trader.spec.strategy_rules(), trader.rules)
+        if note:
+            notifier.notify("risk", note)
         traded = await serve(trader, stop, config.trader.poll_delay_s, config.trader.stale_after_s)
         stats = getattr(phone, "stats", None)
         echo(f"stopped after {traded} bars; state kept in {trader.store.url}" + (f"; telegram {stats()}" if stats else ""))

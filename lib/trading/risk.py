@@ -47,6 +47,15 @@ def rule_changes(model: StrategyRules, executed: StrategyRules) -> list[str]:
     return [f"{key} {before[key]} -> {after[key]}" for key in before if before[key] != after[key]]
 
 
+def rule_changes_note(model: StrategyRules, executed: StrategyRules) -> str | None:
+    """One line for a person when the risk limits change the model's rules (``None`` when they do not)."""
+    changed = rule_changes(model, executed)
+    if not changed:
+        return None
+    return (f"the risk limits change the model's rules ({'; '.join(changed)}): the promotion gate judged the "
+            "model's own; set the risk: keys to trade exactly those")
+
+
 def position_value(equity: float, stop: float | None, risk_per_trade: float, max_fraction: float) -> float:
     """What a new position may be worth: lose ``risk_per_trade`` of equity at ``stop``, at most ``max_fraction``."""
     cap = max_fraction * equity

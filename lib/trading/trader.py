@@ -163,8 +163,6 @@ class Trader:
         notes: list[tuple[str, str]] = self._day_summary(bar_time)
         commands, forced, applied = self.apply_commands()
         notes += applied
-        with self.store.transaction() as tx:
-            forced |= set(self.store.get(tx, FORCED, []))  # force-exits applied between bars, on paper
         switch = self.models.refresh()
         if switch is not None:
             notes.append(("model", self._switch(switch)))
@@ -258,11 +256,11 @@ class Trader:
     def apply_commands(self) -> tuple[list[dict[str, Any]], set[str], list[tuple[str, str]]]:
         """Apply the queued commands (:mod:`pricelevel.trading.control`): the commands applied (removed from the
         queue when the bar commits, so a crash before that applies them again), the symbols to close at this
-        bar, and what to tell a person."""
-        forced: set[str] = set()
+        bar (with those force-exits applied between bars still hold, on paper), and what to tell a person."""
         notes = []
         with self.store.transaction() as tx:
             commands = self.store.get(tx, COMMANDS, [])
+            forced: set[str] = set(self.store.get(tx, FORCED, []))
         for command in commands:
             kind, by = command["kind"], command.get("by", "?")
             if kind == "kill":
