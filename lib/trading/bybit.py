@@ -38,6 +38,7 @@ from pricelevel.core.secrets import Secrets
 from pricelevel.data.config import BybitConfig
 from pricelevel.data.sources.bybit_http import BybitRetry, Failure, as_utc, new_session, utc_now
 from pricelevel.trading.exchange import (
+    CredentialsRefused,
     ExchangeUnavailable,
     Execution,
     Instrument,
@@ -60,6 +61,8 @@ RET_DUPLICATE_LINK_ID = 170141  # "Duplicate clientOrderId": the order exists, l
 RET_ORDER_NOT_EXISTS = 170213  # cancel of an order that is not (or no longer) open
 RET_INSUFFICIENT_BALANCE = 170131
 RET_INVALID_SYMBOL = 170121
+#: retCodes that refuse the key itself: the service stops (:class:`~.exchange.CredentialsRefused`).
+CREDENTIAL_RET_CODES = frozenset({10003, 10004, 10005, 10007, 10010, 33004})
 #: Refusals that mean our cached instrument rules may be stale (lot size, decimals, minimums).
 RULE_RET_CODES = frozenset({170136, 170137, 170140, 170148})
 
@@ -265,13 +268,15 @@ class BybitBroker:
                     maybe_processed=True,
                     hint="Bybit says this client id exists but lists no such order; look it up later",
                 )
-            raise _Settled(report)
+            raise _Settled(replace(report, message=_joined("already at Bybit (duplicate client id); found by client id",
+                                                           report.message)))
         if failure.maybe_processed:
             if failure.network:  # sent, no answer: it may still be on its way to the matching engine
                 return replace(failure, retryable=False, hint=_HINT_UNKNOWN_OUTCOME)
             report = self.query_order(order.client_id)  # a gateway's 5xx may hide an accepted order
             if report is not None:
-                raise _Settled(report)
+                lost = f"answer lost ({failure.description}); found by client id"
+                raise _Settled(replace(report, message=_joined(lost, report.message)))
             return failure  # Bybit does not have it: the policy may send it again
         if failure.ret_code in RULE_RET_CODES:
             self._instruments.pop(order.symbol, None)  # the rules may have changed: reload them next time
@@ -439,7 +444,7 @@ class BybitBroker:
             request,
             action="read",
             where=f"{what} at {self.endpoint}",
-            error=lambda message, _failure: ExchangeUnavailable(message),
+            error=_read_error,
             reject_hint="Bybit refused the request",
             intercept=self._judge,
         )
@@ -479,8 +484,21 @@ class BybitBroker:
 # ------------------------------------------------------------------------------------------------ helpers
 
 
+def _joined(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
+
+
+def _read_error(message: str, failure: Failure) -> Exception:
+    """A read that failed: the key refused (the service stops), or the exchange unavailable (it waits)."""
+    if failure.ret_code in CREDENTIAL_RET_CODES:
+        return CredentialsRefused(message)
+    return ExchangeUnavailable(message)
+
+
 def _order_error(message: str, failure: Failure) -> Exception:
     """A refusal Bybit gave for good is :class:`OrderRefused`; anything else leaves the order in doubt."""
+    if failure.ret_code in CREDENTIAL_RET_CODES:
+        return CredentialsRefused(message)
     if failure.retryable or failure.maybe_processed:
         return ExchangeUnavailable(message)
     return OrderRefused(message)

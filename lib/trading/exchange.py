@@ -142,6 +142,11 @@ class ExchangeUnavailable(RuntimeError):
     """The exchange could not be reached after the retries; what happened to an order is unknown."""
 
 
+class CredentialsRefused(RuntimeError):
+    """The exchange refuses the API key itself (unknown, wrong secret, no permission, IP not allowed): nothing
+    will work until a person fixes it, so the service stops with this one line instead of retrying forever."""
+
+
 class ExchangeClient(Protocol):
     """A spot exchange account, as the trader uses it."""
 

@@ -1,7 +1,16 @@
 """Trading on an exchange account (:class:`~pricelevel.trading.exchange.ExchangeClient`): the trader's execution
 for ``testnet``, ``demo`` and ``mainnet``, with the same decision rules as the paper broker and the backtest.
 
-Every order goes through the state database first (:class:`~pricelevel.trading.state.StateStore`):
+**The books are what filled.** A position is the sum of the fills of its orders, nothing else: a partial entry
+opens what filled; a partial exit keeps the unsold remainder as the position (its cost basis and fees pro rata)
+and books P&L on what sold only, and the remainder keeps exiting (at once, then at every step) until it is flat
+or dust. Each order row holds the exchange's cumulative fill (quantity, average price, fees); whenever a new
+report for one of our client ids arrives, in any bar, at any time, the difference to the row is applied to the
+position *in the same transaction* that updates the row, so every fill is applied exactly once whatever crashes
+around it, and a closed trade is written in that transaction too (the risk counters see it once, at the next
+step, through ``unreported``).
+
+**Every order goes through the state database first** (:class:`~pricelevel.trading.state.StateStore`):
 
     NEW (committed, nothing sent) -> SENT (about to be sent) -> ACKED | UNKNOWN -> FILLED / PARTIAL / REJECTED / CANCELLED
 
@@ -9,7 +18,13 @@ Its client id is derived from (model version, symbol, bar time, intent), so proc
 crash finds the same rows: a NEW row is sent (it never was), a SENT or UNKNOWN row is looked up at the
 exchange by its client id and adopted, never sent blindly a second time. A SENT row the exchange confirms it
 never saw (the process died before the request left) is sent under the same client id, which the exchange
-refuses to take twice; an UNKNOWN row (sent, the answer lost) is only ever looked up.
+refuses to take twice; an UNKNOWN row (sent, the answer lost) is only ever looked up. An intent of a bar that
+is not being redone (the trader restarted after later closes) is never sent late: reconciliation settles it.
+
+**The exchange may be away.** Every call on the bar path is guarded: an outage makes the step "exchange
+unavailable" (``errors``/``unavailable``) instead of an exception; an exit that could not be sent stays
+``exiting`` and is retried first, at the next step or as soon as the exchange answers (:meth:`resume_exits`).
+Only :class:`~pricelevel.trading.exchange.CredentialsRefused` (a revoked key) escapes: the service stops on it.
 
 Exits on an exchange are market orders at a bar's close: a stop-loss or take-profit touched inside the bar
 (its low or high), the time stop, or the model's exit signal. The paper engine fills a stop at the stop price
@@ -20,9 +35,10 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import pandas as pd
@@ -31,6 +47,7 @@ from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.exchange import (
     ExchangeClient,
     ExchangeUnavailable,
+    Instrument,
     MarketOrder,
     OrderRefused,
     OrderReport,
@@ -48,27 +65,112 @@ logger = logging.getLogger(__name__)
 OPEN_STATUSES = ("NEW", "SENT", "ACKED", "UNKNOWN", "PARTIAL")
 #: Our client ids (:func:`~pricelevel.trading.exchange.client_id`); other orders on the account are not ours.
 OUR_PREFIX = "pl-"
+#: Attempts at one exit within one step: a partly filled market sell is followed at once by one for the rest.
+EXIT_ATTEMPTS = 3
+#: How an order of unknown fate came to be (for the row's message once it is resolved).
+RESOLVED = {"UNKNOWN": "answer lost", "SENT": "sent as the process stopped", "ACKED": "taken, not yet filled",
+            "PARTIAL": "partly filled"}
+#: The kv document the broker keeps its books in (the trader writes the same document at every bar).
+EXECUTION = "execution"
+
+
+class StopRequested(RuntimeError):
+    """The service is stopping: the step ends at this safe point (before the next order is committed)."""
 
 
 @dataclass
 class Position:
-    """One spot holding the trader opened: what it paid, its stops and how long it has been held."""
+    """One spot holding: what its fills bought (size net of the fee Bybit takes in the coin received), what it
+    cost, its stops, and, while it is being sold, why (``exiting``)."""
 
-    size: float  # base coin received, net of the fee Bybit takes in the received coin
+    size: float
     entry_price: float
     entry_time: str
     entry_fees: float  # in quote coin
-    cost: float  # quote coin spent
+    cost: float  # quote coin spent on what is still held
     stop_loss: float
     take_profit: float
     bars_held: int = 0
     last_close: float = math.nan
     entry_client_id: str = ""
+    #: The exit under way ("" none): "stop_loss", "take_profit", "time_stop", "exit", "forced"; a remainder left by
+    #: a partial fill or an outage keeps exiting with this reason until flat or dust.
+    exiting: str = ""
+    #: Base coin bought (before fees), for the average entry price of several partial fills.
+    bought: float = 0.0
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Position:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+@dataclass(frozen=True)
+class FillDelta:
+    """What an order report adds to what its row already held: the fill to apply to the books."""
+
+    qty: float
+    value: float  # quote coin, qty * price summed over the new fills
+    fee: float  # quote coin
+
+    @property
+    def price(self) -> float:
+        return self.value / self.qty if self.qty else 0.0
+
+
+def fill_delta(row: Mapping[str, Any], report: OrderReport) -> FillDelta | None:
+    """The part of ``report``'s cumulative fill that ``row`` (the last recorded report) does not have yet."""
+    old_qty, old_price, old_fee = float(row["filled_qty"] or 0.0), float(row["avg_price"] or 0.0), float(row["fee"] or 0.0)
+    qty = report.filled_qty - old_qty
+    if qty <= 1e-12:
+        return None
+    value = report.filled_qty * report.avg_price - old_qty * old_price
+    return FillDelta(qty, max(value, 0.0), max(report.fee - old_fee, 0.0))
+
+
+def bought(position: Position | None, fill: FillDelta, entry_time: str, cid: str, rules: StrategyRules) -> Position:
+    """The position after a buy fill (a new one, or more of an open one at the average price)."""
+    net = fill.qty - (fill.fee / fill.price if fill.price else 0.0)  # Bybit takes a buy's fee in base coin
+    if position is None:
+        position = Position(0.0, 0.0, entry_time, 0.0, 0.0, 0.0, math.inf, entry_client_id=cid)
+    gross = position.bought + fill.qty
+    cost = position.cost + fill.value
+    price = cost / gross if gross else fill.price
+    sl = price * (1 - rules.sl_stop) if rules.sl_stop else 0.0
+    tp = price * (1 + rules.tp_stop) if rules.tp_stop else math.inf
+    return replace(position, size=position.size + net, entry_price=price, entry_fees=position.entry_fees + fill.fee,
+                   cost=cost, stop_loss=sl, take_profit=tp, bought=gross)
+
+
+def sold(position: Position, fill: FillDelta, symbol: str, exit_time: pd.Timestamp, reason: str,
+         dust: float) -> tuple[Position | None, ClosedTrade]:
+    """The remainder after a sell fill (``None`` when what is left is ``dust`` or less) and the trade of what
+    sold: its cost basis and entry fees pro rata, P&L on the sold part only (the dust's cost on the last part)."""
+    part = min(fill.qty / position.size, 1.0) if position.size > 0 else 1.0
+    left = position.size - fill.qty
+    if left <= dust:
+        part = 1.0
+    cost, entry_fees = position.cost * part, position.entry_fees * part
+    pnl = fill.value - fill.fee - cost
+    trade = ClosedTrade(symbol, pd.Timestamp(position.entry_time), pd.Timestamp(exit_time), position.entry_price,
+                        fill.price, fill.qty, pnl, entry_fees, fill.fee, reason or "exit")
+    if part >= 1.0:
+        return None, trade
+    keep = 1.0 - part
+    return replace(position, size=left, cost=position.cost * keep, entry_fees=position.entry_fees * keep,
+                   bought=position.bought * keep), trade
+
+
+def dust_qty(instrument: Instrument, price: float) -> float:
+    """The largest holding that cannot be sold: below the minimum order value (or quantity) at ``price``."""
+    by_value = instrument.min_order_amount / price if price and math.isfinite(price) and price > 0 else 0.0
+    return max(by_value, instrument.min_order_qty, instrument.base_precision)
 
 
 class ExchangeBroker:
     """The trader's execution on ``exchange``; ``checkpoint(stage)`` is called at every step of an order's life
-    ("committed", "sent", "answered") so tests can crash the process exactly there."""
+    ("committed", "sent", "answered") so tests can crash the process exactly there; ``stopping`` is set by the
+    service to end a step at its next safe point."""
 
     records_orders = True
 
@@ -81,77 +183,125 @@ class ExchangeBroker:
         quote_coin: str = "USDT",
         positions: Mapping[str, Position] | None = None,
         *,
+        bar: pd.Timedelta | None = None,
         poll_s: float = 0.2,
         polls: int = 10,
         sleep: Callable[[float], None] = time.sleep,
         checkpoint: Callable[[str], None] = lambda stage: None,
+        stopping: threading.Event | None = None,
+        book: Mapping[str, Any] | None = None,
     ) -> None:
         self.exchange, self.store, self.symbols, self.rules = exchange, store, tuple(symbols), rules
-        self.quote_coin = quote_coin
+        self.quote_coin, self.bar = quote_coin, bar
         self.open: dict[str, Position] = dict(positions or {})
         self.poll_s, self.polls, self.sleep, self.checkpoint = poll_s, polls, sleep, checkpoint
+        self.stopping = stopping or threading.Event()
         self.name = f"{exchange.name}"
+        book = dict(book or {})
+        #: The last quote balance read (an outage values the account with it).
+        self.last_cash: float | None = book.get("last_cash")
+        #: Closed trades applied since the trader last took them (persisted: a crash does not lose one).
+        self.unreported: list[dict[str, Any]] = list(book.get("unreported") or [])
+        #: The last exchange error and since when (``None``: the exchange answers).
+        self.down_since: str | None = book.get("down_since")
+        self.last_error: str | None = book.get("last_error")
+        #: Coins on the account that this trader never bought, as last reported (told once per change).
+        self.foreign: dict[str, float] = dict(book.get("foreign") or {})
         self._cash: float | None = None
-        #: What went wrong at the last bar (an exchange error or an order of unknown fate): the breaker counts it.
+        #: What went wrong at the last step (an exchange error or an order of unknown fate): the breaker counts it.
         self.errors: list[str] = []
+        #: What the last step found worth telling a person that is no error (coins adopted, coins not ours).
+        self.notes: list[str] = []
+        #: The exchange could not be reached at the last step (no further call is made in that step).
+        self.unavailable = False
+        #: client id -> (entry bar, its close) of the entries of this step, for the position a fill opens.
+        self._entry_context: dict[str, tuple[str, float]] = {}
+        #: Indices in the last :meth:`take_closed` of trades already told to a person between bars.
+        self.told: frozenset[int] = frozenset()
 
     # ------------------------------------------------------------------------------------ the Execution API
 
     def with_rules(self, rules: StrategyRules) -> ExchangeBroker:
         """New rules for new positions (a champion hot-swap); open positions keep the stops they were opened with."""
-        return ExchangeBroker(self.exchange, self.store, self.symbols, rules, self.quote_coin, self.open,
-                              poll_s=self.poll_s, polls=self.polls, sleep=self.sleep, checkpoint=self.checkpoint)
+        return ExchangeBroker(self.exchange, self.store, self.symbols, rules, self.quote_coin, self.open, bar=self.bar,
+                              poll_s=self.poll_s, polls=self.polls, sleep=self.sleep, checkpoint=self.checkpoint,
+                              stopping=self.stopping, book=self._book())
 
     def on_bar(
         self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
         entries: Mapping[str, bool], exits: Mapping[str, bool], model_version: str = "",
     ) -> BarOutcome:
-        """The bar that just closed: exits first (stops touched inside it, the time stop, exit signals), then the
-        approved entries, each a market order now. Cash released by an exit can fund an entry of this bar."""
-        self.errors = []
-        self._cash = None  # read the account once per bar, and again after every fill
+        """The bar that just closed: exits first (remainders still exiting, stops touched inside it, the time stop,
+        exit signals), then the approved entries, each a market order now. Cash released by an exit can fund an
+        entry of this bar. Closed trades include those applied since the last step (a fill found at start-up)."""
+        self._begin_step()
         fills: list[Fill] = []
-        closed: list[ClosedTrade] = []
         for symbol in list(self.open):
-            if symbol not in ohlc:
-                continue  # no candle: nothing known about this bar; the stops are checked at the next one
             position = self.open[symbol]
-            _open, high, low, close = ohlc[symbol]
-            position.bars_held += 1
-            position.last_close = close
-            reason = exit_reason(position, high, low, bool(exits.get(symbol)), self.rules.max_hold_bars)
+            if symbol in ohlc:
+                _open, high, low, close = ohlc[symbol]
+                position.bars_held = self._bars_held(position, bar_time)
+                position.last_close = close
+                reason = position.exiting or exit_reason(position, high, low, bool(exits.get(symbol)), self.rules.max_hold_bars)
+            else:
+                reason = position.exiting  # no candle: a remainder keeps exiting, the stops wait for the next bar
             if reason:
-                trade = self._sell(symbol, bar_time, model_version, reason)
-                if trade is not None:
-                    closed.append(trade)
-                    fills.append(Fill(symbol, reason, trade.size, trade.exit_price, trade.exit_fees))
+                fills += self._exit(symbol, bar_time, model_version, reason, "exit")
         for symbol, wanted in entries.items():
-            if wanted and symbol not in self.open and symbol in ohlc:
-                position = self._buy(symbol, bar_time, model_version, close=ohlc[symbol][3])
-                if position is not None:
-                    fills.append(Fill(symbol, "entry", position.size, position.entry_price, position.entry_fees))
-        return BarOutcome(fills, closed, {}, self.equity())
+            if wanted and symbol not in self.open and symbol in ohlc and not self.unavailable:
+                fill = self._buy(symbol, bar_time, model_version, close=ohlc[symbol][3])
+                if fill is not None:
+                    fills.append(fill)
+        return BarOutcome(fills, self.take_closed(), {}, self.equity())
 
     def flatten(self, symbols: Sequence[str], at: pd.Timestamp, model_version: str, reason: str) -> list[ClosedTrade]:
         """Sell these positions at market now, between bars (the kill switch, ``/forceexit``); ``at`` (the
-        command's time) keys the orders, so a crash and restart finds them instead of selling twice."""
-        self.errors = []
-        closed = []
+        command's time) keys the orders, so a crash and restart finds them instead of selling twice. Returns the
+        trades closed now (to tell a person); the risk counters get them with the next bar."""
+        self._begin_step()
         for symbol in symbols:
             if symbol in self.open:
-                trade = self._sell(symbol, at, model_version, reason)
-                if trade is not None:
-                    closed.append(trade)
+                self._exit(symbol, at, model_version, reason, "exit")
+        return self._tell_new()
+
+    def resume_exits(self, at: pd.Timestamp, model_version: str) -> list[ClosedTrade]:
+        """Between bars, after an outage or a partial fill: settle orders of unknown fate, then sell what is still
+        exiting (exits are retried first, as soon as the exchange answers)."""
+        self._begin_step()
+        self._settle_open_rows(current=None)
+        for symbol, position in list(self.open.items()):
+            if position.exiting and not self.unavailable:
+                self._exit(symbol, at, model_version, position.exiting, "resume")
+        return self._tell_new()
+
+    def pending_exits(self) -> list[str]:
+        return sorted(s for s, p in self.open.items() if p.exiting)
+
+    def take_closed(self) -> list[ClosedTrade]:
+        """The trades applied since the last bar (each written to the trades table when its fill was applied), for
+        the risk counters; ``told`` then holds the indices of those already told between bars. The caller commits
+        the books afterwards, which clears them for good."""
+        closed = [_trade_of(raw) for raw in self.unreported]
+        self.told = frozenset(k for k, raw in enumerate(self.unreported) if raw.get("told"))
+        self.unreported = []
         return closed
+
+    def _tell_new(self) -> list[ClosedTrade]:
+        new = [raw for raw in self.unreported if not raw.get("told")]
+        for raw in new:
+            raw["told"] = True
+        return [_trade_of(raw) for raw in new]
 
     @property
     def cash(self) -> float:
+        """Quote coin on the account, read once per step and after every fill (the last read while it is away)."""
         if self._cash is None:
-            self._cash = self._balances().get(self.quote_coin, 0.0)
-        return self._cash
+            self._balances()
+        return self._cash if self._cash is not None else (self.last_cash or 0.0)
 
     def equity(self) -> float:
-        """Quote coin plus the trader's own holdings at their last close (other coins on the account are not ours)."""
+        """Quote coin plus the trader's own holdings at their last close (other coins on the account are not ours).
+        While the exchange is away, the last balance read."""
         held = sum(p.size * (p.last_close if math.isfinite(p.last_close) else p.entry_price) for p in self.open.values())
         return self.cash + held
 
@@ -167,126 +317,251 @@ class ExchangeBroker:
             for report in self.exchange.open_orders():
                 if report.client_id.startswith(OUR_PREFIX):
                     row = self._row(report.client_id)
-                    symbol = row["symbol"] if row else None
-                    if symbol:
-                        self._record(report.client_id, self.exchange.cancel_order(symbol, report.client_id))
+                    if row:
+                        self._record(report.client_id, self.exchange.cancel_order(row["symbol"], report.client_id))
         except ExchangeUnavailable as exc:
-            self.errors.append(f"cancel open orders: {exc}")
+            self._down(f"cancel open orders: {exc}")
 
     def to_state(self) -> dict[str, Any]:
-        return {"symbols": list(self.symbols), "positions": self.positions(), "exchange": self.name}
+        return {"symbols": list(self.symbols), "positions": self.positions(), "exchange": self.name, **self._book()}
 
     @classmethod
     def from_state(cls, raw: Mapping[str, Any] | None, exchange: ExchangeClient, store: StateStore,
                    symbols: Sequence[str], rules: StrategyRules, **kwargs: Any) -> ExchangeBroker:
-        positions = {s: Position(**p) for s, p in ((raw or {}).get("positions") or {}).items()}
-        return cls(exchange, store, symbols, rules, positions=positions, **kwargs)
+        raw = raw or {}
+        positions = {s: Position.from_dict(p) for s, p in (raw.get("positions") or {}).items()}
+        return cls(exchange, store, symbols, rules, positions=positions, book=raw, **kwargs)
+
+    def status(self) -> dict[str, Any]:
+        """The books beside the exchange account, for ``pricelevel trader status``: balances, open orders and
+        every difference, or the error that kept the exchange from answering."""
+        books = {s: p.size for s, p in self.open.items()}
+        try:
+            balances = self.exchange.balances()
+            orders = [asdict(o) for o in self.exchange.open_orders()]
+            differences = self._differences(balances, report=False)
+        except ExchangeUnavailable as exc:
+            return {"books": books, "exchange_error": str(exc)}
+        return {"books": books, "balances": balances, "open_orders": orders,
+                "differences": [d["text"] for d in differences]}
 
     # ------------------------------------------------------------------------------------ reconciliation
 
-    def reconcile(self, last_bar: str | None) -> list[str]:
-        """Start-up and after an error: settle every order whose fate we do not know by its client id, adopt the
-        fills of bars already committed, and compare the account with what we think we hold.
+    def reconcile(self, last_bar: str | None, current: pd.Timestamp | None = None) -> list[str]:
+        """Start-up, after an error and after an outage: settle every order whose fate we do not know by its client
+        id (its fills reach the books, whatever bar it belonged to), then compare the wallet with the books in both
+        directions. Coins our own fills bought and no fill sold are adopted as the position; coins this trader
+        never bought are reported (once) and left alone; a wallet holding less than the books is a mismatch.
 
-        Returns the mismatches nobody can explain (an order of ours the database does not know, a holding
-        smaller than our position); the trader halts entries on any of them and says so.
+        ``current``: the bar about to be stepped (its intents are resumed by that step, not settled here).
+        Returns the mismatches nobody can explain; the trader halts entries on any of them and says so.
         """
-        problems: list[str] = []
-        committed = pd.Timestamp(last_bar) if last_bar else None
-        with self.store.transaction() as tx:
-            pending = self.store.orders(tx, OPEN_STATUSES)
-        for row in pending:
-            report = self._lookup(row["client_id"])
-            if report is None:
-                if row["status"] == "UNKNOWN" and committed is not None and as_utc(row["bar_time"]) < committed:
-                    self._update(row["client_id"], status="CANCELLED", message="never reached the exchange (no order with this client id)")
-                continue
-            self._record(row["client_id"], report)
-            if committed is not None and as_utc(row["bar_time"]) <= committed and report.status.final:
-                self._adopt(row, report)  # filled while we were down or while its answer was lost
+        self._begin_step()
+        self._settle_open_rows(current)
         try:
             open_orders = self.exchange.open_orders()
-            balances = self._balances()
         except ExchangeUnavailable as exc:
-            return [f"the exchange could not be read for reconciliation: {exc}"]
+            self._down(f"reconciliation: {exc}")
+            return []
+        balances = self._balances()
+        if balances is None:
+            return []
+        problems = []
         for report in open_orders:
             if report.client_id.startswith(OUR_PREFIX) and self._row(report.client_id) is None:
                 problems.append(f"the exchange has an open order {report.client_id} this trader never placed")
-        with self.store.transaction() as tx:
-            settled = self.store.orders(tx)
-        # Orders of the bar being redone (after a crash) filled already: that bar adopts them when it is redone.
-        redone = {row["symbol"] for row in settled if row["filled_qty"] > 0
-                  and (committed is None or as_utc(row["bar_time"]) > committed)}
-        for symbol, position in self.open.items():
-            coin = self.exchange.instrument(symbol).base_coin
-            have = balances.get(coin, 0.0)
-            if symbol not in redone and have < position.size * (1 - 1e-6):
-                problems.append(f"{symbol}: the wallet holds {have:.8g} {coin}, less than our position {position.size:.8g}")
+        for difference in self._differences(balances, report=True):
+            if difference["kind"] == "short":
+                problems.append(difference["text"])
+        self._save()
         return problems
 
-    def _adopt(self, row: Mapping[str, Any], report: OrderReport) -> None:
-        """Apply a now-known fill of an already committed bar to the positions."""
-        symbol = row["symbol"]
-        if report.filled_qty <= 0:
-            return
-        if row["intent"] == "entry" and symbol not in self.open:
-            self.open[symbol] = self._position(report, str(as_utc(row["bar_time"])), row["client_id"])
-        elif row["intent"] == "exit" and symbol in self.open:
-            self.open.pop(symbol)
+    def _settle_open_rows(self, current: pd.Timestamp | None) -> None:
+        with self.store.transaction() as tx:
+            pending = self.store.orders(tx, OPEN_STATUSES)
+        for row in pending:
+            if current is not None and as_utc(row["bar_time"]) == as_utc(current):
+                continue  # the step about to run resumes its own intents
+            cid = row["client_id"]
+            if row["status"] == "NEW":  # committed, never sent: its moment has passed; never send it late
+                self._update(cid, status="CANCELLED", message="not sent: the process stopped before sending it; superseded")
+                continue
+            report = self._lookup(cid)
+            if report is None:
+                if self.unavailable:
+                    return
+                if row["status"] in ("SENT", "UNKNOWN"):
+                    self._update(cid, status="CANCELLED", message=f"{row['status']} and unknown to the exchange by its "
+                                                                  "client id: it never reached the exchange")
+                continue
+            if not report.status.final:
+                report = self._cancel_rest(row["symbol"], cid, report)
+            self._record(cid, report, resolution=f"{RESOLVED.get(row['status'], row['status'])}; found by client id at "
+                                                 "reconciliation")
+
+    def _differences(self, balances: Mapping[str, float], report: bool) -> list[dict[str, Any]]:
+        """Books against wallet per symbol we trade: ``short`` (the wallet holds less: someone sold), ``adopted``
+        (our own fills bought coins the books missed: now managed), ``foreign`` (coins this trader never bought)."""
+        found = []
+        for symbol in sorted(set(self.symbols) | set(self.open)):
+            try:
+                instrument = self.exchange.instrument(symbol)
+            except (ExchangeUnavailable, OrderRefused) as exc:
+                self._down(f"{symbol}: {exc}")
+                continue
+            coin = instrument.base_coin
+            have = balances.get(coin, 0.0)
+            position = self.open.get(symbol)
+            books = position.size if position else 0.0
+            price = position.last_close if position and math.isfinite(position.last_close) else self._last_price(symbol)
+            tolerance = max(dust_qty(instrument, price) if price else instrument.base_precision, books * 1e-6)
+            if have < books - tolerance:
+                found.append({"kind": "short", "text": f"{symbol}: the wallet holds {have:.8g} {coin}, less than our "
+                                                       f"position {books:.8g} ({books - have:.8g} missing)"})
+                if report and position is not None:
+                    position.size, position.cost = have, position.cost * (have / books if books else 0.0)
+                    if have <= tolerance:
+                        self.open.pop(symbol)
+            elif have > books + tolerance:
+                ours = self._our_unsold(symbol)
+                adopt = min(have, ours) - books
+                if adopt > tolerance:
+                    found.append({"kind": "adopted", "text": f"{symbol}: adopted {adopt:.8g} {coin} our own orders "
+                                                             f"bought and never sold (books had {books:.8g})"})
+                    if report:
+                        self._adopt(symbol, adopt, price)
+                        self.notes.append(f"reconciliation: {found[-1]['text']}")
+                    books += adopt
+                foreign = have - max(books, 0.0)
+                if foreign > tolerance:
+                    text = f"{symbol}: the wallet holds {foreign:.8g} {coin} this trader never bought: left alone"
+                    found.append({"kind": "foreign", "text": text})
+                    if report and abs(self.foreign.get(coin, 0.0) - foreign) > tolerance:
+                        self.foreign[coin] = foreign
+                        self.notes.append(f"reconciliation: {text}")
+        return found
+
+    def _our_unsold(self, symbol: str) -> float:
+        """Coins our own fills of ``symbol`` bought (net of fees) and none sold, over the whole order history."""
+        with self.store.transaction() as tx:
+            rows = [r for r in self.store.orders(tx) if r["symbol"] == symbol and float(r["filled_qty"] or 0) > 0]
+        net = 0.0
+        for row in rows:
+            qty, price, fee = float(row["filled_qty"]), float(row["avg_price"] or 0.0), float(row["fee"] or 0.0)
+            net += qty - (fee / price if price else 0.0) if row["side"] == Side.BUY.value else -qty
+        return max(net, 0.0)
+
+    def _adopt(self, symbol: str, qty: float, price: float | None) -> None:
+        """Coins our orders bought that the books missed (a fill in a bar never stepped): ours to manage."""
+        position = self.open.get(symbol)
+        with self.store.transaction() as tx:
+            entries = [r for r in self.store.orders(tx) if r["symbol"] == symbol and r["side"] == Side.BUY.value
+                       and float(r["filled_qty"] or 0) > 0]
+        last = entries[-1] if entries else None
+        entry_price = float(last["avg_price"]) if last else (price or 0.0)
+        if position is None:
+            entry_time = str(as_utc(last["bar_time"])) if last else str(pd.Timestamp.now(tz="UTC"))
+            fill = FillDelta(qty, qty * entry_price, 0.0)
+            position = bought(None, fill, entry_time, last["client_id"] if last else "", self.rules)
+            if price:
+                position.last_close = price
+            self.open[symbol] = position
+        else:
+            position.size += qty
+            position.cost += qty * entry_price
+            position.bought += qty
 
     # ------------------------------------------------------------------------------------ orders
 
-    def _buy(self, symbol: str, bar_time: pd.Timestamp, version: str, close: float) -> Position | None:
+    def _buy(self, symbol: str, bar_time: pd.Timestamp, version: str, close: float) -> Fill | None:
         equity = self.equity()
         value = position_value(equity, self.rules.sl_stop, self.rules.risk, self.rules.fraction) \
             if self.rules.sizing == "risk" else self.rules.fraction * equity
         amount = min(value, self.cash)
         cid = client_id(version, symbol, bar_time, "entry")
-        report = self._execute(MarketOrder(cid, symbol, Side.BUY, quote_amount=amount), bar_time, version, "entry")
-        if report is None or report.filled_qty <= 0:
+        report = self._execute(MarketOrder(cid, symbol, Side.BUY, quote_amount=amount), bar_time, version, "entry",
+                               last_close=close)
+        position = self.open.get(symbol)
+        if report is None or report.filled_qty <= 0 or position is None:
             return None
-        position = self._position(report, str(bar_time), cid)
-        position.last_close = close
-        self.open[symbol] = position
-        return position
+        return Fill(symbol, "entry", position.size, position.entry_price, position.entry_fees)
 
-    def _sell(self, symbol: str, bar_time: pd.Timestamp, version: str, reason: str) -> ClosedTrade | None:
+    def _exit(self, symbol: str, at: pd.Timestamp, version: str, reason: str, intent: str) -> list[Fill]:
+        """Sell the position until it is flat or dust: a partial fill is followed at once by an order for the rest
+        (up to ``EXIT_ATTEMPTS`` in one step; what is left keeps exiting at the next step)."""
         position = self.open[symbol]
-        coin = self.exchange.instrument(symbol).base_coin
-        qty = min(position.size, self._balances().get(coin, position.size))
-        cid = client_id(version, symbol, bar_time, "exit")
-        report = self._execute(MarketOrder(cid, symbol, Side.SELL, base_qty=qty), bar_time, version, "exit", reason)
-        if report is None or report.filled_qty <= 0:
-            return None
-        self.open.pop(symbol)
-        received = report.filled_qty * report.avg_price - report.fee
-        return ClosedTrade(symbol, pd.Timestamp(position.entry_time), pd.Timestamp(bar_time), position.entry_price,
-                           report.avg_price, position.size, received - position.cost, position.entry_fees, report.fee, reason)
+        if position.exiting != reason:
+            position.exiting = reason
+            self._save()
+        fills = []
+        for attempt in range(EXIT_ATTEMPTS):
+            if symbol not in self.open or self.unavailable:
+                break
+            position = self.open[symbol]
+            try:
+                instrument = self.exchange.instrument(symbol)
+                balances = self.exchange.balances()
+            except ExchangeUnavailable as exc:
+                self._down(f"{symbol} {reason}: {exc}")
+                break
+            except OrderRefused as exc:
+                self.errors.append(f"{symbol} {reason}: {exc}")
+                break
+            self._cash = balances.get(self.quote_coin, 0.0)
+            price = position.last_close if math.isfinite(position.last_close) else position.entry_price
+            qty = instrument.round_qty(min(position.size, balances.get(instrument.base_coin, 0.0)))
+            if qty <= 0 or qty * price < instrument.min_order_amount or qty < instrument.min_order_qty:
+                self._write_off(symbol, at, version, reason, instrument)
+                break
+            name = intent if attempt == 0 else f"{intent}{attempt}"
+            cid = client_id(version, symbol, at, name)
+            before = position.size
+            report = self._execute(MarketOrder(cid, symbol, Side.SELL, base_qty=qty), at, version, "exit", reason)
+            if report is not None and report.filled_qty > 0:
+                fills.append(Fill(symbol, reason, min(report.filled_qty, before), report.avg_price, report.fee))
+            if report is None or report.status is OrderStatus.REJECTED or (symbol in self.open and self.open[symbol].size >= before):
+                break  # nothing sold this time: try again at the next step
+        return fills
 
-    def _position(self, report: OrderReport, entry_time: str, cid: str) -> Position:
-        price = report.avg_price
-        size = report.filled_qty - (report.fee / price if price else 0.0)  # Bybit takes a buy's fee in base coin
-        sl = price * (1 - self.rules.sl_stop) if self.rules.sl_stop else 0.0
-        tp = price * (1 + self.rules.tp_stop) if self.rules.tp_stop else math.inf
-        return Position(size, price, entry_time, report.fee, report.filled_qty * price, sl, tp, entry_client_id=cid)
+    def _write_off(self, symbol: str, at: pd.Timestamp, version: str, reason: str, instrument: Instrument) -> None:
+        """What is left cannot be sold (below the exchange's minimum): the position ends, its cost is a loss."""
+        position = self.open.get(symbol)
+        if position is None:
+            return
+        trade = ClosedTrade(symbol, pd.Timestamp(position.entry_time), pd.Timestamp(at), position.entry_price,
+                            position.last_close if math.isfinite(position.last_close) else 0.0, position.size,
+                            -position.cost, position.entry_fees, 0.0, reason or "exit")
+        with self.store.transaction() as tx:
+            self.open.pop(symbol)
+            if position.size > 0 and position.cost > 0:
+                self.store.add_trades(tx, [{**asdict_trade(trade), "model_version": version}])
+                self.unreported.append(asdict_trade(trade))
+            self.store.put(tx, EXECUTION, self.to_state())
+        logger.info(f"{symbol}: {position.size:.8g} {instrument.base_coin} left is below the minimum order: written off")
 
     def _execute(self, order: MarketOrder, bar_time: pd.Timestamp, version: str, intent: str,
-                 reason: str = "") -> OrderReport | None:
+                 reason: str = "", last_close: float = math.nan) -> OrderReport | None:
         """One order through its whole life, resumable at every step (see the module docstring)."""
         row = self._row(order.client_id)
         if row is None:
+            if self.stopping.is_set():
+                raise StopRequested("stopping: no new order")
             with self.store.transaction() as tx:
                 self.store.add_order(
                     tx, client_id=order.client_id, symbol=order.symbol, side=order.side.value, intent=intent,
                     bar_time=bar_time, model_version=version, status="NEW", quote_amount=order.quote_amount,
                     base_qty=order.base_qty, filled_qty=0.0, avg_price=0.0, fee=0.0, message=reason)
+                self.store.put(tx, EXECUTION, self.to_state())
             self.checkpoint("committed")
             row = self._row(order.client_id)
+        self._entry_context[order.client_id] = (str(bar_time), last_close)
         status = row["status"]
         if status == "SENT":  # a crash between marking and answer: did the request ever arrive?
             found = self._lookup(order.client_id)
             if found is not None:
-                return self._settle(order, found)
+                return self._settle(order, found, "SENT before a restart; found by client id")
+            if self.unavailable:
+                return None
             status = "NEW"  # the exchange never saw it: sending it now is its first arrival
         if status == "NEW":
             self._update(order.client_id, status="SENT")
@@ -298,53 +573,155 @@ class ExchangeBroker:
                 self.errors.append(f"{order.symbol} {intent} refused: {exc}")
                 return None
             except ExchangeUnavailable as exc:
-                self._update(order.client_id, status="UNKNOWN", message=str(exc)[:500])
+                self._update(order.client_id, status="UNKNOWN", message=f"answer lost: {exc}"[:500])
                 self.checkpoint("answered")
                 found = self._lookup(order.client_id)
                 if found is None:
-                    self.errors.append(f"{order.symbol} {intent}: outcome unknown ({exc}); looked up again at reconciliation")
+                    self._down(f"{order.symbol} {intent}: outcome unknown ({exc}); looked up again at reconciliation")
                     return None
-                return self._settle(order, found)
+                return self._settle(order, found, "answer lost; found by client id")
             self._record(order.client_id, answer)
             self.checkpoint("answered")
             return self._settle(order, answer)
         if status in ("ACKED", "UNKNOWN", "PARTIAL"):
             found = self._lookup(order.client_id)
-            return self._settle(order, found) if found else None
+            return self._settle(order, found, f"{status} before a restart; found by client id") if found else None
         return _report_of(row) if status == "FILLED" or (status == "CANCELLED" and row["filled_qty"] > 0) else None
 
-    def _settle(self, order: MarketOrder, report: OrderReport) -> OrderReport | None:
-        """Wait for a final state (a market order is quick); a partial fill's remainder is cancelled."""
+    def _settle(self, order: MarketOrder, report: OrderReport, resolution: str = "") -> OrderReport | None:
+        """Wait for a final state (a market order is quick); a partial fill's remainder is cancelled. Every report
+        on the way is recorded, so its fills reach the books once."""
+        self._record(order.client_id, report, resolution)
         for _ in range(self.polls):
-            if report.status.final:
+            if report.status.final or self.stopping.is_set():
                 break
             self.sleep(self.poll_s)
             report = self._lookup(order.client_id) or report
-        if report.status is OrderStatus.PARTIAL or not report.status.final:
-            try:
-                cancelled = self.exchange.cancel_order(order.symbol, order.client_id)
-                report = self._lookup(order.client_id) or cancelled
-            except ExchangeUnavailable as exc:
-                self.errors.append(f"{order.symbol}: cancelling the rest of {order.client_id}: {exc}")
-        self._record(order.client_id, report)
+            self._record(order.client_id, report, resolution)
+        if not report.status.final:
+            report = self._cancel_rest(order.symbol, order.client_id, report)
+        self._record(order.client_id, report, resolution)
         self._cash = None
         if report.status is OrderStatus.REJECTED:
             self.errors.append(f"{order.symbol}: {order.client_id} rejected: {report.message}")
         return report if report.filled_qty > 0 else None
 
+    def _cancel_rest(self, symbol: str, cid: str, report: OrderReport) -> OrderReport:
+        if self.unavailable:
+            return report
+        try:
+            cancelled = self.exchange.cancel_order(symbol, cid)
+            return self._lookup(cid) or cancelled
+        except ExchangeUnavailable as exc:
+            self._down(f"{symbol}: cancelling the rest of {cid}: {exc}")
+            return report
+
     def _lookup(self, cid: str) -> OrderReport | None:
+        if self.unavailable:
+            return None
         try:
             return self.exchange.query_order(cid)
         except ExchangeUnavailable as exc:
-            self.errors.append(f"looking up {cid}: {exc}")
+            self._down(f"looking up {cid}: {exc}")
             return None
 
-    def _balances(self) -> dict[str, float]:
-        balances = self.exchange.balances()
-        self._cash = balances.get(self.quote_coin, 0.0)
+    def _balances(self) -> dict[str, float] | None:
+        if self.unavailable:
+            return None
+        try:
+            balances = self.exchange.balances()
+        except ExchangeUnavailable as exc:
+            self._down(f"wallet balance: {exc}")
+            return None
+        self._cash = self.last_cash = balances.get(self.quote_coin, 0.0)
         return balances
 
-    # ------------------------------------------------------------------------------------ rows
+    def _last_price(self, symbol: str) -> float | None:
+        with self.store.transaction() as tx:
+            rows = [r for r in self.store.orders(tx) if r["symbol"] == symbol and float(r["avg_price"] or 0) > 0]
+        return float(rows[-1]["avg_price"]) if rows else None
+
+    # ------------------------------------------------------------------------------------ books and rows
+
+    def _begin_step(self) -> None:
+        self.errors, self.notes, self.unavailable, self._cash = [], [], False, None
+        self._entry_context = {}
+
+    def _down(self, message: str) -> None:
+        self.errors.append(message)
+        self.unavailable = True
+        self.last_error = message[:500]
+        if self.down_since is None:
+            self.down_since = str(pd.Timestamp.now(tz="UTC"))
+
+    def exchange_answered(self) -> str | None:
+        """After a step that reached the exchange: clear the outage, returning since when it lasted (or ``None``)."""
+        if self.unavailable or self.down_since is None:
+            return None
+        since, self.down_since = self.down_since, None
+        return since
+
+    def _bars_held(self, position: Position, bar_time: pd.Timestamp) -> int:
+        """Bars since the entry bar, by the clock (a restart after several closes counts them all), as the engine's
+        time stop counts them (its due bar is a bar index, not a count of candles seen)."""
+        if self.bar is None:
+            return position.bars_held + 1
+        return max(int((pd.Timestamp(bar_time) - pd.Timestamp(position.entry_time)) / self.bar), 0)
+
+    def _record(self, cid: str, report: OrderReport, resolution: str = "") -> None:
+        """Store the exchange's report and apply what it adds to the books, in one transaction: a fill is applied
+        exactly once whatever crashes around it."""
+        with self.store.transaction() as tx:
+            row = self.store.order(tx, cid)
+            if row is None:
+                return
+            delta = fill_delta(row, report)
+            message = "; ".join(m for m in (resolution, report.message) if m)
+            self.store.update_order(tx, cid, status=report.status.value, exchange_id=report.exchange_id,
+                                    filled_qty=max(report.filled_qty, float(row["filled_qty"] or 0.0)),
+                                    avg_price=report.avg_price or row["avg_price"], fee=max(report.fee, float(row["fee"] or 0.0)),
+                                    **({"message": message[:500]} if message else {}))
+            if delta is not None:
+                trade = self._apply(row, delta)
+                if trade is not None:
+                    self.store.add_trades(tx, [{**asdict_trade(trade), "model_version": row["model_version"]}])
+                self.store.put(tx, EXECUTION, self.to_state())
+
+    def _apply(self, row: Mapping[str, Any], delta: FillDelta) -> ClosedTrade | None:
+        symbol = row["symbol"]
+        if row["side"] == Side.BUY.value:
+            entry_time, close = self._entry_context.get(row["client_id"], (str(as_utc(row["bar_time"])), math.nan))
+            position = bought(self.open.get(symbol), delta, entry_time, row["client_id"], self.rules)
+            if math.isfinite(close):
+                position.last_close = close
+            elif not math.isfinite(position.last_close):
+                position.last_close = delta.price
+            self.open[symbol] = position
+            return None
+        position = self.open.get(symbol)
+        if position is None:
+            logger.warning(f"{symbol}: a sell fill of {delta.qty:.8g} with no position on the books (checked at reconciliation)")
+            return None
+        try:
+            instrument = self.exchange.instrument(symbol)
+            dust = dust_qty(instrument, delta.price)
+        except (ExchangeUnavailable, OrderRefused):
+            dust = 0.0
+        remainder, trade = sold(position, delta, symbol, as_utc(row["bar_time"]), position.exiting or "exit", dust)
+        if remainder is None:
+            self.open.pop(symbol)
+        else:
+            self.open[symbol] = remainder
+        self.unreported.append(asdict_trade(trade))
+        return trade
+
+    def _book(self) -> dict[str, Any]:
+        return {"last_cash": self.last_cash, "unreported": self.unreported, "down_since": self.down_since,
+                "last_error": self.last_error, "foreign": self.foreign}
+
+    def _save(self) -> None:
+        with self.store.transaction() as tx:
+            self.store.put(tx, EXECUTION, self.to_state())
 
     def _row(self, cid: str) -> dict[str, Any] | None:
         with self.store.transaction() as tx:
@@ -353,10 +730,6 @@ class ExchangeBroker:
     def _update(self, cid: str, **values: Any) -> None:
         with self.store.transaction() as tx:
             self.store.update_order(tx, cid, **values)
-
-    def _record(self, cid: str, report: OrderReport) -> None:
-        self._update(cid, status=report.status.value, exchange_id=report.exchange_id, filled_qty=report.filled_qty,
-                     avg_price=report.avg_price, fee=report.fee, **({"message": report.message[:500]} if report.message else {}))
 
 
 def exit_reason(position: Position, high: float, low: float, signal: bool, max_hold_bars: int | None) -> str | None:
@@ -371,6 +744,17 @@ def exit_reason(position: Position, high: float, low: float, signal: bool, max_h
     return "exit" if signal else None
 
 
+def asdict_trade(trade: ClosedTrade) -> dict[str, Any]:
+    return {f.name: getattr(trade, f.name) for f in fields(trade)}
+
+
+def _trade_of(raw: Mapping[str, Any]) -> ClosedTrade:
+    values = {k: v for k, v in raw.items() if k != "told"}
+    values["entry_time"], values["exit_time"] = pd.Timestamp(values["entry_time"]), pd.Timestamp(values["exit_time"])
+    return ClosedTrade(**{f.name: values[f.name] for f in fields(ClosedTrade)})
+
+
 def _report_of(row: Mapping[str, Any]) -> OrderReport:
     return OrderReport(row["client_id"], OrderStatus(row["status"]), row["exchange_id"], float(row["filled_qty"]),
                        float(row["avg_price"]), float(row["fee"]), row["message"] or "")
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from pricelevel.backtest.market import market_from_candles
 from pricelevel.backtest.run import TRADE_COLUMNS, BacktestResult
 from pricelevel.backtest.trading import with_rules
 from pricelevel.core.secrets import Secrets
+from pricelevel.core.timeframes import Timeframe
 from pricelevel.data.catalogue import DataCatalogue
 from pricelevel.data.config import BybitConfig, DataConfig, ValidationConfig
 from pricelevel.data.folder import CandleFolder
@@ -30,9 +32,9 @@ from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.config import RiskConfig, TraderConfig
 from pricelevel.trading.control import pending_commands
 from pricelevel.trading.events import Notifier
-from pricelevel.trading.exchange import ExchangeClient
+from pricelevel.trading.exchange import CredentialsRefused, ExchangeClient, ExchangeUnavailable
 from pricelevel.trading.feeds import ReplayFeed, StoreFeed
-from pricelevel.trading.live import ExchangeBroker
+from pricelevel.trading.live import ExchangeBroker, StopRequested
 from pricelevel.trading.models import ModelProvider
 from pricelevel.trading.paper import PaperBroker
 from pricelevel.trading.state import EQUITY, TRADES, StateStore, default_state_url
@@ -136,40 +138,106 @@ def replay_result(replay: Replay, costs: BacktestConfig) -> BacktestResult:
                           frame[list(TRADE_COLUMNS)].reset_index(drop=True), rejected)
 
 
+#: Seconds a stop waits for the step in progress to reach a safe point (``docker stop`` and systemd give 10).
+STOP_GRACE_S = 3.0
+#: Between bars, while the exchange is away: the first retry after this many seconds, doubling up to the cap.
+RECOVER_FIRST_S, RECOVER_MAX_S = 5.0, 60.0
+
+
 async def serve(
     trader: Trader, stop: asyncio.Event, delay_s: float, stale_after_s: float,
-    now: Callable[[], pd.Timestamp] | None = None, poll_s: float = RETRY_S,
+    now: Callable[[], pd.Timestamp] | None = None, poll_s: float = RETRY_S, grace_s: float = STOP_GRACE_S,
 ) -> int:
     """Trade every bar as it closes until ``stop`` is set; returns the bars traded.
 
     ``delay_s`` after a close the newest closed bar is stepped; while a traded symbol's candle is still missing
     the step is retried every few seconds, and ``stale_after_s`` after the close it goes ahead without it (no
-    decision on that symbol, the breaker counts it). Commands (``pricelevel trader kill``, Telegram) are looked
-    for every ``poll_s`` seconds (``RETRY_S``) and applied between bars. Each step runs in a worker thread, so the loop (and a
-    Telegram bot on it) stays responsive; a bar already committed is never stepped again.
+    decision on that symbol). Commands (``pricelevel trader kill``, Telegram) are looked for every ``poll_s``
+    seconds (``RETRY_S``) and applied between bars. While the exchange is away or an exit is still under way,
+    :meth:`Trader.recover` is retried with a capped backoff. An exchange error never ends the service; a refused
+    API key does (:class:`~pricelevel.trading.exchange.CredentialsRefused`).
+
+    Each step runs in a daemon thread, so the loop (and a Telegram bot on it) stays responsive, and a stop does
+    not wait for the bar in progress: the step is told to end at its next safe point and given ``grace_s``; an
+    order it committed is then either sent or left for the restart's reconciliation (the same guarantee a
+    kill -9 has), so the service ends within seconds even mid-bar. A bar already committed is never stepped again.
     """
     clock = now or (lambda: pd.Timestamp.now(tz="UTC"))
     bar = trader.timeframe.delta
     traded = 0
+    backoff, retry_at = RECOVER_FIRST_S, 0.0
+    loop = asyncio.get_running_loop()
     while not stop.is_set():
-        if pending_commands(trader.store):  # a kill switch must not wait for the next close
-            await asyncio.to_thread(trader.act_between_bars)
-        current = clock()
-        closed_at = current.floor(bar)  # the close of the newest closed bar
-        newest = closed_at - bar
-        due = current >= closed_at + pd.Timedelta(seconds=delay_s)
-        if due and (trader.last_bar is None or pd.Timestamp(trader.last_bar) < newest):
-            final = current >= closed_at + pd.Timedelta(seconds=stale_after_s)
-            report = await asyncio.to_thread(trader.on_bar_close, newest, not final)
-            if not report.waiting:
-                traded += not report.skipped
-                continue
-            wake = min(current + pd.Timedelta(seconds=poll_s), closed_at + pd.Timedelta(seconds=stale_after_s))
-        else:
-            wake = closed_at + bar + pd.Timedelta(seconds=delay_s)
+        try:
+            if pending_commands(trader.store):  # a kill switch must not wait for the next close
+                await _step(trader, stop, grace_s, trader.act_between_bars)
+            current = clock()
+            closed_at = current.floor(bar)  # the close of the newest closed bar
+            newest = closed_at - bar
+            due = current >= closed_at + pd.Timedelta(seconds=delay_s)
+            if due and (trader.last_bar is None or pd.Timestamp(trader.last_bar) < newest):
+                final = current >= closed_at + pd.Timedelta(seconds=stale_after_s)
+                report = await _step(trader, stop, grace_s, trader.on_bar_close, newest, not final)
+                if report is None:
+                    break
+                if not report.waiting:
+                    traded += not report.skipped
+                    continue
+                wake = min(current + pd.Timedelta(seconds=poll_s), closed_at + pd.Timedelta(seconds=stale_after_s))
+            else:
+                wake = closed_at + bar + pd.Timedelta(seconds=delay_s)
+                if trader.needs_recovery() and loop.time() >= retry_at:
+                    await _step(trader, stop, grace_s, trader.recover)
+                    if trader.needs_recovery():
+                        retry_at, backoff = loop.time() + backoff, min(backoff * 2, RECOVER_MAX_S)
+                    else:
+                        backoff = RECOVER_FIRST_S
+        except CredentialsRefused:
+            raise
+        except (ExchangeUnavailable, OSError) as exc:  # an unguarded exchange or network failure: wait, then again
+            trader.needs_reconcile = True
+            trader.notifier.notify("risk", f"step failed, retried in {backoff:.0f} s: {str(exc).splitlines()[0][:300]}")
+            retry_at, backoff = loop.time() + backoff, min(backoff * 2, RECOVER_MAX_S)
+            wake = clock() + pd.Timedelta(seconds=poll_s)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), timeout=min(poll_s, max((wake - clock()).total_seconds(), 0.05)))
+    trader.stopping.set()
     return traded
+
+
+async def _step(trader: Trader, stop: asyncio.Event, grace_s: float, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a daemon thread; ``None`` when a stop ended it (at a safe point, or after ``grace_s``)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error is not None else done.set_result(result)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the loop, raised there
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the service has stopped already
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name="trader-step", daemon=True).start()
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({done, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopped.cancel()
+    if not done.done():
+        trader.stopping.set()  # end at the next safe point: before the next order is committed
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(done), timeout=grace_s)
+        if not done.done():
+            return None
+    try:
+        return done.result()
+    except StopRequested:
+        return None
 
 
 def state_store(trader: TraderConfig, data_root: Path) -> StateStore:
@@ -215,11 +283,24 @@ def open_service(
     source = open_source(config.data, config.bybit, secrets)
     feed = StoreFeed(source, config.catalogue, config.validation, models.symbols, table_spec.input_timeframes,
                      start=config.data.start)
+    stopping = threading.Event()
     if trader_config.mode == "paper":
         make = paper_execution(models.symbols, config.backtest)
     else:
-        exchange = exchange or BybitBroker(config.bybit, trader_config.mode, secrets, endpoint=trader_config.endpoint)
-        make = exchange_execution(exchange, store, models.symbols)
+        exchange = exchange or BybitBroker(config.bybit, trader_config.mode, secrets, endpoint=trader_config.endpoint,
+                                           sleep=interruptible_sleep(stopping))
+        bar = Timeframe(models.current.spec.timeframe).delta
+        make = exchange_execution(exchange, store, models.symbols, bar=bar, stopping=stopping)
     with store.transaction() as tx:
         store.put(tx, "mode", trader_config.mode)
-    return Trader(store, models, feed, make, config.risk, config.backtest, notifier)
+    return Trader(store, models, feed, make, config.risk, config.backtest, notifier, stopping=stopping)
+
+
+def interruptible_sleep(stopping: threading.Event) -> Callable[[float], None]:
+    """A retry's backoff that a stop cuts short: the call ends with :class:`StopRequested` instead of retrying."""
+
+    def sleep(seconds: float) -> None:
+        if stopping.wait(seconds):
+            raise StopRequested("stopping: no retry")
+
+    return sleep

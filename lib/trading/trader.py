@@ -15,6 +15,7 @@ carries the time each part of the bar took (``BarReport.timings``, seconds), whi
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from pricelevel.trading.control import COMMANDS
 from pricelevel.trading.events import NoNotifier, Notifier
 from pricelevel.trading.exchange import client_id
 from pricelevel.trading.feeds import CandleFeed, bar_ohlc
+from pricelevel.trading.live import StopRequested
 from pricelevel.trading.models import ModelProvider, Switch
 from pricelevel.trading.paper import BarOutcome, ClosedTrade
 from pricelevel.trading.risk import RiskManager, RiskState, effective_rules
@@ -56,7 +58,7 @@ class Execution(Protocol):
 
     def on_bar(self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
                entries: Mapping[str, bool], exits: Mapping[str, bool], model_version: str = "") -> BarOutcome: ...
-    def reconcile(self, last_bar: str | None) -> list[str]: ...
+    def reconcile(self, last_bar: str | None, current: pd.Timestamp | None = None) -> list[str]: ...
     def flatten(self, symbols: Sequence[str], at: pd.Timestamp, model_version: str, reason: str) -> list[ClosedTrade]: ...
     def with_rules(self, rules: StrategyRules) -> Execution: ...
     def equity(self) -> float: ...
@@ -100,8 +102,11 @@ class Trader:
         risk: RiskConfig,
         costs: BacktestConfig,
         notifier: Notifier | None = None,
+        stopping: threading.Event | None = None,
     ) -> None:
         self.store, self.models, self.feed, self.risk_config, self.costs = store, models, feed, risk, costs
+        #: Set by the service to stop: a step ends at its next safe point (nothing half-committed).
+        self.stopping = stopping or threading.Event()
         self.notifier = notifier or NoNotifier()
         self.make_execution = make_execution
         with store.transaction() as tx:
@@ -110,6 +115,8 @@ class Trader:
             saved = store.get(tx, EXECUTION)
         self.execution = make_execution(self.rules, saved)
         self._last_refusal: dict[str, str] = {}
+        self._told_down = False
+        self._stale_told: dict[str, str] = {}
         self.needs_reconcile = True
         self._builders: dict[str, TableBuilder] = {}  # per symbol, for the current model's table spec
         self._timings: dict[str, float] = {}
@@ -127,19 +134,77 @@ class Trader:
     def timeframe(self) -> Timeframe:
         return Timeframe(self.spec.timeframe)
 
-    def reconcile(self) -> list[str]:
-        """Settle orders of unknown fate and compare the exchange account with our positions (start-up, and after
-        any exchange error); a mismatch nobody can explain halts entries and is reported."""
-        self.needs_reconcile = False
-        problems = self.execution.reconcile(self.last_bar)
+    def reconcile(self, current: pd.Timestamp | None = None) -> list[str]:
+        """Settle orders of unknown fate and compare the exchange account with our positions (start-up, after any
+        exchange error, when the exchange answers again); a mismatch nobody can explain halts entries and is
+        reported. ``current``: the bar about to be stepped, whose own intents that step resumes."""
+        problems = self.execution.reconcile(self.last_bar, current)
+        self.needs_reconcile = bool(getattr(self.execution, "unavailable", False))
         if problems:
             self.risk.halt("reconciliation: " + "; ".join(problems))
             for problem in problems:
                 self.notifier.notify("reconcile", f"RECONCILIATION MISMATCH: {problem}; entries halted until `pricelevel trader rearm`")
+        for note in getattr(self.execution, "notes", ()):
+            self.notifier.notify("reconcile", note)
+        self._exchange_health()
         with self.store.transaction() as tx:
             self.store.put(tx, RISK, self.risk.state.to_dict())
             self.store.put(tx, EXECUTION, self.execution.to_state())
         return problems
+
+    def _exchange_health(self) -> None:
+        """Say once that the exchange went away (with the error), and once that it answers again."""
+        execution = self.execution
+        if not execution.records_orders:
+            return
+        if execution.unavailable and not self._told_down:
+            self._told_down = True
+            self.notifier.notify("risk", f"EXCHANGE UNAVAILABLE since {execution.down_since}: {execution.last_error}; "
+                                         "positions are kept, exits are retried first when it answers")
+        elif not execution.unavailable:
+            since = execution.exchange_answered()
+            if since is not None or self._told_down:
+                self._told_down = False
+                self.notifier.notify("risk", f"exchange answers again (unavailable since {since}); reconciled")
+
+    def _stale_notes(self, bar_time: pd.Timestamp, stale: Sequence[str]) -> list[tuple[str, str]]:
+        """Why a symbol has no candle for this bar (the feed's reason: bad data with its file and rows, or the
+        exchange unavailable), said once per episode per symbol; and once when its candles are good again."""
+        reasons = dict(getattr(self.feed, "reasons", lambda: {})())
+        notes = []
+        for symbol in stale:
+            reason = reasons.get(symbol) or f"no {self.timeframe} candle at {bar_time}"
+            episode = reason.split(":")[0] if reason.startswith("no ") else reason
+            if self._stale_told.get(symbol) != episode:
+                self._stale_told[symbol] = episode
+                notes.append(("stale", f"{symbol}: {reason}; no decision on it until its data is good"))
+        for symbol in sorted(set(self._stale_told) - set(stale)):
+            del self._stale_told[symbol]
+            notes.append(("stale", f"{symbol}: candles valid again from {bar_time}"))
+        return notes
+
+    def needs_recovery(self) -> bool:
+        """Between bars: the exchange was away or an exit is still under way (an exchange execution only)."""
+        execution = self.execution
+        return bool(execution.records_orders and (self.needs_reconcile or execution.pending_exits()))
+
+    def recover(self, at: pd.Timestamp | None = None) -> list[str]:
+        """Between bars, while :meth:`needs_recovery`: reconcile, then retry the exits still under way. The
+        service calls this with a capped backoff while the exchange is away."""
+        at = pd.Timestamp(at) if at is not None else pd.Timestamp.now(tz="UTC").floor("s")
+        self.reconcile()
+        if self.execution.unavailable:
+            return []
+        closed = self.execution.resume_exits(at, str(self.models.current.version))
+        self.needs_reconcile = self.execution.unavailable
+        with self.store.transaction() as tx:
+            self.store.put(tx, EXECUTION, self.execution.to_state())
+        texts = [f"closed {t.symbol} ({t.exit_reason.replace('_', ' ')}): {t.size:.6g} at {t.exit_price:.6g}, "
+                 f"P&L {t.pnl:+,.2f}" for t in closed]
+        for text in texts:
+            self.notifier.notify("exit", text)
+        self._exchange_health()
+        return texts
 
     def on_bar_close(self, bar_time: pd.Timestamp, wait_for_candles: bool = False) -> BarReport:
         """Decide and execute the bar opening at ``bar_time`` (its candle closed at ``bar_time + timeframe``).
@@ -158,7 +223,9 @@ class Trader:
         if stale and wait_for_candles:
             return BarReport(bar_time, self.models.current.version, {}, [], None, skipped=True, waiting=tuple(stale))
         if self.needs_reconcile:
-            self.reconcile()
+            self.reconcile(bar_time)
+        if self.stopping.is_set():
+            raise StopRequested("stopping before the bar's orders")
         clock = time.perf_counter()
         notes: list[tuple[str, str]] = self._day_summary(bar_time)
         commands, forced, applied = self.apply_commands()
@@ -167,8 +234,7 @@ class Trader:
         if switch is not None:
             notes.append(("model", self._switch(switch)))
         self._timings["model"] = time.perf_counter() - clock  # commands, and where @champion points now
-        if stale:
-            notes.append(("stale", f"no {self.timeframe} candle at {bar_time} for {', '.join(stale)}: no decision on them"))
+        notes += self._stale_notes(bar_time, stale)
         probabilities = self.score(frames, bar_time)
         clock = time.perf_counter()
         entries, exits = self.rules.signals(np.array([probabilities.get(s, math.nan) for s in self.models.symbols]))
@@ -202,10 +268,15 @@ class Trader:
         outcome = self.execution.on_bar(bar_time, ohlc, approved, exit_signals, model_version=str(self.models.current.version))
         self._timings["execution"] = time.perf_counter() - clock
         errors = list(self.execution.errors)
-        notes += [("order", f"order problem: {e}") for e in errors]
+        unavailable = bool(getattr(self.execution, "unavailable", False))
+        if not unavailable:  # an outage is said once (_exchange_health), not at every bar
+            notes += [("order", f"order problem: {e}") for e in errors]
+        notes += [("reconcile", text) for text in getattr(self.execution, "notes", ())]
         self.needs_reconcile = bool(errors)
+        # The breaker counts exchange trouble only: one symbol's missing or bad candle is skipped for that bar
+        # alone and must not stop entries on the others.
         notes += [("risk", text) for text in self.risk.after_bar(
-            bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed], problem=bool(stale or errors))]
+            bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed], problem=bool(errors))]
         clock = time.perf_counter()
         self._commit(bar_time, decisions, outcome, commands)
         self._timings["persistence"] = time.perf_counter() - clock
@@ -213,10 +284,13 @@ class Trader:
             kind = "order" if fill.intent in ("entry", "exit") else "exit"
             notes.append((kind, f"{fill.intent.replace('_', ' ')} {fill.symbol}: {fill.size:.6g} at {fill.price:.6g} "
                                 f"(fee {fill.fee:.4g}, {self.execution.name})"))
-        for trade in outcome.closed:
-            notes.append(("exit", f"closed {trade.symbol} ({trade.exit_reason.replace('_', ' ')}): P&L {trade.pnl:+,.2f}"))
+        told = getattr(self.execution, "told", frozenset())
+        for k, trade in enumerate(outcome.closed):
+            if k not in told:
+                notes.append(("exit", f"closed {trade.symbol} ({trade.exit_reason.replace('_', ' ')}): P&L {trade.pnl:+,.2f}"))
         for kind, text in notes:
             self.notifier.notify(kind, text)
+        self._exchange_health()
         self._timings["total"] = time.perf_counter() - started
         return BarReport(bar_time, self.models.current.version, probabilities, decisions, outcome,
                          [text for _, text in notes], timings=dict(self._timings))
@@ -239,7 +313,8 @@ class Trader:
                 self.execution.cancel_pending()
         version = str(self.models.current.version)
         with self.store.transaction() as tx:
-            self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in closed])
+            if not self.execution.records_orders:  # an exchange broker writes its trades as their fills apply
+                self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in closed])
             queued = self.store.get(tx, COMMANDS, [])
             self.store.put(tx, COMMANDS, [c for c in queued if c not in commands])
             if forced and not now_exchange:
@@ -322,7 +397,8 @@ class Trader:
                         tx, client_id=client_id(version, symbol, bar_time, f"queued-{intent}"), symbol=symbol,
                         side="Buy" if intent == "entry" else "Sell", intent=intent, bar_time=bar_time,
                         model_version=version, status="SENT", message=f"{self.execution.name}: fills at the next open")
-            self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in outcome.closed])
+            if not self.execution.records_orders:  # an exchange broker writes its trades as their fills apply
+                self.store.add_trades(tx, [{**vars(t), "model_version": version} for t in outcome.closed])
             self.store.add_equity(tx, bar_time, outcome.equity, self.execution.cash)
             if commands:  # remove what this bar applied; commands queued meanwhile stay for the next bar
                 queued = self.store.get(tx, COMMANDS, [])
