@@ -59,6 +59,9 @@ PERMISSIVE = RiskConfig(cooldown_losses=1000, daily_loss_limit=0.99, max_drawdow
 RESTART_BARS = 20
 PERMISSIVE_SETS = ["risk.cooldown_losses=1000", "risk.daily_loss_limit=0.99", "risk.max_drawdown=0.99",
                    "risk.max_positions=10"]
+#: Limits that make the cool-down, the daily loss limit and max_positions refuse entries on the fixture.
+TIGHT_SETS = ["risk.cooldown_losses=2", "risk.cooldown_bars=6", "risk.daily_loss_limit=0.003", "risk.max_drawdown=0.99",
+              "risk.max_positions=1"]
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +84,19 @@ def _sets(values: list[str]) -> list[str]:
 
 
 def test_replay_makes_exactly_the_backtests_trades(tiny: TinyModel, cli, tmp_path: Path) -> None:
-    sets = _sets([*_tracking_sets(tiny), *PERMISSIVE_SETS, "risk.max_stop_loss=0.02"])
+    _replay_and_backtest(tiny, cli, tmp_path, PERMISSIVE_SETS)
+
+
+def test_replay_makes_exactly_the_backtests_trades_with_the_protections_firing(tiny: TinyModel, cli, tmp_path: Path) -> None:
+    """The cool-down, the daily loss limit and max_positions refuse entries in both: one implementation."""
+    replay, backtest = _replay_and_backtest(tiny, cli, tmp_path, TIGHT_SETS)
+    refused = backtest["refused_entries"]
+    assert refused["cooldown"] > 0 and refused["daily_loss"] > 0 and refused["max_positions_open"] > 0, refused
+
+
+def _replay_and_backtest(tiny: TinyModel, cli, tmp_path: Path, risk_sets: list[str]) -> tuple[dict, dict]:
+    """``trade --replay`` and the ``backtest --model`` it prints, with ``risk_sets``: the same trades, or fail."""
+    sets = _sets([*_tracking_sets(tiny), *risk_sets, "risk.max_stop_loss=0.02"])
     start = str(tiny.replay_start)
     code, out, err = cli("trade", "--replay", str(tiny.folder), "--start", start, "--json", str(tmp_path / "replay.json"), *sets)
     assert code == 0, err
@@ -101,6 +116,43 @@ def test_replay_makes_exactly_the_backtests_trades(tiny: TinyModel, cli, tmp_pat
             assert mine[key] == pytest.approx(theirs[key], rel=1e-9, abs=1e-9), key
     for key in ("final_value", "total_return", "n_trades", "fees_paid"):
         assert replay["metrics"]["portfolio"][key] == pytest.approx(backtest["metrics"]["portfolio"][key], rel=1e-9), key
+    return replay, backtest
+
+
+#: Protections tight enough to fire on the fixture (fill at the close): the drawdown halt, the daily loss limit
+#: and the cool-down. The trader's defaults fire the cool-down on it too.
+TIGHT_CLOSE = RiskConfig(max_drawdown=0.01, daily_loss_limit=0.002, cooldown_losses=1, cooldown_bars=2)
+#: The refusal kinds of the trader's risk manager, by the backtest's names.
+KINDS = {"halted": "drawdown_halt", "today's": "daily_loss", "cooling": "cooldown"}
+
+
+@pytest.mark.parametrize(("fill", "risk", "fired"), [("next_open", RiskConfig(), {"cooldown"}),
+                                                     ("close", TIGHT_CLOSE, {"drawdown_halt", "daily_loss", "cooldown"})],
+                         ids=["defaults", "tight-close"])
+def test_replay_equals_the_backtest_with_the_default_protections_and_the_drawdown_halt(
+        tiny: TinyModel, tmp_path: Path, fill: str, risk: RiskConfig, fired: set[str]) -> None:
+    """The trader's default limits (and a halt) change what is traded, identically in the replay and in the
+    backtest of the same rules, refusal for refusal."""
+    from pricelevel.backtest.config import with_protections
+    from pricelevel.inference.scoring import backtest_model
+
+    costs, folder = BacktestConfig(fill=fill), CandleFolder.open(tiny.folder)
+    models = registry_models(tiny.tracking, tiny.champion)
+    replay = open_replay(folder, models, StateStore(f"sqlite:///{tmp_path}/s.db"), costs, risk, tiny.replay_start)
+    replay.trader.replay(replay.bars)
+    replayed = replay_result(replay, costs)
+    model, executed = models.current, replay.trader.rules
+    backtest = backtest_model(model.predict, model.spec, folder, with_protections(costs, risk), executed, tiny.replay_start).result
+    unprotected = backtest_model(model.predict, model.spec, folder, costs.model_copy(update={"protections": None}),
+                                 executed, tiny.replay_start).result
+    columns = ["symbol", "entry_time", "exit_time", "exit_reason", "entry_price", "exit_price", "size", "pnl"]
+    pd.testing.assert_frame_equal(replayed.trades[columns], backtest.trades[columns], check_dtype=False, rtol=1e-12)
+    np.testing.assert_allclose(replayed.equity.to_numpy(), backtest.equity.to_numpy(), rtol=1e-12)
+    assert {name for name, n in backtest.refused.items() if n} >= fired
+    refusals = replay.trader.risk.state.refusals
+    assert {KINDS[kind]: n for kind, n in refusals.items() if kind in KINDS} == \
+           {name: n for name, n in backtest.refused.items() if n and name in KINDS.values()}
+    assert len(backtest.trades) < len(unprotected.trades)  # the protections changed what was traded
 
 
 def test_a_config_edit_does_not_change_what_the_trader_executes(tiny: TinyModel, tmp_path: Path) -> None:
@@ -342,9 +394,14 @@ def test_a_lost_answer_is_found_by_client_id_and_never_sent_again(fake, httpserv
     outcome = broker.on_bar(BAR, OHLC, {"BTCUSDT": True}, {}, model_version="7")
     assert len(fake.sent(ORDER_CREATE)) == 1 and len(fake.created) == 1
     assert outcome.fills and "BTCUSDT" in broker.positions()
-    # The same bar again (a restart before the bar committed): found by its client id, not placed again.
-    again = _broker(fake, httpserver, store).on_bar(BAR, OHLC, {"BTCUSDT": True}, {}, model_version="7")
-    assert len(fake.sent(ORDER_CREATE)) == 1 and again.fills[0].size == outcome.fills[0].size
+    # The same bar again (a restart before the bar committed): the fill is in the books already (applied with the
+    # answer), the order is not placed again.
+    with store.transaction() as tx:
+        saved = store.get(tx, "execution")
+    restarted = ExchangeBroker.from_state(saved, broker.exchange, store, SYMBOLS, broker.rules, sleep=lambda s: None)
+    again = restarted.on_bar(BAR, OHLC, {"BTCUSDT": True}, {}, model_version="7")
+    assert len(fake.sent(ORDER_CREATE)) == 1 and again.fills == []
+    assert restarted.positions()["BTCUSDT"]["size"] == pytest.approx(outcome.fills[0].size)
 
 
 def test_refusals_partial_fills_and_insufficient_balance(fake, httpserver, tmp_path) -> None:

@@ -114,6 +114,8 @@ def trader_status(
 
     cfg, store = _store(ctx, mode)
     current = status(store)
+    if cfg.trader.mode != "paper":
+        current["account"] = _account(cfg, store)
     if json_out:
         typer.echo(json.dumps(current, indent=2, default=str))
         return
@@ -137,6 +139,35 @@ def trader_status(
     if current["pending_commands"]:
         out.print("queued for the trader: " + ", ".join(c["kind"] for c in current["pending_commands"]))
     out.print(f"{current['trades']} trades closed, realised P&L {current['realised_pnl']:+,.2f}")
+    if current["exchange_down_since"]:
+        out.print(f"EXCHANGE UNAVAILABLE since {current['exchange_down_since']}: {current['exchange_error']}")
+    for order in current["lost_answers"]:
+        out.print(f"lost answer {order['client_id']} {order['side']} {order['symbol']}: {order['status']} ({order['resolution']})")
+    account = current.get("account")
+    if account is not None:
+        if "exchange_error" in account:
+            out.print(f"exchange account: could not be read: {account['exchange_error']}")
+        else:
+            balances = ", ".join(f"{coin} {amount:.8g}" for coin, amount in sorted(account["balances"].items())) or "none"
+            out.print(f"exchange account: {balances}; {len(account['open_orders'])} open orders")
+            for order in account["open_orders"]:
+                out.print(f"  open at the exchange: {order['client_id']} {order['status']} filled {order['filled_qty']:.8g}")
+            for difference in account["differences"] or ["books equal the account"]:
+                out.print(f"  {difference}")
+
+
+def _account(cfg, store) -> dict:
+    """The exchange account beside the books (an exchange mode; the service need not run)."""
+    from pricelevel.core.secrets import MissingSecretError, Secrets
+    from pricelevel.trading.bybit import BybitBroker
+    from pricelevel.trading.exchange import CredentialsRefused
+    from pricelevel.trading.live import account_status
+
+    try:
+        exchange = BybitBroker(cfg.bybit, cfg.trader.mode, Secrets.from_env(os.environ), endpoint=cfg.trader.endpoint)
+        return account_status(store, exchange)
+    except (CredentialsRefused, MissingSecretError, ValueError) as exc:
+        return {"exchange_error": str(exc).splitlines()[0]}
 
 
 def _command(ctx: typer.Context, kind: str, mode: str | None, symbols: tuple[str, ...] = ()) -> None:

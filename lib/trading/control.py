@@ -43,6 +43,9 @@ def status(store: StateStore) -> dict[str, Any]:
     equity, trades = store.frame(EQUITY), store.frame(TRADES)
     execution = docs["execution"] or {}
     positions = execution.get("positions") or _paper_positions(execution)
+    with store.transaction() as tx:
+        resolved = [o for o in store.orders(tx) if "answer lost" in (o["message"] or "")
+                    or "found by client id" in (o["message"] or "")]
     return {
         "mode": docs["mode"] or "paper", "model": docs["model"], "last_bar": docs["last_bar"],
         "equity": float(equity["equity"].iloc[-1]) if len(equity) else None,
@@ -50,6 +53,10 @@ def status(store: StateStore) -> dict[str, Any]:
         "positions": positions, "open_orders": [{k: str(v) for k, v in o.items()} for o in open_orders],
         "risk": docs["risk"] or {}, "pending_commands": docs[COMMANDS] or [],
         "trades": int(len(trades)), "realised_pnl": float(trades["pnl"].sum()) if len(trades) else 0.0,
+        "exchange_error": execution.get("last_error") if execution.get("down_since") else None,
+        "exchange_down_since": execution.get("down_since"),
+        "lost_answers": [{"client_id": o["client_id"], "symbol": o["symbol"], "side": o["side"], "status": o["status"],
+                          "resolution": o["message"]} for o in resolved[-20:]],
     }
 
 

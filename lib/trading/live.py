@@ -732,6 +732,16 @@ class ExchangeBroker:
             self.store.update_order(tx, cid, **values)
 
 
+def account_status(store: StateStore, exchange: ExchangeClient) -> dict[str, Any]:
+    """The books (the state database) beside the exchange account: balances, open orders and every difference,
+    for ``pricelevel trader status`` and ``/status`` in an exchange mode (the service need not run)."""
+    with store.transaction() as tx:
+        saved = store.get(tx, EXECUTION) or {}
+    symbols = tuple(saved.get("symbols") or ())
+    broker = ExchangeBroker.from_state(saved, exchange, store, symbols, StrategyRules(threshold=0.5))
+    return broker.status()
+
+
 def exit_reason(position: Position, high: float, low: float, signal: bool, max_hold_bars: int | None) -> str | None:
     """Why a position exits at this bar's close (``None``: it stays): the stop-loss wins over the take-profit,
     then the time stop, then the model's exit signal (the engine's order)."""

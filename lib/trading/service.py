@@ -280,10 +280,10 @@ def open_service(
     store = store or state_store(trader_config, config.data.root)
     models = registry_models(config.tracking, model_uri(trader_config, config.tracking), trader_config.symbols)
     table_spec = models.current.spec.table_spec()
-    source = open_source(config.data, config.bybit, secrets)
+    stopping = threading.Event()
+    source = open_source(config.data, config.bybit, secrets, sleep=interruptible_sleep(stopping))
     feed = StoreFeed(source, config.catalogue, config.validation, models.symbols, table_spec.input_timeframes,
                      start=config.data.start)
-    stopping = threading.Event()
     if trader_config.mode == "paper":
         make = paper_execution(models.symbols, config.backtest)
     else:

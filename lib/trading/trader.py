@@ -168,19 +168,29 @@ class Trader:
                 self.notifier.notify("risk", f"exchange answers again (unavailable since {since}); reconciled")
 
     def _stale_notes(self, bar_time: pd.Timestamp, stale: Sequence[str]) -> list[tuple[str, str]]:
-        """Why a symbol has no candle for this bar (the feed's reason: bad data with its file and rows, or the
-        exchange unavailable), said once per episode per symbol; and once when its candles are good again."""
-        reasons = dict(getattr(self.feed, "reasons", lambda: {})())
-        notes = []
+        """Why a symbol has no candle for this bar (the feed's reason: bad data naming its file and rows, or the
+        exchange unavailable), said once per episode per symbol; and once when its candles are good again. An
+        outage of the candle source is one message for all symbols, not one each."""
+        problems = {p.symbol: p for p in getattr(self.feed, "problems", ())}
+        notes, away = [], []
         for symbol in stale:
-            reason = reasons.get(symbol) or f"no {self.timeframe} candle at {bar_time}"
-            episode = reason.split(":")[0] if reason.startswith("no ") else reason
-            if self._stale_told.get(symbol) != episode:
-                self._stale_told[symbol] = episode
-                notes.append(("stale", f"{symbol}: {reason}; no decision on it until its data is good"))
+            problem = problems.get(symbol)
+            kind = problem.kind if problem else "missing"
+            if self._stale_told.get(symbol) == kind:
+                continue
+            self._stale_told[symbol] = kind
+            if kind == "unavailable":
+                away.append(symbol)
+            elif problem is not None:
+                notes.append(("stale", f"{symbol}: bad market data: {problem.reason}; no decision on it until it is good"))
+            else:
+                notes.append(("stale", f"{symbol}: no {self.timeframe} candle at {bar_time}: no decision on it"))
+        if away:
+            reason = problems[away[0]].reason
+            notes.append(("stale", f"candles unavailable for {', '.join(away)}: {reason}; waiting for the exchange"))
         for symbol in sorted(set(self._stale_told) - set(stale)):
             del self._stale_told[symbol]
-            notes.append(("stale", f"{symbol}: candles valid again from {bar_time}"))
+            notes.append(("stale", f"{symbol}: candles good again from {bar_time}"))
         return notes
 
     def needs_recovery(self) -> bool:
@@ -275,8 +285,10 @@ class Trader:
         self.needs_reconcile = bool(errors)
         # The breaker counts exchange trouble only: one symbol's missing or bad candle is skipped for that bar
         # alone and must not stop entries on the others.
+        feed_away = not ohlc and any(p.kind == "unavailable" for p in getattr(self.feed, "problems", ()))
         notes += [("risk", text) for text in self.risk.after_bar(
-            bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed], problem=bool(errors))]
+            bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed],
+            problem=bool(errors) or feed_away)]
         clock = time.perf_counter()
         self._commit(bar_time, decisions, outcome, commands)
         self._timings["persistence"] = time.perf_counter() - clock

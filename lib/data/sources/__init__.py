@@ -28,4 +28,9 @@ class CandleSource(Protocol):
 
 
 class SourceError(RuntimeError):
-    """A source failed for good (after its retries); the message says what and where."""
+    """A source failed for good (after its retries); the message says what and where. ``retryable``: the same
+    request may succeed later (the exchange was away) rather than being refused for good (a bad symbol)."""
+
+    def __init__(self, message: str, retryable: bool = True) -> None:
+        super().__init__(message)
+        self.retryable = retryable

@@ -121,7 +121,7 @@ class BybitSource:
             lambda: self.session.get_kline(**params),
             action="fetch",
             where=where,
-            error=lambda message, _failure: SourceError(message),
+            error=lambda message, failure: SourceError(message, retryable=failure.retryable),
             reject_hint=f"Bybit rejected the request; check that {symbol} is listed in category {self.config.category}",
         )
         return self._page(response, where, first_ns, last_ns)

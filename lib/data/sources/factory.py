@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from pricelevel.core.secrets import Secrets
 from pricelevel.data.config import BybitConfig, DataConfig
 from pricelevel.data.sources import CandleSource
@@ -9,7 +12,9 @@ from pricelevel.data.sources.bybit import BybitSource
 from pricelevel.data.sources.sample import SampleSource
 
 
-def open_source(data: DataConfig, bybit: BybitConfig, secrets: Secrets | None = None) -> CandleSource:
+def open_source(data: DataConfig, bybit: BybitConfig, secrets: Secrets | None = None,
+                sleep: Callable[[float], None] = time.sleep) -> CandleSource:
+    """The configured candle source; ``sleep`` is its retries' backoff (the trader's stops it short on a stop)."""
     if data.source == "sample":
         return SampleSource(data.sample_dir)
-    return BybitSource(bybit, secrets)
+    return BybitSource(bybit, secrets, sleep=sleep)
