@@ -1,4 +1,5 @@
-"""Incremental ingest of one dataset: fetch only what the store lacks, store each page as it arrives."""
+"""Incremental ingest of one dataset: fetch only what the store lacks, store each page as it arrives; and
+forget candles that failed validation, so that the next ingest asks the source for them again."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from pricelevel.core.timeframes import Timeframe
 from pricelevel.data.config import DataConfig
 from pricelevel.data.sources import CandleSource
 from pricelevel.data.store import CandleStore, DatasetKey, Layer
+from pricelevel.data.validation import ValidationReport
 
 if TYPE_CHECKING:
     from pricelevel.data.publish import PublishOutcome
@@ -129,3 +131,29 @@ def ingest_dataset(
         changed=changed,
         requested=tuple((f"{s.isoformat()}", f"{e.isoformat()}") for s, e in ranges),
     )
+
+
+def first_bad_candle(report: ValidationReport) -> pd.Timestamp | None:
+    """The earliest open time among the candles whose values break a rule (nulls, non-finite or non-positive
+    numbers, OHLC order), or ``None`` when no failure is about a candle's values (schema, gaps, grid: asking
+    the source again would not change those). Each rule lists its first offending rows in file order, so the
+    earliest of them is the first bad candle."""
+    stamps = [
+        pd.Timestamp(row[TIMESTAMP])
+        for issue in report.failures
+        if issue.column not in (None, TIMESTAMP)
+        for row in issue.examples
+        if row.get(TIMESTAMP) is not None
+    ]
+    return min(stamps) if stamps else None
+
+
+def forget_bad_candles(store: CandleStore, key: DatasetKey, report: ValidationReport) -> pd.Timestamp | None:
+    """Drop the raw candles of ``key`` from the first one ``report`` found bad onwards, under the dataset's
+    lock, so that the next :func:`ingest_dataset` (which resumes after the last stored candle) fetches them
+    again: exchanges correct bad candles. Returns where the refetch will start, or ``None`` when the failure
+    is not about candle values (nothing is dropped)."""
+    first = first_bad_candle(report)
+    if first is not None:
+        store.drop_from(Layer.RAW, key, first)
+    return first

@@ -8,6 +8,10 @@ pass, published (an ingest that rewrites the raw file meanwhile cannot slip unch
 publish step holds the validated dataset's lock. A dataset whose raw bytes were already validated under
 the same validation config and code is not checked again (a cheap hourly no-op); tightening the gap
 policy, or a new rule, checks it again.
+
+A dataset that keeps failing for the same rows (the same bad candle, checked again at every bar of the
+live feed) is quarantined once per episode: the first failure copies the raw file to ``quarantine/``, the
+repeats point at that copy (:func:`pricelevel.data.ingest.forget_bad_candles` has bad candles fetched again).
 """
 
 from __future__ import annotations
@@ -43,6 +47,25 @@ class PublishOutcome:
     message: str = ""
 
 
+class DatasetQuarantined(DataValidationError):
+    """A raw dataset failed validation; ``quarantine_path`` is the copy kept for inspection (made at the
+    first failure of an episode: a repeat of the same failure points at the same copy)."""
+
+    def __init__(self, report: ValidationReport, quarantine_path: Path) -> None:
+        super().__init__(report)
+        self.quarantine_path = quarantine_path
+
+
+def failure_signature(report: ValidationReport) -> str:
+    """What makes two failures "the same bad rows": each failed rule and its offending candles (their values,
+    not their row positions or the row count, which move as candles are added)."""
+    issues = [
+        [issue.title, [{k: v for k, v in row.items() if k != "row"} for row in issue.examples]]
+        for issue in report.failures
+    ]
+    return hashlib.sha256(json.dumps(issues, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def validation_fingerprint(config: ValidationConfig) -> str:
     """What a past check depends on besides the bytes: the rules' settings and the rules' code."""
     text = json.dumps(config.model_dump(mode="json"), sort_keys=True) + code_fingerprint(validate_candles)
@@ -64,10 +87,12 @@ def validate_file(path: Path, key: DatasetKey, config: ValidationConfig) -> Vali
 
 
 def validate_and_publish(catalogue: DataCatalogue, key: DatasetKey, config: ValidationConfig) -> PublishOutcome:
-    """Check the raw dataset ``key``; publish it or quarantine it. Raises :class:`DataValidationError`.
+    """Check the raw dataset ``key``; publish it or quarantine it. Raises :class:`DatasetQuarantined` (a
+    :class:`DataValidationError`).
 
     On failure the raw file is copied to ``quarantine/<source>/<SYMBOL>_<TF>.<sha12>.parquet`` next to its
-    report, ``validated/`` is left exactly as it was, and the error names dataset, expectation and rows.
+    report (unless the last check failed for the same rows and its copy is still there: one copy per
+    episode), ``validated/`` is left exactly as it was, and the error names dataset, expectation and rows.
     """
     store = catalogue.store
     raw_path = store.path(Layer.RAW, key)
@@ -104,12 +129,19 @@ def validate_and_publish(catalogue: DataCatalogue, key: DatasetKey, config: Vali
     }
     with store.lock(Layer.VALIDATED, key):
         if not report.success:
-            quarantine = catalogue.quarantine(key, raw_sha)
-            atomic_write(quarantine, lambda tmp: Path(tmp).write_bytes(raw))
+            signature = failure_signature(report)
+            last = _read_json(json_path)  # read again under the lock: another process may have just failed it
+            kept = last.get("quarantine_path")
+            if last.get("failure_signature") == signature and kept and Path(kept).exists():
+                quarantine = Path(kept)  # the same bad rows again: this episode already has its copy
+            else:
+                quarantine = catalogue.quarantine(key, raw_sha)
+                atomic_write(quarantine, lambda tmp: Path(tmp).write_bytes(raw))
+                write_text(quarantine.with_suffix(".md"), report.to_markdown())
             record["quarantine_path"] = str(quarantine)
-            write_text(quarantine.with_suffix(".md"), report.to_markdown())
+            record["failure_signature"] = signature
             _write_reports(json_path, md_path, record, report)
-            raise DataValidationError(report)
+            raise DatasetQuarantined(report, quarantine)
         atomic_write(validated_path, lambda tmp: Path(tmp).write_bytes(raw))
         record["validated_path"] = str(validated_path)
         record["validated_sha256"] = raw_sha

@@ -11,8 +11,10 @@ can be handed to any command that takes ``--data DIR``.
 
 Writes are atomic (temporary file in the same folder, fsync, ``os.replace``): a kill at any moment leaves the
 old file or the new one, never a torn one. An upsert holds its dataset's inter-process lock around the read,
-merge and write, so two processes ingesting overlapping ranges at once end with exactly the union. A write whose bytes equal the file already there is skipped, so
-re-running an ingest with nothing new leaves every file (content and mtime) untouched.
+merge and write, so two processes ingesting overlapping ranges at once end with exactly the union; dropping a
+bad tail (:meth:`CandleStore.drop_from`, so that the next ingest fetches it again) holds the same lock. A write
+whose bytes equal the file already there is skipped, so re-running an ingest with nothing new leaves every
+file (content and mtime) untouched.
 """
 
 from __future__ import annotations
@@ -96,6 +98,20 @@ class CandleStore:
             merged = incoming if existing is None else merge_candles(existing, incoming)
             changed = write_candles(path, merged)
         return UpsertResult(path=path, rows_before=rows_before, rows_after=len(merged), changed=changed)
+
+    def drop_from(self, layer: Layer, key: DatasetKey, first: pd.Timestamp) -> UpsertResult:
+        """Remove the candles opening at or after ``first`` (under the dataset's lock), so that the next
+        incremental ingest, which resumes after the last stored candle, fetches them again."""
+        path = self.path(layer, key)
+        first = pd.Timestamp(first)
+        first = first.tz_localize("UTC") if first.tz is None else first.tz_convert("UTC")
+        with self.lock(layer, key):
+            if not path.exists():
+                return UpsertResult(path=path, rows_before=0, rows_after=0, changed=False)
+            existing = read_candles(path)
+            kept = existing.loc[pd.to_datetime(existing[TIMESTAMP], utc=True) < first]
+            changed = len(kept) < len(existing) and write_candles(path, kept)
+        return UpsertResult(path=path, rows_before=len(existing), rows_after=len(kept), changed=changed)
 
     def lock(self, layer: Layer, key: DatasetKey) -> FileLock:
         """The inter-process lock of one dataset of one layer (``<root>/.locks/<layer>/<source>/<S>_<TF>.lock``)."""

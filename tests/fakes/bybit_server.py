@@ -3,7 +3,10 @@
 It answers like the real API: rows newest first with every value a string, ``start``/``end`` inclusive in
 milliseconds, the *newest* ``limit`` rows when more match (default 200, at most 1000), retCode 10001 for an
 unknown symbol, and only candles that have opened by the fake's ``now`` (the still-open one included, as
-Bybit does). It misbehaves on demand: each request consumes one queued :class:`Fault`.
+Bybit does). It misbehaves on demand: each request consumes one queued :class:`Fault`; :meth:`FakeBybit.set_outage`
+answers every kline request with an HTTP status (503: a maintenance window) until lifted; and
+:meth:`FakeBybit.serve_bad_candle` serves one candle wrong (by default ``high < low``) until
+:meth:`FakeBybit.correct_candle`, as an exchange that publishes a bad candle and corrects it later.
 
 Standalone (binds 127.0.0.1 only)::
 
@@ -101,6 +104,9 @@ class FakeBybit:
         self.faults: deque[Fault] = deque()
         self.requests: list[dict[str, str]] = []
         self._candles: dict[tuple[str, str, str], pd.DataFrame] = {}
+        #: Candles served instead of the true ones: (category, symbol, interval) -> open ms -> column values.
+        self._bad: dict[tuple[str, str, str], dict[int, dict[str, float]]] = {}
+        self._outage: tuple[int, pd.Timestamp | None] | None = None
         self._lock = threading.Lock()
 
     def add(
@@ -134,6 +140,52 @@ class FakeBybit:
     def fail_next(self, *faults: Fault) -> None:
         self.faults.extend(faults)
 
+    def set_outage(self, status: int | None = 503, *, until: pd.Timestamp | str | None = None) -> None:
+        """From now on every kline request answers HTTP ``status`` (a maintenance window: 503), until
+        ``until`` on the fake's clock or until ``set_outage(None)``. The candles behind it keep coming."""
+        if status is None:
+            self._outage = None
+            return
+        end = pd.Timestamp(until) if until is not None else None
+        if end is not None and end.tz is None:
+            end = end.tz_localize("UTC")
+        self._outage = (int(status), end)
+
+    @property
+    def outage(self) -> int | None:
+        """The HTTP status every kline request answers now, or ``None``."""
+        if self._outage is None:
+            return None
+        status, end = self._outage
+        if end is not None and pd.Timestamp(self.now()) >= end:
+            self._outage = None
+            return None
+        return status
+
+    def serve_bad_candle(
+        self, symbol: str, timeframe: Timeframe | str, at: pd.Timestamp | str, *, category: str = "spot",
+        **values: float,
+    ) -> dict[str, float]:
+        """Serve the candle opening at ``at`` with ``values`` instead (default: high and low swapped, so
+        ``high < low``) until :meth:`correct_candle`; returns the values served."""
+        key = (category, symbol, Timeframe(timeframe).bybit_interval)
+        stamp = _utc(at)
+        frame = self._candles[key]
+        true = frame.loc[frame[TIMESTAMP] == stamp]
+        if true.empty:
+            raise KeyError(f"no {symbol} {timeframe} candle opens at {stamp}")
+        row = true.iloc[0]
+        if not values:
+            values = {"high": float(row["low"]), "low": float(row["high"])}
+        self._bad.setdefault(key, {})[stamp.value // _MS] = dict(values)
+        return dict(values)
+
+    def correct_candle(
+        self, symbol: str, timeframe: Timeframe | str, at: pd.Timestamp | str, *, category: str = "spot"
+    ) -> None:
+        """Serve the true candle at ``at`` again (the exchange corrected it)."""
+        self._bad.get((category, symbol, Timeframe(timeframe).bybit_interval), {}).pop(_utc(at).value // _MS, None)
+
     @classmethod
     def from_folder(cls, folder: Path, categories: Iterable[str] = ("spot", "linear"), **kwargs) -> FakeBybit:
         """Serve every ``SYMBOL_TF.parquet`` of ``folder`` (the layout of ``data/sample``) in each category."""
@@ -151,9 +203,13 @@ class FakeBybit:
     def handle(self, request: Request) -> Response:
         """The ``/v5/market/kline`` handler (pytest-httpserver's ``respond_with_handler`` signature)."""
         params = dict(request.args.items())
+        outage = self.outage
         with self._lock:
             self.requests.append(params)
-            fault = self._next_fault()
+            fault = None if outage is not None else self._next_fault()  # an outage keeps queued faults for later
+        if outage is not None:
+            page = f"<html><body><h1>{outage} {HTTP_STATUS_CODES.get(outage, 'error')}</h1></body></html>"
+            return Response(page, status=outage, mimetype="text/html")
         if fault is not None and fault.kind == "slow":
             time.sleep(fault.seconds)
         elif fault is not None:
@@ -199,6 +255,13 @@ class FakeBybit:
         if end is not None and not self.ignore_time_range:
             keep &= open_ms <= end
         served = candles.loc[keep].tail(limit)  # Bybit keeps the newest `limit` rows...
+        bad = self._bad.get((category, symbol or "", interval))
+        if bad:
+            served = served.copy()
+            for ms, values in bad.items():
+                at = served[TIMESTAMP] == pd.Timestamp(ms * _MS, tz="UTC")
+                for column, value in values.items():
+                    served.loc[at, column] = value
         values = served[list(CANDLE_COLUMNS[1:])].to_numpy()
         rows = [
             [str(ms), *map(_decimal, row)] for ms, row in zip(open_ms[keep][-limit:], values, strict=True)
@@ -238,6 +301,11 @@ class FakeBybit:
 
     def _now_ms(self) -> int:
         return pd.Timestamp(self.now()).value // _MS
+
+
+def _utc(value: pd.Timestamp | str) -> pd.Timestamp:
+    stamp = pd.Timestamp(value)
+    return stamp.tz_localize("UTC") if stamp.tz is None else stamp.tz_convert("UTC")
 
 
 def _decimal(value: float) -> str:
