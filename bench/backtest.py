@@ -8,6 +8,11 @@ must agree; the bench checks they do). Reported per size, best of ``--repeat``:
 
 - ``engine_bars_per_s``: the compiled engine alone (``engine.step``: equity curve + trade records);
 - ``engine_time_stop_bars_per_s``: the same with a time stop (``max_hold_bars``, ``TIME_STOP_BARS``) on top;
+- ``engine_protections_bars_per_s``: the same with the trader's account protections on (``PROTECTIONS``: max 5
+  positions, the 3-loss cool-down for 24 bars, the daily loss and drawdown checks at every bar and entry, with
+  limits they never reach, so trading goes on to the end: a halt would stop it and flatter the timing; the bars
+  are timed one minute apart there, since 5M hours do not fit in int64 nanoseconds);
+  ``protections_trades`` / ``protections_refused`` say what they did;
 - ``run_backtest_bars_per_s``: the library call users make (adds the trade frame);
 - ``vectorbt_bars_per_s``: ``Portfolio.from_signals`` on numpy arrays (its fastest input form) + ``final_value``;
 - ``vectorbt_pandas_bars_per_s`` (sizes up to 1M): the same with pandas Series and ``freq``, as users call it;
@@ -29,6 +34,7 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,15 +45,20 @@ ROOT = Path(__file__).resolve().parents[1]
 from pricelevel.backtest.config import BacktestConfig  # noqa: E402
 from pricelevel.backtest.engine import EngineState, step  # noqa: E402
 from pricelevel.backtest.market import Market  # noqa: E402
+from pricelevel.backtest.protections import REFUSAL_LABELS  # noqa: E402
 from pricelevel.backtest.run import engine_params, run_backtest  # noqa: E402
-from pricelevel.core.timeframes import Timeframe  # noqa: E402
+from pricelevel.core.timeframes import Timeframe, utc_ns  # noqa: E402
 
 #: Random trading loses to costs: over 5M bars equity shrinks by about e^-28. A large initial cash keeps the
 #: orders far above vectorbt's ``min_size=1e-8`` units (a rule ours does not have), so both stay comparable.
 CONFIG = BacktestConfig(init_cash=1e9, fees=0.0005, slippage=0.0002, sl_stop=0.02, tp_stop=0.04, fill="close",
-                        sizing="all_in", min_order_value=0, max_positions=1)
+                        sizing="all_in", min_order_value=0, max_positions=1, protections=None)
 #: Time stop of the extra engine timing (vectorbt 1.2 has no time stop, so that run is ours alone).
 TIME_STOP_BARS = 24
+#: The protections of the extra engine timing: the trader's defaults, with drawdown and daily loss limits that
+#: never bind (1.0: only at zero equity), so every check runs and trading never stops.
+PROTECTIONS = dict(protections=True, protect_max_positions=5, cooldown_losses=3, cooldown_bars=24, max_drawdown=1.0,
+                   daily_loss_limit=1.0)
 
 FIRST_CALL = """
 import time, numpy as np
@@ -102,6 +113,11 @@ def bench_size(n_bars: int, repeat: int, density: float, vbt) -> dict:
     timed = engine_params(CONFIG.model_copy(update={"max_hold_bars": TIME_STOP_BARS}))
     time_stop_s, _ = best_of(repeat, lambda: step(EngineState.initial(1, CONFIG.init_cash), timed, m.open, m.high,
                                                   m.low, m.close, entries, exits))
+    guarded = replace(params, **PROTECTIONS)
+    # one-minute bar times: hours would run past the year 2262, the end of int64 nanoseconds, at 5M bars
+    bar = Timeframe.M1.nanoseconds
+    times = utc_ns(m.timestamps[:1])[0] + bar * np.arange(n_bars, dtype=np.int64)
+    protections_s, protected = best_of(repeat, lambda: _guarded_run(m, guarded, entries, exits, times, bar))
     tracemalloc.start()
     engine()
     peak = tracemalloc.get_traced_memory()[1]
@@ -113,6 +129,9 @@ def bench_size(n_bars: int, repeat: int, density: float, vbt) -> dict:
         "engine_s": round(engine_s, 5),
         "engine_bars_per_s": round(n_bars / engine_s),
         "engine_time_stop_bars_per_s": round(n_bars / time_stop_s),
+        "engine_protections_bars_per_s": round(n_bars / protections_s),
+        "protections_trades": int(len(protected[0].trades["size"])),
+        "protections_refused": dict(zip(REFUSAL_LABELS, protected[1].refused.tolist(), strict=True)),
         "run_backtest_s": round(library_s, 5),
         "run_backtest_bars_per_s": round(n_bars / library_s),
         "peak_traced_bytes_per_bar": round(peak / n_bars, 1),
@@ -145,6 +164,11 @@ def bench_size(n_bars: int, repeat: int, density: float, vbt) -> dict:
             "closed_trades_equal": _same_closed_trades(pf.trades.records, out.trades),
         })
     return row
+
+
+def _guarded_run(m: Market, params, entries, exits, times, bar_ns):
+    state = EngineState.initial(1, CONFIG.init_cash)
+    return step(state, params, m.open, m.high, m.low, m.close, entries, exits, times=times, bar_ns=bar_ns), state
 
 
 def _same_closed_trades(theirs, ours: dict) -> bool:

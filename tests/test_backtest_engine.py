@@ -5,11 +5,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from pricelevel.backtest.engine import EngineParams, EngineState, ExitReason, Sizing, open_trades, step
+from pricelevel.core.timeframes import utc_ns
 
 NAN = float("nan")
+HOUR = 3600 * 10**9
 
 
 def run(bars, entries, exits, entry_sl=None, entry_tp=None, **params):
@@ -18,17 +21,20 @@ def run(bars, entries, exits, entry_sl=None, entry_tp=None, **params):
     return run_many([bars], [entries], [exits], entry_sl=wrap(entry_sl), entry_tp=wrap(entry_tp), **params)
 
 
-def run_many(bars_by_symbol, entries_by_symbol, exits_by_symbol, entry_sl=None, entry_tp=None, **params):
-    """Like :func:`run` for several symbols; ``entry_sl``/``entry_tp``: per-symbol lists of per-bar fractions."""
+def run_many(bars_by_symbol, entries_by_symbol, exits_by_symbol, entry_sl=None, entry_tp=None, start=None,
+             **params):
+    """Like :func:`run` for several symbols; ``entry_sl``/``entry_tp``: per-symbol lists of per-bar fractions.
+    ``start`` (a UTC time): hourly bars from then on, with the account protections on."""
     params.setdefault("init_cash", 1000.0)
-    p = EngineParams(**params)
+    p = EngineParams(protections=start is not None, **params)
     ohlc = np.array(bars_by_symbol, dtype=float).transpose(1, 0, 2)  # (bars, symbols, 4)
     state = EngineState.initial(ohlc.shape[1], p.init_cash)
     per_bar = lambda a: None if a is None else np.array(a, dtype=float).T  # noqa: E731
+    times = None if start is None else utc_ns(pd.date_range(start, periods=ohlc.shape[0], freq="1h", tz="UTC"))
     out = step(
         state, p, ohlc[..., 0], ohlc[..., 1], ohlc[..., 2], ohlc[..., 3],
         np.array(entries_by_symbol, dtype=bool).T, np.array(exits_by_symbol, dtype=bool).T,
-        entry_sl=per_bar(entry_sl), entry_tp=per_bar(entry_tp),
+        entry_sl=per_bar(entry_sl), entry_tp=per_bar(entry_tp), times=times, bar_ns=HOUR,
     )
     trades = {k: np.concatenate([out.trades[k], v]) for k, v in open_trades(state).items()}
     return trades, out.equity, state
@@ -469,3 +475,87 @@ def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="shape"):
         step(state, EngineParams(), one, one, one, one, one.astype(bool), one.astype(bool))
     assert math.isclose(state.cash[0], 1000)
+
+
+# ---------------------------------------------------------------------------------- account protections
+# The trader's protections (pricelevel.backtest.protections), one hand-computed case each: flat bars, fill at
+# the close, all-in, no costs, hourly bars (``start=`` switches them on).
+
+
+def guarded(bars, entries, exits, start="2024-01-01 00:00", **params):
+    return run_many([bars], [entries], [exits], start=start, **params)
+
+
+def spans(trades):
+    return list(zip(trades["entry_bar"].tolist(), trades["exit_bar"].tolist(), reasons(trades), strict=True))
+
+
+def test_the_drawdown_halt_latches_after_the_bar_that_breached_it():
+    # bar 0: in at 10 (equity 1000, the peak); bar 1 closes at 7.9: equity 790, 21 % below the peak >= 20 %:
+    # halted after bar 1; the exit at bar 2 goes through (exits are never refused), the entries at 3 and 4 not
+    trades, _, state = guarded(flat(10, 7.9, 7.9, 10, 10), [1, 0, 0, 1, 1], [0, 0, 1, 0, 0], max_drawdown=0.2)
+    assert spans(trades) == [(0, 2, "signal")]
+    assert state.refused.tolist() == [2, 0, 0, 0]
+    assert state.guard_f[0] == 1000 and state.guard_i[3] == 1
+    # 7.9 -> 8.1: 19 % is not 20 %
+    trades, _, state = guarded(flat(10, 8.1, 8.1, 10, 10), [1, 0, 0, 1, 0], [0, 0, 1, 0, 0], max_drawdown=0.2)
+    assert spans(trades) == [(0, 2, "signal"), (3, 4, "open")] and state.refused.sum() == 0
+
+
+def test_the_daily_loss_limit_counts_from_the_equity_after_the_days_first_bar():
+    # 21:00 in at 10 (day start 1000); 22:00 out at 9.4 (equity 940, 6 % down); 23:00 entry refused; 00:00 is a
+    # new UTC day but the trader judges its entries before the bar, against yesterday's start: refused; after
+    # it the day's start is 940, so the entry at 01:00 goes through
+    trades, _, state = guarded(flat(10, 9.4, 9.4, 9.4, 9.4), [1, 0, 1, 1, 1], [0, 1, 0, 0, 0],
+                               start="2024-01-01 21:00", daily_loss_limit=0.05)
+    assert spans(trades) == [(0, 1, "signal"), (4, 4, "open")]
+    assert state.refused.tolist() == [0, 2, 0, 0]
+    trades, _, state = guarded(flat(10, 9.6, 9.6, 9.6, 9.6), [1, 0, 1, 1, 1], [0, 1, 0, 0, 0],
+                               start="2024-01-01 21:00", daily_loss_limit=0.05)  # 4 % down: no refusal
+    assert spans(trades) == [(0, 1, "signal"), (2, 4, "open")] and state.refused.sum() == 0
+
+
+def test_the_cooldown_follows_consecutive_losses_for_cooldown_bars_bars():
+    # losses close at 01:00 and 03:00: two in a row, cool-down until 03:00 + 3 h; entries at 04:00 and 05:00
+    # are refused, the one at 06:00 goes through
+    trades, _, state = guarded(flat(10, 9, 9, 8, 8, 8, 8, 8), [1, 0, 1, 0, 1, 1, 1, 0], [0, 1, 0, 1, 0, 0, 0, 0],
+                               cooldown_losses=2, cooldown_bars=3)
+    assert spans(trades) == [(0, 1, "signal"), (2, 3, "signal"), (6, 7, "open")]
+    assert state.refused.tolist() == [0, 0, 2, 0]
+    # loss, win, loss: the win starts the streak again, no cool-down
+    trades, _, state = guarded(flat(10, 9, 9, 10, 10, 9, 9), [1, 0, 1, 0, 1, 0, 1], [0, 1, 0, 1, 0, 1, 0],
+                               cooldown_losses=2, cooldown_bars=3)
+    assert len(trades["size"]) == 4 and state.refused.sum() == 0
+
+
+def test_max_positions_is_judged_before_the_bars_fills_and_counts_this_bars_entries():
+    both = [flat(10, 10), flat(10, 10)]
+    trades, _, state = run_many(both, [[1, 0], [1, 0]], [[0, 0], [0, 0]], start="2024-01-01", sizing=Sizing.FRACTION,
+                                fraction=0.2, protect_max_positions=1)
+    assert trades["symbol_idx"].tolist() == [0] and state.refused.tolist() == [0, 0, 0, 1]
+    # symbol 0 is stopped out inside bar 1 (stop 9); the trader saw it held when it judged symbol 1's entry
+    stopped = [[(10, 10, 10, 10), (10, 10, 8, 9)], flat(10, 10)]
+    signals = dict(entries_by_symbol=[[1, 0], [0, 1]], exits_by_symbol=[[0, 0], [0, 0]], sl_stop=0.1,
+                   sizing=Sizing.FRACTION, fraction=0.2)
+    trades, _, state = run_many(stopped, **signals, start="2024-01-01", protect_max_positions=1)
+    assert reasons(trades) == ["stop_loss"] and state.refused.tolist() == [0, 0, 0, 1]
+    trades, _, _ = run_many(stopped, **signals, max_positions=1)  # the engine's own limit counts after the stop
+    assert reasons(trades) == ["stop_loss", "open"]
+
+
+def test_with_protections_a_held_symbols_entry_signal_is_not_passed_on_as_by_the_trader():
+    # entry and exit while held: the trader asks nothing for a held symbol, so the exit goes through
+    trades, _, _ = guarded(flat(10, 11, 12), [1, 1, 0], [0, 1, 0])
+    assert spans(trades) == [(0, 1, "signal")]
+    # next open: the exit queued at bar 1 fills at bar 2's open; bar 2's entry came while still held: dropped
+    trades, _, state = guarded(flat(10, 11, 12, 13), [1, 0, 1, 0], [0, 1, 0, 0], next_open=True)
+    assert spans(trades) == [(1, 2, "signal")] and state.pending.tolist() == [0]
+    trades, _, _ = run(flat(10, 11, 12, 13), [1, 0, 1, 0], [0, 1, 0, 0], next_open=True)  # the plain engine re-enters
+    assert spans(trades) == [(1, 2, "signal"), (3, 3, "open")]
+
+
+def test_protections_need_the_bars_times():
+    one = np.ones((2, 1))
+    with pytest.raises(ValueError, match="times"):
+        step(EngineState.initial(1, 1000), EngineParams(protections=True), one, one, one, one, one.astype(bool),
+             one.astype(bool))

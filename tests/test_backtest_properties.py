@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.config import BacktestConfig, ProtectionsConfig
 from pricelevel.backtest.market import Market, market_from_candles
 from pricelevel.backtest.metrics import symbol_equity
 from pricelevel.backtest.run import run_backtest
@@ -46,6 +46,9 @@ configs = st.builds(
     min_order_value=st.sampled_from([0.0, 5.0]),
     max_positions=st.integers(1, 4),
     max_hold_bars=st.sampled_from([None, None, 1, 3, 12]),
+    # off, the trader's defaults, and limits tight enough to fire on a few hundred random bars
+    protections=st.sampled_from([None, ProtectionsConfig(), ProtectionsConfig(
+        max_positions=2, max_drawdown=0.1, daily_loss_limit=0.02, cooldown_losses=2, cooldown_bars=5)]),
 )
 
 
@@ -69,7 +72,7 @@ def with_risk(config: BacktestConfig, risk: bool) -> BacktestConfig:
 def assert_same_result(a, b) -> None:
     assert np.array_equal(a.equity.to_numpy(), b.equity.to_numpy())
     pd.testing.assert_frame_equal(a.trades, b.trades)
-    assert a.rejected == b.rejected
+    assert a.rejected == b.rejected and a.refused == b.refused
 
 
 @SETTINGS
@@ -79,7 +82,7 @@ def test_without_costs_an_always_in_signal_equals_buy_and_hold(seed, n_bars, fil
     entries = np.ones((n_bars, 1), dtype=bool)
     exits = np.zeros((n_bars, 1), dtype=bool)
     config = BacktestConfig(fees=0, slippage=0, sl_stop=None, tp_stop=None, fill=fill, sizing="all_in",
-                            min_order_value=0)
+                            min_order_value=0, protections=None)
     equity = run_backtest(market, entries, exits, config).equity.to_numpy()
     close = market.close[:, 0]
     if fill == "close":
@@ -118,6 +121,7 @@ def test_results_do_not_depend_on_chunking(seed, n_bars, chunk, config):
     assert np.array_equal(whole.equity.to_numpy(), chunked.equity.to_numpy())
     pd.testing.assert_frame_equal(whole.trades, chunked.trades)
     assert whole.rejected == chunked.rejected
+    assert whole.refused == chunked.refused
 
 
 @SETTINGS
@@ -209,7 +213,7 @@ TRADE_PAIRS = [("entry_idx", "entry_bar"), ("exit_idx", "exit_bar"), ("entry_pri
 def contract_config(fees: float, slippage: float, sl_stop, tp_stop, init_cash: float = 10_000.0) -> BacktestConfig:
     """Fill at the close, all-in: the setting in which our engine must equal vectorbt."""
     return BacktestConfig(init_cash=init_cash, fees=fees, slippage=slippage, sl_stop=sl_stop, tp_stop=tp_stop,
-                          fill="close", sizing="all_in", min_order_value=0, max_positions=1)
+                          fill="close", sizing="all_in", min_order_value=0, max_positions=1, protections=None)
 
 
 def assert_matches_vectorbt(market: Market, entries: np.ndarray, exits: np.ndarray, config: BacktestConfig,

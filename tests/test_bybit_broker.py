@@ -23,6 +23,7 @@ from pricelevel.data.config import BybitConfig
 from pricelevel.data.sources.bybit import BybitSource
 from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.exchange import (
+    CredentialsRefused,
     ExchangeUnavailable,
     Instrument,
     MarketOrder,
@@ -369,9 +370,10 @@ def test_a_bad_api_key_names_the_key_problem_without_the_key(fake, make_broker):
     wrong = Secrets.from_env({"BYBIT_API_KEY": "PLKEYwrong0000000", "BYBIT_API_SECRET": API_SECRET})
     broker = make_broker(wrong)
 
-    with pytest.raises(ExchangeUnavailable) as read:
+    # A refused key is no outage: the trading service stops on it (CredentialsRefused) instead of waiting.
+    with pytest.raises(CredentialsRefused) as read:
         broker.balances()
-    with pytest.raises(OrderRefused) as order:
+    with pytest.raises(CredentialsRefused) as order:
         broker.place_market_order(buy(100.0))
 
     for raised in (read, order):
@@ -385,7 +387,7 @@ def test_a_bad_api_key_names_the_key_problem_without_the_key(fake, make_broker):
 def test_a_bad_secret_is_reported_and_the_echoed_key_is_masked(fake, make_broker):
     wrong = Secrets.from_env({"BYBIT_API_KEY": API_KEY, "BYBIT_API_SECRET": "PLSECRETwrong000000"})
 
-    with pytest.raises(ExchangeUnavailable) as raised:
+    with pytest.raises(CredentialsRefused) as raised:
         make_broker(wrong).balances()
 
     message = str(raised.value)  # Bybit echoes the signed string, key included: it must be masked

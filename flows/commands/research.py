@@ -27,11 +27,16 @@ def backtest(
     report: Annotated[Path | None, typer.Option(help="Write the HTML summary here (+ one page per symbol).")] = None,
 ) -> None:
     """Backtest signals on candles with the rules in `backtest.*`, or a registered model on a data folder with
-    the rules stored in the model (a `--set backtest.<rule>=...` overrides one, and says so)."""
+    the rules stored in the model (a `--set backtest.<rule>=...` overrides one, and says so). Either way under
+    the trader's account protections from `risk:` (max positions, drawdown halt, daily loss limit, cool-down;
+    `--set backtest.protections=null` switches them off)."""
+    from pricelevel.backtest.config import with_protections
     from pricelevel.backtest.files import backtest_files
 
     state = session(ctx)
     cfg = state.config()
+    # The protections simulated are the trader's: taken from risk: (the same defaults when it is not set).
+    costs = with_protections(cfg.backtest, cfg.risk)
     levels = None
     if model is not None:
         if data is None or candles is not None or signals is not None:
@@ -48,13 +53,13 @@ def backtest(
         console().print(f"rules stored with {model} (version {loaded.version}): {loaded.spec.strategy_rules().describe()}")
         if chosen:
             console().print(f"[yellow]overridden[/yellow] by you: {chosen} -> {rules.describe()}")
-        traded = backtest_model(loaded.predict, loaded.spec, CandleFolder.open(data), cfg.backtest, rules, timestamp(start))
+        traded = backtest_model(loaded.predict, loaded.spec, CandleFolder.open(data), costs, rules, timestamp(start))
         result, metrics, levels = traded.result, traded.metrics, traded.levels
         what = f"{model} (version {loaded.version}) on {data}"
     elif candles is None or signals is None:
         raise UsageError("give --candles and --signals, or --model and --data")
     else:
-        result, metrics = backtest_files(candles, signals, cfg.backtest)
+        result, metrics = backtest_files(candles, signals, costs)
         what = "backtest"
     show_backtest(what, result, metrics, json_out, report, levels)
 
@@ -71,6 +76,8 @@ def show_backtest(what: str, result, metrics, json_out: Path | None, report: Pat
     console().print(table(title, ["metric", *map(str, frame.index)], rows, justify="right"))
     if any(result.rejected.values()):
         console().print("rejected entries: " + ", ".join(f"{k} {v}" for k, v in result.rejected.items() if v))
+    if any(result.refused.values()):
+        console().print("refused by the risk limits: " + ", ".join(f"{k} {v}" for k, v in result.refused.items() if v))
     if json_out:
         console().print(f"json: {write_result_json(result, metrics, json_out)}")
     if report:

@@ -48,8 +48,13 @@ def trade(
         raise UsageError("--start, --end, --json and --state go with --replay")
     from pricelevel.telegram.trader_service import trade_with_telegram
 
+    from pricelevel.trading.live import StopRequested
+
     out = console()
-    asyncio.run(trade_with_telegram(cfg, dict(os.environ), lambda text: out.print(text, markup=False)))
+    try:
+        asyncio.run(trade_with_telegram(cfg, dict(os.environ), lambda text: out.print(text, markup=False)))
+    except StopRequested:  # a stop that landed in a retry's backoff: a clean stop all the same
+        out.print("stopped", markup=False)
 
 
 def _replay(cfg, folder: Path, start, end, json_out: Path | None, state: str | None) -> None:

@@ -42,13 +42,16 @@ class LevelRule(Frozen):
 
 
 def buy_and_hold(market: Market, costs: BacktestConfig) -> BacktestResult:
-    """Equal weights bought at each symbol's first bar and never sold (valued at the last close)."""
+    """Equal weights bought at each symbol's first bar and never sold (valued at the last close), without the
+    account protections (a drawdown halt would otherwise keep a later-listed symbol out of the market)."""
     n = len(market.symbols)
     entries = np.zeros(market.close.shape, dtype=bool)
     first = np.argmax(np.isfinite(market.close), axis=0)
     entries[first, np.arange(n)] = True
     rules = StrategyRules(threshold=0.5, sizing="fraction", fraction=1.0 / n)
-    return trade(market, entries, np.zeros_like(entries), costs.model_copy(update={"max_positions": max(n, 1)}), rules)
+    # the market itself, a benchmark the trader never runs: no position limit, no account protections
+    account = costs.model_copy(update={"max_positions": max(n, 1), "protections": None})
+    return trade(market, entries, np.zeros_like(entries), account, rules)
 
 
 def level_signals(

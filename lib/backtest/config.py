@@ -10,6 +10,30 @@ from pricelevel.core.config import Frozen
 from pricelevel.core.timeframes import Timeframe
 
 
+class ProtectionsConfig(Frozen):
+    """The account-level protections the live trader applies by default (``risk:``), which every backtest
+    simulates with the very same functions (:mod:`pricelevel.backtest.protections`), so the backtest, the
+    walk-forward folds, the promotion gate and ``trade --replay`` judge the strategy the trader runs.
+
+    The defaults here are the trader's defaults: ``RiskConfig`` (``risk:``) is this class plus the live-only
+    limits, so one place holds them."""
+
+    #: Positions open or pending across all symbols; a new entry is refused at this many (judged before the
+    #: bar's fills, as the trader sees the account).
+    max_positions: int = Field(5, ge=1)
+    #: Equity this far below its peak halts entries for good (the trader: until re-armed; a backtest never re-arms).
+    max_drawdown: float = Field(0.2, gt=0, lt=1)
+    #: Today's loss (UTC day, from the equity after the day's first bar) beyond this refuses entries until tomorrow.
+    daily_loss_limit: float = Field(0.05, gt=0, lt=1)
+    #: After this many losing trades in a row, no entry for ``cooldown_bars`` bars.
+    cooldown_losses: int = Field(3, ge=1)
+    cooldown_bars: int = Field(24, ge=1)
+
+    def protections(self) -> ProtectionsConfig:
+        """Just the simulated protections (a ``RiskConfig`` also carries live-only limits)."""
+        return ProtectionsConfig(**{name: getattr(self, name) for name in ProtectionsConfig.model_fields})
+
+
 class BacktestConfig(Frozen):
     """How signals become trades and money (rules: :mod:`pricelevel.backtest.engine`)."""
 
@@ -35,6 +59,9 @@ class BacktestConfig(Frozen):
     min_order_value: float = Field(5.0, ge=0)
     #: Concurrent positions across all symbols (they share one cash balance).
     max_positions: int = Field(5, ge=1)
+    #: The trader's account protections, simulated bar by bar (``null``: none, the plain engine). Commands take
+    #: them from ``risk:`` (:func:`with_protections`), so a backtest trades what the trader would.
+    protections: ProtectionsConfig | None = ProtectionsConfig()
     #: Probability signals: ``p >= threshold`` is an entry; ``p < exit_threshold`` an exit (``null``: none).
     threshold: float = Field(0.5, ge=0, le=1)
     exit_threshold: float | None = Field(None, ge=0, le=1)
@@ -48,3 +75,11 @@ class BacktestConfig(Frozen):
         if self.sizing == "risk" and self.sl_stop is None:
             raise ValueError("sizing=risk needs sl_stop: the risk is measured to the stop-loss")
         return self
+
+
+def with_protections(costs: BacktestConfig, risk: ProtectionsConfig) -> BacktestConfig:
+    """``costs`` simulating the trader's protections ``risk`` (the ``risk:`` section, a ``RiskConfig``): where a
+    backtest takes them from. ``backtest.protections: null`` keeps them off (the plain engine)."""
+    if costs.protections is None:
+        return costs
+    return costs.model_copy(update={"protections": risk.protections()})

@@ -57,6 +57,15 @@ Fills and costs (the same arithmetic as vectorbt's ``buy_nb``/``sell_nb``, so re
   (dust), or when ``max_positions`` positions are already open or pending;
 - positions are fractional; a sell always closes the whole position.
 
+Account protections (``EngineParams.protections``; off by default here, on by default in ``BacktestConfig``):
+the live trader's max positions, drawdown halt, daily loss limit and cool-down, judged by the compiled
+functions of :mod:`pricelevel.backtest.protections` (the trader's risk manager calls the same ones) in the
+trader's order: before the bar's fills each entry signal of a symbol with a bar and no position is judged
+(equity at the previous close, positions open or pending plus those admitted at this bar); entry signals of
+symbols already held and refused ones are dropped for the whole bar (so they cancel no exit); after the bar's
+valuation the account and each closed trade update the protections. They need the bars' times (``step(...,
+times=, bar_ns=)``): the UTC day and the cool-down's end are times, as in the trader.
+
 A position still open at the end of the data is reported as a trade with ``exit_reason="open"`` valued at
 the last close with no exit fee (vectorbt's open trades). ``pnl = size * (exit - entry) - fees`` and
 ``return = pnl / (size * entry_price)``, entry price including slippage (vectorbt's trade records).
@@ -73,6 +82,21 @@ from enum import IntEnum
 
 import numpy as np
 from numba import njit
+
+from pricelevel.backtest.protections import (
+    ADMITTED,
+    COOLDOWN_UNTIL,
+    DAY,
+    DAY_NS,
+    DAY_START,
+    HALTED,
+    LOSSES,
+    PEAK,
+    account_after_bar,
+    entry_refusal,
+    initial_guard,
+    trade_closed,
+)
 
 
 class ExitReason(IntEnum):
@@ -120,6 +144,13 @@ class EngineParams:
     min_order_value: float = 0.0
     max_positions: int = 1_000_000
     max_hold_bars: int = 0  # time stop after this many bars held; 0: off
+    #: The account protections (:mod:`pricelevel.backtest.protections`); off: the plain engine.
+    protections: bool = False
+    protect_max_positions: int = 1_000_000
+    max_drawdown: float = 1.0
+    daily_loss_limit: float = 1.0
+    cooldown_losses: int = 1_000_000
+    cooldown_bars: int = 1
 
     def __post_init__(self) -> None:
         if not (self.init_cash > 0 and np.isfinite(self.init_cash)):
@@ -141,13 +172,19 @@ class EngineParams:
             raise ValueError("max_positions must be >= 1")
         if self.max_hold_bars < 0:
             raise ValueError(f"max_hold_bars must be >= 0 (0: off), got {self.max_hold_bars}")
+        if min(self.protect_max_positions, self.cooldown_losses, self.cooldown_bars) < 1:
+            raise ValueError("protect_max_positions, cooldown_losses and cooldown_bars must be >= 1")
+        if not (0 < self.max_drawdown <= 1 and 0 < self.daily_loss_limit <= 1):
+            raise ValueError("max_drawdown and daily_loss_limit must be in (0, 1]")
 
     def as_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         floats = np.array(
-            [self.fees, self.slippage, self.sl_stop, self.tp_stop, self.fraction, self.risk, self.min_order_value]
+            [self.fees, self.slippage, self.sl_stop, self.tp_stop, self.fraction, self.risk, self.min_order_value,
+             self.max_drawdown, self.daily_loss_limit]
         )
         ints = np.array(
-            [int(self.next_open), int(self.sizing), self.max_positions, min(int(self.max_hold_bars), _MAX_HOLD_CAP)],
+            [int(self.next_open), int(self.sizing), self.max_positions, min(int(self.max_hold_bars), _MAX_HOLD_CAP),
+             self.protect_max_positions, self.cooldown_losses, self.cooldown_bars],
             dtype=np.int64,
         )
         return floats, ints
@@ -172,6 +209,10 @@ class EngineState:
     pending_tp: np.ndarray
     rejected: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))
     bars_done: int = 0
+    #: The protections' state (:mod:`pricelevel.backtest.protections`) and the entries they refused, by code - 1.
+    guard_f: np.ndarray = field(default_factory=lambda: initial_guard()[0])
+    guard_i: np.ndarray = field(default_factory=lambda: initial_guard()[1])
+    refused: np.ndarray = field(default_factory=lambda: np.zeros(4, dtype=np.int64))
 
     @classmethod
     def initial(cls, n_symbols: int, init_cash: float) -> EngineState:
@@ -225,11 +266,15 @@ def step(
     *,
     entry_sl: np.ndarray | None = None,
     entry_tp: np.ndarray | None = None,
+    times: np.ndarray | None = None,
+    bar_ns: int = 0,
 ) -> ChunkResult:
     """Advance ``state`` over a chunk of bars (2-D ``(bars, symbols)`` arrays) and return what happened.
 
     ``entry_sl``/``entry_tp`` (optional, same shape, float): an entry signal's own stop-loss/take-profit as
     fractions of the reference price, e.g. from the nearest support/resistance; NaN: the scalar parameter.
+    ``times`` (int64 ns since the epoch, UTC, one per bar: the bars' open times) and ``bar_ns`` (the bar's
+    length in ns) are needed with ``params.protections`` (the UTC day and the cool-down's end are times).
     """
     arrays = [np.ascontiguousarray(a, dtype=np.float64) for a in (open_, high, low, close)]
     signals = [np.ascontiguousarray(a, dtype=np.bool_) for a in (entries, exits)]
@@ -241,6 +286,14 @@ def step(
     stops = [_entry_fractions(a, name, signals[0], state.n_symbols)
              for a, name in ((entry_sl, "entry_sl"), (entry_tp, "entry_tp"))]
     floats, ints = params.as_arrays()
+    if params.protections:
+        if times is None or bar_ns <= 0:
+            raise ValueError("protections need the bars' times (times=, int64 ns) and the bar length (bar_ns=)")
+        times = np.ascontiguousarray(times, dtype=np.int64)
+        if times.shape != (shape[0],):
+            raise ValueError(f"times must have one value per bar ({shape[0]}), got shape {times.shape}")
+    else:
+        times = np.empty(0, dtype=np.int64)
     flags = np.array([entry_sl is not None, entry_tp is not None])
     carried = state.pending == _BUY  # a pending buy with its own fractions needs the full loop to fill
     full = bool(flags.any() or params.max_hold_bars > 0
@@ -251,9 +304,10 @@ def step(
     equity = np.empty(shape[0])
     n = _simulate(
         *arrays, *signals, *stops, flags, floats, ints, state.bars_done, True if full else None,
+        True if params.protections else None, times, int(bar_ns),
         state.cash, state.position, state.entry_price, state.entry_fees, state.entry_bar, state.sl_price,
         state.tp_price, state.last_close, state.pending, state.stopped_bar, state.due_bar, state.pending_sl,
-        state.pending_tp, state.rejected, equity, out_i, out_f,
+        state.pending_tp, state.rejected, state.guard_f, state.guard_i, state.refused, equity, out_i, out_f,
     )
     state.bars_done += shape[0]
     trades = {
@@ -391,7 +445,8 @@ def _sell(s, price, slip, g, reason, fees, cash, position, entry_price, entry_fe
 
 
 @njit(cache=True)
-def _equity(cash, position, last_close):
+def account_equity(cash, position, last_close):
+    """Cash plus the positions at their last close (the paper trader's ``equity()`` is this very function)."""
     total = cash[0]
     for s in range(position.shape[0]):
         if position[s] != 0.0:
@@ -401,12 +456,21 @@ def _equity(cash, position, last_close):
 
 @njit(cache=True, nogil=True)
 def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags, floats, ints, offset, full,
-              cash, position, entry_price, entry_fees, entry_bar, sl_price, tp_price, last_close, pending,
-              stopped_bar, due_bar, pending_sl, pending_tp, rejected, equity, out_i, out_f):
+              guard, times, bar_ns, cash, position, entry_price, entry_fees, entry_bar, sl_price, tp_price,
+              last_close, pending, stopped_bar, due_bar, pending_sl, pending_tp, rejected, guard_f, guard_i,
+              refused, equity, out_i, out_f):
     # ``full`` is None or True, so numba compiles two loops from this one source and prunes the branches
     # ``if full is not None`` from the first: runs without time stops or per-entry stops keep the plain loop
-    # (the extra code alone, never executed, cost about 20 % of its speed).
+    # (the extra code alone, never executed, cost about 20 % of its speed). ``guard`` (the protections) likewise.
     fees, slippage, sl_stop, tp_stop = floats[0], floats[1], floats[2], floats[3]
+    max_drawdown, daily_loss_limit = floats[7], floats[8]
+    protect_max_positions, cooldown_losses, cooldown_bars = ints[4], ints[5], ints[6]
+    # the entry signals the bar acts on: all of them, or (protections) those the protections admitted
+    admitted = np.zeros(entries.shape[1] if guard is not None else 0, dtype=np.bool_)
+    today, today_start, today_end = 0, 0, 0  # the UTC day of the bar (an integer division only when it changes)
+    # the protections' state, in locals through the loop (written back at the end)
+    peak, day_start_equity = guard_f[PEAK], guard_f[DAY_START]
+    day, losses, cooldown_until, halted = guard_i[DAY], guard_i[LOSSES], guard_i[COOLDOWN_UNTIL], guard_i[HALTED] != 0
     next_open = ints[0] == 1
     max_positions = ints[2]
     time_stop = ints[3] > 0
@@ -424,6 +488,28 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
 
     for t in range(n_bars):
         g = offset + t
+        if guard is not None:  # 0. the trader's risk check, before the bar's fills
+            now = times[t]
+            if now < today_start or now >= today_end:
+                today = now // DAY_NS
+                today_start = today * DAY_NS
+                today_end = today_start + DAY_NS
+            equity_before = np.nan  # computed at the bar's first entry signal: cash + positions at the last close
+            held = n_open + n_pending_buys
+            for s in range(n_sym):
+                ok = entries[t, s] and position[s] == 0.0
+                if ok and close[t, s] == close[t, s]:
+                    if equity_before != equity_before:
+                        equity_before = account_equity(cash, position, last_close)
+                    code = entry_refusal(halted, day_start_equity, cooldown_until, protect_max_positions,
+                                         daily_loss_limit, now, equity_before, held)
+                    if code == ADMITTED:
+                        held += 1
+                    else:
+                        refused[code - 1] += 1
+                        ok = False
+                admitted[s] = ok
+            n_before = n
 
         # 1. orders queued at the previous close fill at this open: exits first, then entries
         if next_open and (n_pending_buys > 0 or n_open > 0):
@@ -493,7 +579,10 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                     n_open -= 1
                     stopped_bar[s] = g
                     continue
-                if exits[t, s] and not entries[t, s] and pending[s] == _NONE:
+                entry = entries[t, s]
+                if guard is not None:
+                    entry = admitted[s]
+                if exits[t, s] and not entry and pending[s] == _NONE:
                     if next_open:
                         pending[s] = _SELL
                     else:
@@ -503,7 +592,10 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
 
         # 3. entry signals at the close, with their own stop fractions when given
         for s in range(n_sym):
-            if entries[t, s] and not exits[t, s] and position[s] == 0.0 and pending[s] == _NONE \
+            entry = entries[t, s]
+            if guard is not None:
+                entry = admitted[s]
+            if entry and not exits[t, s] and position[s] == 0.0 and pending[s] == _NONE \
                     and stopped_bar[s] != g:
                 c = close[t, s]
                 if c != c:
@@ -521,7 +613,7 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                     if full is not None:
                         sl = _fraction(has_sl, entry_sl, t, s, sl_stop)
                         tp = _fraction(has_tp, entry_tp, t, s, tp_stop)
-                    if _buy(s, c, g, _equity(cash, position, last_close), sl, tp, floats, ints, cash, position,
+                    if _buy(s, c, g, account_equity(cash, position, last_close), sl, tp, floats, ints, cash, position,
                             entry_price, entry_fees, entry_bar, sl_price, tp_price, rejected):
                         last_close[s] = c
                         n_open += 1
@@ -532,5 +624,18 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
         if n_open == 0:
             equity[t] = cash[0]
         else:
-            equity[t] = _equity(cash, position, last_close)
+            equity[t] = account_equity(cash, position, last_close)
+
+        # 5. the protections see the bar's closing equity, then each trade it closed (the trader's after_bar)
+        if guard is not None:
+            peak, day, day_start_equity, halted, _ = account_after_bar(
+                peak, day, day_start_equity, halted, max_drawdown, today, equity[t])
+            for k in range(n_before, n):
+                size = out_f[k, 2]
+                pnl = size * out_f[k, 1] - size * out_f[k, 0] - out_f[k, 3] - out_f[k, 4]
+                losses, cooldown_until, _ = trade_closed(losses, cooldown_until, cooldown_losses,
+                                                         now + bar_ns * cooldown_bars, pnl)
+    if guard is not None:
+        guard_f[PEAK], guard_f[DAY_START] = peak, day_start_equity
+        guard_i[DAY], guard_i[LOSSES], guard_i[COOLDOWN_UNTIL], guard_i[HALTED] = day, losses, cooldown_until, halted
     return n

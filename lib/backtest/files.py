@@ -53,6 +53,7 @@ def result_document(result: BacktestResult, metrics: BacktestMetrics) -> dict[st
         "config": result.config.model_dump(mode="json"),
         "metrics": metrics.to_json_dict(),
         "rejected_entries": result.rejected,
+        "refused_entries": result.refused,  # by the account protections (backtest.protections)
         "trades": trade_rows,
     }
 

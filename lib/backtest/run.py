@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
@@ -19,6 +19,8 @@ from pricelevel.backtest.engine import (
     step,
 )
 from pricelevel.backtest.market import Market
+from pricelevel.backtest.protections import REFUSAL_LABELS
+from pricelevel.core.timeframes import utc_ns
 
 TRADE_COLUMNS = (
     "symbol", "entry_time", "exit_time", "entry_price", "exit_price", "size", "pnl", "return", "exit_reason",
@@ -28,7 +30,14 @@ TRADE_COLUMNS = (
 
 def engine_params(config: BacktestConfig) -> EngineParams:
     nan = float("nan")
+    guard = config.protections
+    protections = {} if guard is None else {
+        "protections": True, "protect_max_positions": guard.max_positions, "max_drawdown": guard.max_drawdown,
+        "daily_loss_limit": guard.daily_loss_limit, "cooldown_losses": guard.cooldown_losses,
+        "cooldown_bars": guard.cooldown_bars,
+    }
     return EngineParams(
+        **protections,
         init_cash=config.init_cash,
         fees=config.fees,
         slippage=config.slippage,
@@ -53,6 +62,9 @@ class BacktestResult:
     equity: pd.Series  # portfolio value at each bar's close, indexed by timestamp
     trades: pd.DataFrame  # TRADE_COLUMNS, in the order trades closed (open ones last)
     rejected: dict[str, int]  # entries refused: no_cash, dust, max_positions
+    #: Entries the account protections refused (``backtest.protections``): drawdown_halt, daily_loss, cooldown,
+    #: max_positions_open; empty without protections.
+    refused: dict[str, int] = field(default_factory=dict)
 
 
 def run_backtest(
@@ -75,6 +87,8 @@ def run_backtest(
     params = engine_params(config)
     state = EngineState.initial(len(market.symbols), params.init_cash)
     size = chunk_bars or max(market.n_bars, 1)
+    times = utc_ns(market.timestamps) if params.protections else None
+    bar_ns = (config.timeframe or market.timeframe).nanoseconds
     equity_parts, trade_parts = [], []
     for start in range(0, market.n_bars, size):
         stop = min(start + size, market.n_bars)
@@ -83,6 +97,7 @@ def run_backtest(
             market.close[start:stop], entries[start:stop], exits[start:stop],
             entry_sl=None if entry_sl is None else entry_sl[start:stop],
             entry_tp=None if entry_tp is None else entry_tp[start:stop],
+            times=None if times is None else times[start:stop], bar_ns=bar_ns,
         )
         equity_parts.append(part.equity)
         trade_parts.append(part.trades)
@@ -94,6 +109,7 @@ def run_backtest(
         equity=pd.Series(np.concatenate(equity_parts), index=market.timestamps, name="equity"),
         trades=trades_frame(columns, market),
         rejected={label: int(n) for label, n in zip(REJECT_LABELS, state.rejected, strict=True)},
+        refused={label: int(n) for label, n in zip(REFUSAL_LABELS, state.refused, strict=True)} if params.protections else {},
     )
 
 

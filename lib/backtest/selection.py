@@ -6,7 +6,10 @@ stop-loss, take-profit and time stop values, where ``move`` and ``horizon`` stan
 horizon (the label asks "does price rise ``move`` within ``horizon`` bars", so take-profit = move and time
 stop = horizon is the strategy the model was trained for). Every candidate is traded with the same costs and
 scored by ``selection.metric`` after fees, so the search sees turnover; one with fewer than
-``selection.min_trades`` trades cannot be chosen (a lucky handful of trades is not evidence).
+``selection.min_trades`` trades cannot be chosen (a lucky handful of trades is not evidence). Every candidate
+also trades under the trader's account protections, ``costs.protections`` (the ``risk:`` defaults unless the
+configuration says otherwise: :func:`pricelevel.backtest.config.with_protections`), so the rules chosen are
+judged as the trader would run them.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ from pricelevel.strategy.rules import StrategyRules
 
 @dataclass(frozen=True)
 class StrategyContext:
-    """What choosing and trading rules needs besides the model: costs, the search, the rules' defaults, and
-    the label's move and horizon (what ``"move"`` / ``"horizon"`` stand for in the grid)."""
+    """What choosing and trading rules needs besides the model: costs (with the account protections every
+    backtest simulates, ``costs.protections``), the search, the rules' defaults, and the label's move and
+    horizon (what ``"move"`` / ``"horizon"`` stand for in the grid)."""
 
     costs: BacktestConfig
     selection: SelectionConfig

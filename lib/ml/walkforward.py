@@ -1,7 +1,10 @@
 """Walk-forward evaluation of a model and its strategy: for every expanding-window fold, train on the fold's
 past, choose the decision rules on its validation segment, and keep its test segment for the report. The
 Optuna objective and the final training both go through :func:`fit_fold`, so the number a trial is ranked by
-is the number the report shows for the same fold and segment.
+is the number the report shows for the same fold and segment. Every fold trades under ``strategy.costs``,
+account protections included (``costs.protections``: the trader's max positions, drawdown halt, daily loss
+limit and cool-down, simulated by :mod:`pricelevel.backtest.protections`), so a fold's score is that of the
+strategy the trader runs.
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """The promotion rule: when a challenger replaces the champion. Pure: scores in, decision out, no MLflow.
 
 Both models are scored on the same newest window, the same rows and the same target (the challenger's label);
-each trades with its own rules (:mod:`pricelevel.inference.contest`).
+each trades with its own rules (:mod:`pricelevel.inference.contest`), under the trader's account protections
+(``backtest.protections``, simulated by :mod:`pricelevel.backtest.protections`): the gate judges the strategy
+the trader runs.
 
 - **The hurdle, for every champion, the first included**: the challenger's strategy metric
   (``selection.metric``, after costs) must beat each strategy baseline listed in ``promotion.hurdle`` on the

@@ -27,9 +27,12 @@ class TelegramConfig(Frozen):
     #: Telegram's limits: about one message a second per chat, 30 a second overall.
     per_chat_interval_s: float = Field(1.0, ge=0)
     max_per_second: int = Field(30, ge=1)
-    #: Messages waiting to be sent; beyond this new ones are dropped and counted (a long outage).
+    #: Messages waiting to be sent (kept in the state database through outages and restarts); beyond this new
+    #: ones are dropped and counted.
     queue_size: int = Field(1000, ge=1)
-    #: Tries per message (429s and network errors) before it is given up and counted as failed.
+    #: Tries per message that fail unexpectedly before it is given up and counted as failed. Telegram unreachable
+    #: (no connection, a timeout, a 5xx) and 429s never use one: the message waits until Telegram answers; a refusal
+    #: (a bad request, the bot blocked) ends it at once.
     send_attempts: int = Field(5, ge=1)
     #: First wait after a failed send; doubles per try, at most 30 s. A 429 waits its ``retry_after`` instead.
     retry_backoff_s: float = Field(1.0, ge=0)
@@ -42,7 +45,8 @@ class TelegramConfig(Frozen):
     #: UTC hour of an extra daily summary (equity, P&L, trades, positions) from the bot; ``null``: none (the trader
     #: itself sends one at the first bar of each UTC day).
     summary_hour: int | None = Field(None, ge=0, le=23)
-    #: At shutdown, keep sending what is queued for at most this long; the rest is counted as unsent.
+    #: At shutdown, keep sending what is queued for at most this long (not at all while Telegram is unreachable);
+    #: the rest stays in the state database's outbox and is sent at the next start.
     flush_timeout_s: float = Field(5.0, ge=0)
     #: A flow's lifecycle message (promotion, failed run) gives up after this long: a flow never waits on Telegram.
     lifecycle_timeout_s: float = Field(15.0, gt=0)

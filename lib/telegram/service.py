@@ -3,8 +3,10 @@
 
 The companion never stands in the trader's way: entering it does not wait for Telegram (the bot connects in
 the background and retries while Telegram is unreachable, with pending updates dropped when it connects, so a
-``/kill`` queued during an outage never fires late); the notifier it yields only puts a message on the loop's
-bounded queue and returns; leaving it sends what is queued for at most ``flush_timeout_s``.
+``/kill`` queued during an outage never fires late); the notifier it yields only hands a message to the loop and
+returns. Its messages wait in the state database's outbox (:class:`~pricelevel.telegram.outbox.StoredQueue`)
+until Telegram takes them, through outages and restarts; leaving it sends what waits for at most
+``flush_timeout_s`` and keeps the rest for the next start.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pricelevel.registry.tracking import mlflow_client
 from pricelevel.telegram.bot import ControlBot, build_application
 from pricelevel.telegram.commands import Registry, summary_text
 from pricelevel.telegram.config import TelegramConfig
-from pricelevel.telegram.outbox import Counters, Outbox, Outgoing
+from pricelevel.telegram.outbox import Counters, Outbox, Outgoing, StoredQueue
 from pricelevel.telegram.redaction import Mask, masked_logs, masker
 from pricelevel.trading.events import NoNotifier, Notifier
 from pricelevel.trading.state import StateStore
@@ -96,9 +98,10 @@ async def telegram_companion(
     counters = Counters()
     with masked_logs(mask):
         app = build_application(config, token)
-        outbox = Outbox(lambda item: _send(app.bot, item), config, counters, mask)
+        outbox = Outbox(lambda item: _send(app.bot, item), config, counters, mask, queue=StoredQueue(store))
         ControlBot(config, store, Registry(tracking, registry_lock, mlflow), outbox, counters).install(app)
-        notifier = TelegramNotifier(asyncio.get_running_loop(), outbox, config, counters)
+        loop = asyncio.get_running_loop()
+        notifier = TelegramNotifier(loop, outbox, config, counters)
         worker = asyncio.create_task(outbox.run(), name="telegram-outbox")
         helpers = [asyncio.create_task(_connect(app, outbox, config), name="telegram-connect")]
         if config.summary_hour is not None:
@@ -107,11 +110,13 @@ async def telegram_companion(
             yield notifier
         finally:
             notifier.close()
+            started = loop.time()
+            await outbox.until_connected(config.flush_timeout_s)  # stopped right after a start: its messages still go
             for task in helpers:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
-            await _stop(app, outbox, worker, config)
+            await _stop(app, outbox, worker, config, max(config.flush_timeout_s - (loop.time() - started), 0.0))
             LOG.info("telegram: stopped; messages %s", counters.snapshot())
 
 
@@ -135,6 +140,7 @@ async def _connect(app: Application, outbox: Outbox, config: TelegramConfig) -> 
             outbox.refuse("token rejected")
             return
         except NetworkError as exc:
+            outbox.unreachable()
             LOG.warning("telegram: cannot reach the Bot API (%s); trying again in %.0f s (trading goes on)", exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RECONNECT_S)
@@ -144,7 +150,7 @@ async def _connect(app: Application, outbox: Outbox, config: TelegramConfig) -> 
             return
         else:
             LOG.info("telegram: connected as @%s; authorised chats: %d", app.bot.username, len(config.chat_ids))
-            outbox.ready.set()
+            outbox.connected()
             return
 
 
@@ -152,7 +158,8 @@ def _polling_error(exc: TelegramError) -> None:
     LOG.warning("telegram: polling for updates failed (%s); the library retries", exc)
 
 
-async def _stop(app: Application, outbox: Outbox, worker: asyncio.Task[None], config: TelegramConfig) -> None:
+async def _stop(app: Application, outbox: Outbox, worker: asyncio.Task[None], config: TelegramConfig,
+                flush_s: float) -> None:
     """Polling first (no new commands), then the handlers still running, then the outbox's flush, then the
     HTTP clients; each step bounded, none may raise."""
     bound = config.request_timeout_s + 1.0
@@ -162,7 +169,7 @@ async def _stop(app: Application, outbox: Outbox, worker: asyncio.Task[None], co
             awaitable = step()
             if awaitable is not None:
                 await asyncio.wait_for(awaitable, bound)
-    await outbox.close(config.flush_timeout_s, worker)
+    await outbox.close(flush_s, worker)
     for step in (app.shutdown, app.bot.shutdown):
         with contextlib.suppress(Exception):
             await asyncio.wait_for(step(), bound)

@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from pricelevel.backtest.config import ProtectionsConfig
 from pricelevel.core.config import Frozen, HttpUrl, Symbol
 
 
@@ -36,11 +37,13 @@ class TraderConfig(Frozen):
     live: bool = False
 
 
-class RiskConfig(Frozen):
-    """The risk manager's limits (README "Risk"); each is one small rule, each refusal is recorded with its reason."""
+class RiskConfig(ProtectionsConfig):
+    """The risk manager's limits (README "Risk"); each is one small rule, each refusal is recorded with its reason.
 
-    #: Equity this far below its peak halts trading until re-armed (the halt survives restarts).
-    max_drawdown: float = Field(0.2, gt=0, lt=1)
+    ``max_positions``, ``max_drawdown``, ``daily_loss_limit``, ``cooldown_losses`` and ``cooldown_bars`` (with their
+    defaults) are :class:`~pricelevel.backtest.config.ProtectionsConfig`'s: the protections every backtest
+    simulates with the functions the trader runs. The drawdown halt survives restarts until re-armed."""
+
     #: The widest stop-loss a position may have: a model's tighter stop is kept, a missing or wider one becomes this.
     #: ``null`` (the default): the model's own stop, as the promotion gate judged it (README "Risk": the seed's 2 %).
     max_stop_loss: float | None = Field(None, gt=0, lt=1)
@@ -49,13 +52,7 @@ class RiskConfig(Frozen):
     #: Equity lost if a position hits its stop-loss; the position is also capped at ``max_position_fraction``.
     risk_per_trade: float = Field(0.02, gt=0, le=1)
     max_position_fraction: float = Field(0.1, gt=0, le=1)
-    max_positions: int = Field(5, ge=1)
-    #: Today's loss (UTC day, from the day's first equity) beyond this refuses entries until tomorrow.
-    daily_loss_limit: float = Field(0.05, gt=0, lt=1)
-    #: After this many losing trades in a row, no entry for ``cooldown_bars`` bars.
-    cooldown_losses: int = Field(3, ge=1)
-    cooldown_bars: int = Field(24, ge=1)
     #: This many exchange errors or stale bars in a row trip the circuit breaker (entries refused) until
-    #: ``breaker_reset_bars`` good bars in a row have passed.
+    #: ``breaker_reset_bars`` good bars in a row have passed (live only: a backtest has no exchange).
     breaker_errors: int = Field(3, ge=1)
     breaker_reset_bars: int = Field(6, ge=1)

@@ -21,6 +21,7 @@ EVENT_KINDS = (
     "summary",    # the daily summary: equity, P&L, trades, open positions
     "promotion",  # a promotion decision of the promote flow, with its numbers
     "pipeline",   # a failed pipeline run
+    "service",    # the trading service started, stopped and why, or restarted after an unclean stop
 )
 
 

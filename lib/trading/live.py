@@ -44,6 +44,7 @@ from typing import Any
 import pandas as pd
 
 from pricelevel.strategy.rules import StrategyRules
+from pricelevel.trading import documents
 from pricelevel.trading.exchange import (
     ExchangeClient,
     ExchangeUnavailable,
@@ -377,22 +378,25 @@ class ExchangeBroker:
         return problems
 
     def _settle_open_rows(self, current: pd.Timestamp | None) -> None:
+        """Look up every order of ours whose fate is open and apply what it filled, whatever bar it belongs to.
+        Only the intents of ``current`` (the bar about to be redone) that the exchange has not seen are left to
+        that step (it sends them); an older intent never sent is settled as never sent, not sent late."""
         with self.store.transaction() as tx:
             pending = self.store.orders(tx, OPEN_STATUSES)
         for row in pending:
-            if current is not None and as_utc(row["bar_time"]) == as_utc(current):
-                continue  # the step about to run resumes its own intents
             cid = row["client_id"]
-            if row["status"] == "NEW":  # committed, never sent: its moment has passed; never send it late
-                self._update(cid, status="CANCELLED", message="not sent: the process stopped before sending it; superseded")
+            redone = current is not None and as_utc(row["bar_time"]) == as_utc(current)
+            if row["status"] == "NEW":  # committed, never sent
+                if not redone:
+                    self._update(cid, status="CANCELLED", message="not sent: the process stopped before sending it; superseded")
                 continue
             report = self._lookup(cid)
             if report is None:
                 if self.unavailable:
                     return
-                if row["status"] in ("SENT", "UNKNOWN"):
-                    self._update(cid, status="CANCELLED", message=f"{row['status']} and unknown to the exchange by its "
-                                                                  "client id: it never reached the exchange")
+                if row["status"] in ("SENT", "UNKNOWN") and not (redone and row["status"] == "SENT"):
+                    self._update(cid, status="CANCELLED", message=f"{RESOLVED[row['status']]}; unknown to the exchange "
+                                                                  "by its client id: it never reached the exchange")
                 continue
             if not report.status.final:
                 report = self._cancel_rest(row["symbol"], cid, report)
@@ -415,7 +419,7 @@ class ExchangeBroker:
             books = position.size if position else 0.0
             price = position.last_close if position and math.isfinite(position.last_close) else self._last_price(symbol)
             tolerance = max(dust_qty(instrument, price) if price else instrument.base_precision, books * 1e-6)
-            if have < books - tolerance:
+            if have < books - tolerance and not self._unsettled(symbol):
                 found.append({"kind": "short", "text": f"{symbol}: the wallet holds {have:.8g} {coin}, less than our "
                                                        f"position {books:.8g} ({books - have:.8g} missing)"})
                 if report and position is not None:
@@ -440,6 +444,11 @@ class ExchangeBroker:
                         self.foreign[coin] = foreign
                         self.notes.append(f"reconciliation: {text}")
         return found
+
+    def _unsettled(self, symbol: str) -> bool:
+        """An order of ours on ``symbol`` is still of open fate: it may explain a difference (judged later)."""
+        with self.store.transaction() as tx:
+            return any(r["symbol"] == symbol and r["status"] != "NEW" for r in self.store.orders(tx, OPEN_STATUSES))
 
     def _our_unsold(self, symbol: str) -> float:
         """Coins our own fills of ``symbol`` bought (net of fees) and none sold, over the whole order history."""
@@ -721,7 +730,7 @@ class ExchangeBroker:
 
     def _save(self) -> None:
         with self.store.transaction() as tx:
-            self.store.put(tx, EXECUTION, self.to_state())
+            self.store.write(tx, documents.EXECUTION, self.to_state())
 
     def _row(self, cid: str) -> dict[str, Any] | None:
         with self.store.transaction() as tx:
@@ -736,7 +745,8 @@ def account_status(store: StateStore, exchange: ExchangeClient) -> dict[str, Any
     """The books (the state database) beside the exchange account: balances, open orders and every difference,
     for ``pricelevel trader status`` and ``/status`` in an exchange mode (the service need not run)."""
     with store.transaction() as tx:
-        saved = store.get(tx, EXECUTION) or {}
+        document = store.read(tx, documents.EXECUTION)
+    saved = document.model_dump() if document else {}
     symbols = tuple(saved.get("symbols") or ())
     broker = ExchangeBroker.from_state(saved, exchange, store, symbols, StrategyRules(threshold=0.5))
     return broker.status()

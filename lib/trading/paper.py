@@ -3,6 +3,10 @@
 Fills follow the engine's own rules (fees, slippage, stops inside the bar, fill at the next open), and the
 engine's state is what is persisted between bars, so a paper trader over historical bars makes exactly the
 trades of ``pricelevel backtest --model`` over the same bars (the engine's chunking invariance, one bar a chunk).
+
+The account protections are not run here: the trader's risk manager judges every entry before the bar is
+executed, with the same compiled functions the backtest engine runs in its loop
+(:mod:`pricelevel.backtest.protections`), and passes only the admitted entries.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from pricelevel.backtest.config import BacktestConfig
-from pricelevel.backtest.engine import EngineState, ExitReason, step
+from pricelevel.backtest.engine import EngineState, ExitReason, account_equity, step
 from pricelevel.backtest.run import engine_params
 from pricelevel.backtest.trading import with_rules
 from pricelevel.strategy.rules import StrategyRules
@@ -67,7 +71,7 @@ class PaperBroker:
     def errors(self) -> list[str]:
         return []  # the engine cannot fail to fill
 
-    def reconcile(self, last_bar: str | None) -> list[str]:
+    def reconcile(self, last_bar: str | None, current: pd.Timestamp | None = None) -> list[str]:
         return []  # the engine's state is the account: nothing to compare it with
 
     def flatten(self, symbols: Sequence[str], at: pd.Timestamp, model_version: str, reason: str) -> list[ClosedTrade]:
@@ -76,7 +80,8 @@ class PaperBroker:
     def __init__(self, symbols: Sequence[str], costs: BacktestConfig, rules: StrategyRules, state: EngineState | None = None,
                  bar_times: Sequence[str] = ()) -> None:
         self.symbols = tuple(symbols)
-        self.config = with_rules(costs, rules)
+        # no protections in the engine: the trader's RiskManager applies them (the same functions) before the bar
+        self.config = with_rules(costs, rules).model_copy(update={"protections": None})
         self.params = engine_params(self.config)
         self.state = state or EngineState.initial(len(self.symbols), self.params.init_cash)
         self.bar_times = list(bar_times)  # the time of every bar fed, by engine bar index
@@ -126,8 +131,8 @@ class PaperBroker:
         return float(self.state.cash[0])
 
     def equity(self) -> float:
-        held = np.nan_to_num(self.state.position * self.state.last_close)
-        return self.cash + float(held.sum())
+        """Cash + positions at their last close: the engine's own sum (the equity its protections judge with)."""
+        return float(account_equity(self.state.cash, self.state.position, self.state.last_close))
 
     def positions(self) -> dict[str, dict[str, float]]:
         s = self.state
@@ -157,7 +162,7 @@ class PaperBroker:
     def from_state(cls, raw: Mapping[str, Any], costs: BacktestConfig, rules: StrategyRules) -> PaperBroker:
         initial = EngineState.initial(len(raw["symbols"]), costs.init_cash)
         values = {}
-        for f in fields(EngineState):
-            value = raw["engine"][f.name]
+        for f in fields(EngineState):  # a field added since the state was saved starts as in a new engine
+            value = raw["engine"].get(f.name, getattr(initial, f.name))
             values[f.name] = value if f.name == "bars_done" else np.asarray(value, dtype=np.asarray(getattr(initial, f.name)).dtype)
         return cls(raw["symbols"], costs, rules, EngineState(**values), raw["bar_times"])

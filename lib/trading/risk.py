@@ -13,6 +13,12 @@ position may be opened now and bounds how it is protected and sized:
   a manual **stop** (no new entries), the **daily loss limit**, a **cool-down** after ``cooldown_losses``
   losing trades in a row, the **circuit breaker** (repeated exchange errors or stale data) and
   ``max_positions``. Exits are never refused.
+
+The drawdown halt, the daily loss limit, the cool-down and ``max_positions`` are decided by the compiled
+functions of :mod:`pricelevel.backtest.protections`, the very ones the backtest engine runs in its loop, on
+this state converted to numbers: so every backtest (``backtest --model``, the walk-forward folds, the promotion
+gate) refuses the entries the trader refuses. The kill switch, the manual stop, the circuit breaker and
+reconciliation halts are live only (a backtest has no exchange and no operator).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 import pandas as pd
 
+from pricelevel.backtest import protections as guard
 from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.config import RiskConfig
 
@@ -65,24 +72,49 @@ def position_value(equity: float, stop: float | None, risk_per_trade: float, max
 # ------------------------------------------------------------------------------------------------ rules
 
 
+# Each rule's words; whether it applies is decided by :mod:`pricelevel.backtest.protections`.
+
+
 def drawdown_breached(equity: float, peak: float, limit: float) -> str | None:
-    drawdown = 1.0 - equity / peak if peak > 0 else 0.0
-    return f"drawdown {drawdown:.1%} reached the {limit:.0%} limit (peak {peak:,.2f}, equity {equity:,.2f})" if drawdown >= limit else None
+    if not guard.drawdown_reached(equity, peak, limit):
+        return None
+    drawdown = 1.0 - equity / peak
+    return f"drawdown {drawdown:.1%} reached the {limit:.0%} limit (peak {peak:,.2f}, equity {equity:,.2f})"
 
 
 def daily_loss_breached(equity: float, day_start: float, limit: float) -> str | None:
-    loss = 1.0 - equity / day_start if day_start > 0 else 0.0
-    return f"today's loss {loss:.1%} reached the {limit:.0%} daily limit" if loss >= limit else None
+    if not guard.daily_loss_reached(equity, day_start, limit):
+        return None
+    return f"today's loss {1.0 - equity / day_start:.1%} reached the {limit:.0%} daily limit"
 
 
 def cooling_down(cooldown_until: str | None, bar_time: pd.Timestamp) -> str | None:
-    if cooldown_until and bar_time < pd.Timestamp(cooldown_until):
+    if cooldown_until and _ns(bar_time) < _ns(cooldown_until):
         return f"cooling down after consecutive losing trades until {cooldown_until}"
     return None
 
 
 def too_many_positions(held: int, limit: int) -> str | None:
     return f"{held} positions open or pending: the limit is {limit}" if held >= limit else None
+
+
+def _number(value: float | None) -> float:
+    """The protections' "none yet" for a number: NaN."""
+    return math.nan if value is None else float(value)
+
+
+def _day(day: str | None) -> int:
+    return guard.NO_TIME if day is None else _ns(day) // guard.DAY_NS
+
+
+def _cooldown(until: str | None) -> int:
+    return _ns(until) if until else guard.NO_TIME
+
+
+def _ns(when: pd.Timestamp | str) -> int:
+    """UTC nanoseconds since the epoch (a naive time is UTC), the protections' clock."""
+    stamp = pd.Timestamp(when)
+    return (stamp if stamp.tz is None else stamp.tz_convert("UTC").tz_localize(None)).as_unit("ns").value
 
 
 @dataclass
@@ -124,19 +156,24 @@ class RiskManager:
     ) -> list[str]:
         """Update the limits with the bar's outcome; return the events worth telling a person (halts, trips)."""
         state, config, events = self.state, self.config, []
-        state.peak_equity = equity if state.peak_equity is None else max(state.peak_equity, equity)
-        day = f"{bar_time:%Y-%m-%d}"
-        if state.day != day:
-            state.day, state.day_start_equity = day, equity
-        if state.halted is None and (reason := drawdown_breached(equity, state.peak_equity, config.max_drawdown)):
-            state.halted = reason
-            events.append(f"HALTED: {reason}; no entry until `pricelevel trader rearm`")
+        now = _ns(bar_time)
+        peak, day, day_start, _, halted_now = guard.account_after_bar(
+            _number(state.peak_equity), _day(state.day), _number(state.day_start_equity), state.halted is not None,
+            config.max_drawdown, now // guard.DAY_NS, float(equity))
+        state.peak_equity, state.day_start_equity = float(peak), float(day_start)
+        state.day = f"{pd.Timestamp(int(day) * guard.DAY_NS):%Y-%m-%d}"
+        if halted_now:
+            state.halted = drawdown_breached(equity, state.peak_equity, config.max_drawdown)
+            events.append(f"HALTED: {state.halted}; no entry until `pricelevel trader rearm`")
+        losses, until = state.consecutive_losses, _cooldown(state.cooldown_until)
+        ends = now + pd.Timedelta(bar).value * config.cooldown_bars
         for pnl in closed_pnls:
-            state.consecutive_losses = state.consecutive_losses + 1 if pnl < 0 else 0
-            if state.consecutive_losses >= config.cooldown_losses:
-                state.cooldown_until = str(bar_time + bar * config.cooldown_bars)
-                events.append(f"cool-down: {state.consecutive_losses} losing trades in a row; no entry until {state.cooldown_until}")
-                state.consecutive_losses = 0
+            losses, until, fired = guard.trade_closed(losses, until, config.cooldown_losses, ends, float(pnl))
+            if fired:
+                state.cooldown_until = str(pd.Timestamp(int(until), tz="UTC"))
+                events.append(f"cool-down: {config.cooldown_losses} losing trades in a row; no entry until "
+                              f"{state.cooldown_until}")
+        state.consecutive_losses = int(losses)
         if problem:
             state.breaker_errors, state.breaker_good = state.breaker_errors + 1, 0
             if not state.breaker_tripped and state.breaker_errors >= config.breaker_errors:
@@ -152,14 +189,18 @@ class RiskManager:
     def entry_refusal(self, bar_time: pd.Timestamp, equity: float, held: int) -> str | None:
         """Why no new position may be opened now (``None``: it may). Checked once per entry signal."""
         state, config = self.state, self.config
+        code = guard.entry_refusal(state.halted is not None, _number(state.day_start_equity),
+                                   _cooldown(state.cooldown_until), config.max_positions, config.daily_loss_limit,
+                                   _ns(bar_time), float(equity), int(held))
         reason = (
             (f"kill switch: {state.halted}" if state.kill_switch else None)
             or (f"halted: {state.halted}" if state.halted else None)
             or ("stopped: no new entries (`/start` or `pricelevel trader rearm` resumes)" if state.stopped else None)
-            or (daily_loss_breached(equity, state.day_start_equity, config.daily_loss_limit) if state.day_start_equity else None)
-            or cooling_down(state.cooldown_until, bar_time)
+            or (daily_loss_breached(equity, state.day_start_equity, config.daily_loss_limit)
+                if code == guard.REFUSED_DAILY_LOSS else None)
+            or (cooling_down(state.cooldown_until, bar_time) if code == guard.REFUSED_COOLDOWN else None)
             or ("circuit breaker: repeated exchange errors or stale data" if state.breaker_tripped else None)
-            or too_many_positions(held, config.max_positions)
+            or (too_many_positions(held, config.max_positions) if code == guard.REFUSED_MAX_POSITIONS else None)
         )
         if reason:
             kind = reason.split(":")[0].split(" ")[0]

@@ -30,6 +30,7 @@ from pricelevel.features.incremental import TableBuilder
 from pricelevel.inference.scoring import predict_at
 from pricelevel.ml.dataset import symbol_frame
 from pricelevel.strategy.rules import StrategyRules
+from pricelevel.trading import documents
 from pricelevel.trading.config import RiskConfig
 from pricelevel.trading.control import COMMANDS
 from pricelevel.trading.events import NoNotifier, Notifier
@@ -110,9 +111,12 @@ class Trader:
         self.notifier = notifier or NoNotifier()
         self.make_execution = make_execution
         with store.transaction() as tx:
-            self.last_bar = store.get(tx, LAST_BAR)
-            self.risk = RiskManager(risk, RiskState.from_dict(store.get(tx, RISK)))
-            saved = store.get(tx, EXECUTION)
+            # Declared, versioned documents (an older one is upgraded as it is read, a newer one refused).
+            self.last_bar = store.read(tx, documents.LAST_BAR)
+            risk_document = store.read(tx, documents.RISK)
+            self.risk = RiskManager(risk, risk_document.to_state() if risk_document else RiskState())
+            execution_document = store.read(tx, documents.EXECUTION)
+            saved = execution_document.model_dump() if execution_document else None
         self.execution = make_execution(self.rules, saved)
         self._last_refusal: dict[str, str] = {}
         self._told_down = False
@@ -415,10 +419,10 @@ class Trader:
             if commands:  # remove what this bar applied; commands queued meanwhile stay for the next bar
                 queued = self.store.get(tx, COMMANDS, [])
                 self.store.put(tx, COMMANDS, [c for c in queued if c not in commands])
-            self.store.put(tx, RISK, self.risk.state.to_dict())
-            self.store.put(tx, EXECUTION, self.execution.to_state())
-            self.store.put(tx, MODEL, {"uri": self.models.uri, "version": version})
-            self.store.put(tx, LAST_BAR, str(bar_time))
+            self.store.write(tx, documents.RISK, self.risk.state.to_dict())
+            self.store.write(tx, documents.EXECUTION, self.execution.to_state())
+            self.store.write(tx, documents.MODEL, {"uri": self.models.uri, "version": version})
+            self.store.write(tx, documents.LAST_BAR, str(bar_time))
             self.store.put(tx, FORCED, [])
         self.last_bar = str(bar_time)
 

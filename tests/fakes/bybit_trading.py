@@ -34,11 +34,23 @@ on its path (order faults default to ``/v5/order/create``, the others to any tra
 can fail "the next order" whatever reads the client does first. ``lost`` is the nasty one: the order IS
 created and filled, then the answer stalls past the client's timeout, or is a bare 502.
 
+Bad days, on demand: :meth:`FakeBybitExchange.set_outage` answers every request (klines included) with an
+HTTP status and an HTML page, as a proxy in front of a down exchange does (optionally until a time of the
+fake's clock); :meth:`~FakeBybitExchange.revoke_key` answers 10003 to every private request;
+:meth:`~FakeBybitExchange.rate_limit_storm` queues N consecutive 10006 answers; ``fill_fraction`` fills only
+part of each market order and :meth:`~FakeBybitExchange.fill_rest` (or ``fill_rest_after``) fills the rest
+later, as a separate execution with its own ``execId``.
+
+A test driving the fake in another process uses the ``/fake/...`` control endpoints (never affected by an
+outage or a fault), most easily through :class:`FakeExchangeControl`.
+
 Standalone (binds 127.0.0.1 only)::
 
     python -m tests.fakes.bybit_trading --port 8766 --data data/sample --price BTCUSDT=61200
 
-prints the key and secret to use (``BYBIT_API_KEY`` / ``BYBIT_API_SECRET``) and serves klines too.
+prints the key and secret to use (``BYBIT_API_KEY`` / ``BYBIT_API_SECRET``) and serves klines too. Run both
+the fake and its client under a sped-up clock (libfaketime ``x360``) with ``--clock-speed 360``: the recv
+window is then checked in real seconds, not fake ones.
 """
 
 from __future__ import annotations
@@ -51,6 +63,7 @@ import json
 import re
 import threading
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
@@ -59,6 +72,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 import pandas as pd
+from werkzeug.http import HTTP_STATUS_CODES
 from werkzeug.serving import make_server
 from werkzeug.wrappers import Request, Response
 
@@ -75,6 +89,22 @@ PRIVATE_PATHS = (ORDER_CREATE, ORDER_CANCEL, ORDER_REALTIME, ORDER_HISTORY, EXEC
 TRADING_PATHS = (*PRIVATE_PATHS, INSTRUMENTS_INFO)
 #: Not Bybit: how a test in another process moves the fake's last prices (POST {"SYMBOL": "price", ...}).
 FAKE_PRICES = "/fake/prices"
+#: Not Bybit: POST {"status": 503, "until": "2024-06-20T04:00:00Z" | null}; {"status": null} ends it.
+FAKE_OUTAGE = "/fake/outage"
+#: Not Bybit: POST [{"kind": "rate_limit", "count": 5}, {"kind": "lost", "stall_s": 3}, {"kind": "http", "status": 502}]
+FAKE_FAULTS = "/fake/faults"
+#: Not Bybit: POST {"fill_fraction": 0.4, "fill_rest_after_s": 600 | null}.
+FAKE_FILL_FRACTION = "/fake/fill_fraction"
+#: Not Bybit: POST {"orderLinkId": "..."} fills the rest of that open order; {} fills the rest of every one.
+FAKE_FILL_REST = "/fake/fill_rest"
+#: Not Bybit: POST {"COIN": "amount", ...} sets balances.
+FAKE_BALANCE = "/fake/balance"
+#: Not Bybit: POST {"revoked": true} answers 10003 to every private request; {"revoked": false} restores the key.
+FAKE_KEY = "/fake/key"
+#: Not Bybit: GET the whole account (balances, orders, executions, created, counts of requests).
+FAKE_STATE = "/fake/state"
+CONTROL_PATHS = (FAKE_PRICES, FAKE_OUTAGE, FAKE_FAULTS, FAKE_FILL_FRACTION, FAKE_FILL_REST, FAKE_BALANCE, FAKE_KEY,
+                 FAKE_STATE)
 
 RET_PARAMS = 10001
 RET_RECV_WINDOW = 10002
@@ -145,6 +175,32 @@ class TradeFault(Fault):
         """The same fault, aimed at ``path`` (``None``: any trading path)."""
         return replace(self, path=path)
 
+    @classmethod
+    def from_json(cls, spec: Mapping[str, object]) -> list[TradeFault]:
+        """``count`` faults from one ``/fake/faults`` entry: ``{"kind": "rate_limit" | "http" | "slow" |
+        "malformed" | "api_error" | "lost" | "reject" | "order_error", "count": 1, "path": ..., "status": ...,
+        "stall_s": ..., "seconds": ..., "ret_code": ..., "message": ...}``."""
+        kind, count = str(spec["kind"]), int(str(spec.get("count", 1)))
+        seconds = float(str(spec.get("seconds", spec.get("stall_s", 0)) or 0))
+        makers: dict[str, Callable[[], Fault]] = {
+            "rate_limit": lambda: Fault.rate_limit(seconds),
+            "http": lambda: Fault.http(int(str(spec.get("status", 502)))),
+            "slow": lambda: Fault.slow(seconds),
+            "malformed": Fault.malformed,
+            "api_error": lambda: Fault.api_error(int(str(spec.get("ret_code", RET_SERVER_ERROR))),
+                                                 str(spec.get("message", "Server error"))),
+            "lost": lambda: cls.lost(seconds or None),
+            "reject": lambda: cls.reject(str(spec.get("message", "EC_NoImmediateQtyToFill"))),
+            "order_error": lambda: cls.order_error(int(str(spec["ret_code"])), spec.get("message")),
+        }
+        if kind not in makers:
+            raise ValueError(f"unknown fault kind {kind!r}; one of {sorted(makers)}")
+        made = makers[kind]()
+        fault = made if isinstance(made, TradeFault) else cls(**vars(made))
+        if "path" in spec:
+            fault = fault.on(spec["path"])  # type: ignore[arg-type]
+        return [fault] * count
+
 
 @dataclass(frozen=True)
 class Recorded:
@@ -173,6 +229,18 @@ class _Order:
     fee_coin: str = ""
     reject_reason: str = "EC_NoError"
     cancel_type: str = "UNKNOWN"
+
+    def done(self, instrument: _Instrument, price: Decimal) -> bool:
+        """Nothing left to fill (in the unit the order was given in, to within one lot at ``price``)."""
+        if self.market_unit == "quoteCoin":
+            return self.qty - self.cum_value < instrument.base_precision * price + instrument.quote_precision
+        return self.qty - self.cum_qty < instrument.base_precision
+
+    def leaves_base(self, price: Decimal) -> Decimal:
+        """What is left to fill, in the base coin at ``price``."""
+        if self.market_unit == "quoteCoin":
+            return (self.qty - self.cum_value) / price
+        return self.qty - self.cum_qty
 
     def to_json(self) -> dict[str, object]:
         """The order as ``/v5/order/realtime`` and ``/v5/order/history`` list it."""
@@ -275,7 +343,12 @@ class FakeBybitExchange:
     taker_fee: float = 0.001
     #: Share of each market order that fills (the rest stays open, ``PartiallyFilled``).
     fill_fraction: float = 1.0
+    #: Fake-clock seconds after which the rest of a partly filled order fills by itself (``None``: never).
+    fill_rest_after_s: float | None = None
     unique_link_ids: bool = True
+    #: How many times faster than real time the clocks of the fake and its clients run (libfaketime ``x360``):
+    #: the recv window and the allowed clock lead are checked in real time, as network latency is real.
+    clock_speed: float = 1.0
     now: Callable[[], pd.Timestamp] = field(default=lambda: pd.Timestamp.now(tz="UTC"))
     market: FakeBybit | None = None
 
@@ -290,6 +363,12 @@ class FakeBybitExchange:
         self._executions: list[dict[str, str]] = []
         self._faults: deque[TradeFault] = deque()
         self._lock = threading.RLock()
+        self._outage: tuple[int, pd.Timestamp | None] | None = None
+        self._key_revoked = False
+        #: Requests answered with the outage's status (klines included), and by path.
+        self.outage_answers: dict[str, int] = {}
+        #: Refusals answered (retCode -> count), e.g. 170141 for an ``orderLinkId`` sent again.
+        self.refusals: dict[int, int] = {}
         #: Every trading request, in order (klines are in ``market.requests``).
         self.requests: list[Recorded] = []
         #: Every order created, in order: what the exchange really took.
@@ -341,6 +420,91 @@ class FakeBybitExchange:
         for fault in faults:
             self._faults.append(fault if isinstance(fault, TradeFault) else TradeFault(**vars(fault)))
 
+    def rate_limit_storm(self, count: int, path: str | None = None, reset_after_s: float = 0.0) -> None:
+        """The next ``count`` trading requests (on ``path``, or any) answer retCode 10006."""
+        self.fail_next(*[TradeFault.rate_limit(reset_after_s).on(path)] * count)
+
+    def set_outage(self, status: int | None = 503, *, until: pd.Timestamp | str | None = None) -> None:
+        """From now on every request, klines included, answers HTTP ``status`` with an HTML page, as the
+        proxy in front of a down exchange does; until ``until`` on the fake's clock, or until
+        ``set_outage(None)``. Nothing behind it changes: orders stay as they were."""
+        if status is None:
+            self._outage = None
+            return
+        end = pd.Timestamp(until) if until is not None else None
+        if end is not None and end.tz is None:
+            end = end.tz_localize("UTC")
+        self._outage = (int(status), end)
+
+    @property
+    def outage(self) -> int | None:
+        """The HTTP status every request answers now, or ``None``."""
+        if self._outage is None:
+            return None
+        status, until = self._outage
+        if until is not None and pd.Timestamp(self.now()) >= until:
+            self._outage = None
+            return None
+        return status
+
+    def revoke_key(self) -> None:
+        """The API key is deleted on the exchange: every private request answers retCode 10003."""
+        self._key_revoked = True
+
+    def restore_key(self) -> None:
+        self._key_revoked = False
+
+    def fill_rest(self, link_id: str | None = None, price: float | str | None = None) -> list[str]:
+        """Fill what is left of the open order ``link_id`` (every open order with ``None``) at ``price``
+        (default: the last price), as one more execution each; returns the ``orderLinkId`` s filled.
+        A buy fills only what the quote balance still pays for, as the exchange had it locked."""
+        with self._lock:
+            orders = [o for o in self._orders.values() if o.status in OPEN_STATUSES
+                      and (link_id is None or o.link_id == link_id)]
+            if link_id is not None and not orders:
+                raise KeyError(f"fake Bybit: no open order with orderLinkId {link_id!r}")
+            for order in orders:
+                instrument = self._instruments[order.symbol]
+                at = _dec(price) if price is not None else self._price(order.symbol)
+                if at is None:
+                    continue
+                base_qty = order.leaves_base(at)
+                if order.side == "Buy":
+                    base_qty = min(base_qty, self._balances.get(instrument.quote_coin, Decimal(0)) / at)
+                else:
+                    base_qty = min(base_qty, self._balances.get(instrument.base_coin, Decimal(0)))
+                self._fill(order, instrument, at, base_qty, rest=True)
+            return [o.link_id for o in orders]
+
+    def executions(self, link_id: str | None = None) -> list[dict[str, str]]:
+        """Every execution (oldest first), as ``/v5/execution/list`` lists them."""
+        return [dict(e) for e in self._executions if link_id is None or e["orderLinkId"] == link_id]
+
+    def snapshot(self) -> dict[str, object]:
+        """The whole account, JSON-ready (what ``GET /fake/state`` answers)."""
+        with self._lock:
+            counts: dict[str, int] = {}
+            for recorded in self.requests:
+                counts[recorded.path] = counts.get(recorded.path, 0) + 1
+            return {
+                "now": str(pd.Timestamp(self.now())),
+                "balances": {coin: _text(amount) for coin, amount in sorted(self._balances.items())},
+                "instruments": {s: i.to_json()["lotSizeFilter"] for s, i in sorted(self._instruments.items())},
+                "prices": {s: _text(p) for s in sorted(self._instruments) if (p := self._price(s)) is not None},
+                "created": list(self.created),
+                "orders": [o.to_json() for o in self._orders.values()],
+                "executions": self.executions(),
+                "requests": counts,
+                "create_link_ids": [str(r.params.get("orderLinkId", "")) for r in self.requests if r.path == ORDER_CREATE],
+                "refusals": {str(code): n for code, n in self.refusals.items()},
+                "kline_requests": len(self.market.requests) if self.market is not None else 0,
+                "outage": self.outage,
+                "outage_answers": dict(self.outage_answers),
+                "pending_faults": len(self._faults),
+                "fill_fraction": self.fill_fraction,
+                "key_revoked": self._key_revoked,
+            }
+
     @property
     def pending_faults(self) -> int:
         return len(self._faults)
@@ -357,24 +521,28 @@ class FakeBybitExchange:
 
     def install(self, httpserver) -> str:
         """Serve every path on a pytest-httpserver; returns the base URL."""
-        for path in (*TRADING_PATHS, KLINE_PATH, FAKE_PRICES):
+        for path in (*TRADING_PATHS, KLINE_PATH, *CONTROL_PATHS):
             httpserver.expect_request(path).respond_with_handler(self.handle)
         return httpserver.url_for("").rstrip("/")
 
     def wsgi_app(self, environ, start_response):
         request = Request(environ)
-        known = request.path in TRADING_PATHS or request.path in (KLINE_PATH, FAKE_PRICES)
+        known = request.path in TRADING_PATHS or request.path in (KLINE_PATH, *CONTROL_PATHS)
         response = self.handle(request) if known else Response("Not Found", status=404)
         return response(environ, start_response)
 
     def handle(self, request: Request) -> Response:
         """Every path (pytest-httpserver's ``respond_with_handler`` signature)."""
+        if request.path in CONTROL_PATHS:
+            return self._control(request)
+        status = self.outage
+        if status is not None:
+            with self._lock:
+                self.outage_answers[request.path] = self.outage_answers.get(request.path, 0) + 1
+            return _proxy_page(status)
+        self._fill_due()
         if request.path == KLINE_PATH:
             return self.market.handle(request)
-        if request.path == FAKE_PRICES:
-            for symbol, price in json.loads(request.get_data(as_text=True)).items():
-                self.set_price(symbol, price)
-            return self._json({"ok": True})
         raw = request.get_data(as_text=True) if request.method == "POST" else request.query_string.decode()
         try:
             params = json.loads(raw) if request.method == "POST" else dict(request.args.items())
@@ -391,6 +559,8 @@ class FakeBybitExchange:
             return self.market._fault_response(fault)
         if not isinstance(params, dict):
             return self._error(RET_PARAMS, "params error: body is not a JSON object")
+        if request.path in PRIVATE_PATHS and self._key_revoked:
+            return self._error(RET_API_KEY_INVALID, MESSAGES[RET_API_KEY_INVALID])
         if request.path in PRIVATE_PATHS:
             denied = self._authenticate(request, raw)
             if denied is not None:
@@ -402,6 +572,43 @@ class FakeBybitExchange:
                 return Response("Bad Gateway", status=502, mimetype="text/plain")
             time.sleep(fault.seconds)
         return response
+
+    def _control(self, request: Request) -> Response:
+        """The ``/fake/...`` endpoints: how a test in another process drives the fake."""
+        if request.path == FAKE_STATE:
+            return self._json(self.snapshot())
+        body = json.loads(request.get_data(as_text=True) or "{}")
+        with self._lock:
+            if request.path == FAKE_PRICES:
+                for symbol, price in body.items():
+                    self.set_price(symbol, price)
+            elif request.path == FAKE_OUTAGE:
+                self.set_outage(body.get("status"), until=body.get("until"))
+            elif request.path == FAKE_FAULTS:
+                for spec in body if isinstance(body, list) else [body]:
+                    self.fail_next(*TradeFault.from_json(spec))
+            elif request.path == FAKE_FILL_FRACTION:
+                self.fill_fraction = float(body.get("fill_fraction", 1.0))
+                if "fill_rest_after_s" in body:
+                    self.fill_rest_after_s = body["fill_rest_after_s"]
+            elif request.path == FAKE_FILL_REST:
+                return self._json({"filled": self.fill_rest(body.get("orderLinkId"), body.get("price"))})
+            elif request.path == FAKE_BALANCE:
+                for coin, amount in body.items():
+                    self.set_balance(coin, str(amount))
+            elif request.path == FAKE_KEY:
+                self._key_revoked = bool(body.get("revoked", True))
+        return self._json({"ok": True})
+
+    def _fill_due(self) -> None:
+        """With ``fill_rest_after_s``: fill the rest of every partly filled order that waited that long."""
+        if self.fill_rest_after_s is None:
+            return
+        with self._lock:
+            now_ms = self._now_ms()
+            for order in list(self._orders.values()):
+                if order.status == "PartiallyFilled" and now_ms - order.created_ms >= self.fill_rest_after_s * 1000:
+                    self.fill_rest(order.link_id)
 
     def _next_fault(self, path: str) -> TradeFault | None:
         for fault in self._faults:
@@ -420,9 +627,10 @@ class FakeBybitExchange:
             return self._error(RET_API_KEY_INVALID, MESSAGES[RET_API_KEY_INVALID])
         try:
             server_ms, ts, window = int(time.time() * 1000), int(timestamp), int(recv_window)
+            window, lead = int(window * self.clock_speed), int(1000 * self.clock_speed)
         except ValueError:
             return self._error(RET_PARAMS, "params error: X-BAPI-TIMESTAMP and X-BAPI-RECV-WINDOW must be integers")
-        if not server_ms - window <= ts < server_ms + 1000:
+        if not server_ms - window <= ts < server_ms + lead:
             return self._error(
                 RET_RECV_WINDOW,
                 f"invalid request, please check your server timestamp or recv_window param. "
@@ -447,6 +655,7 @@ class FakeBybitExchange:
         try:
             return self._ok(handlers[path]())
         except _Refused as refused:
+            self.refusals[refused.ret_code] = self.refusals.get(refused.ret_code, 0) + 1
             return self._error(refused.ret_code, str(refused))
 
     # ------------------------------------------------------------------------------------------- orders
@@ -503,11 +712,14 @@ class FakeBybitExchange:
         self.created.append(order.to_json())
         return {"orderId": order.order_id, "orderLinkId": link_id}
 
-    def _fill(self, order: _Order, instrument: _Instrument, price: Decimal, base_qty: Decimal) -> None:
-        """One execution of ``base_qty`` (down to the lot size) at ``price``; fees in the coin received."""
+    def _fill(self, order: _Order, instrument: _Instrument, price: Decimal, base_qty: Decimal, *,
+              rest: bool = False) -> None:
+        """One execution of ``base_qty`` (down to the lot size) at ``price``; fees in the coin received.
+        ``rest``: a later fill of an order already partly filled (nothing to fill leaves it as it is)."""
         qty = _floor(base_qty, instrument.base_precision)
         if qty <= 0:
-            order.status = "Cancelled"
+            if not rest:
+                order.status = "Cancelled"
             return
         value, rate = qty * price, _dec(self.taker_fee)
         base, quote = instrument.base_coin, instrument.quote_coin
@@ -524,7 +736,7 @@ class FakeBybitExchange:
         order.fee += fee
         order.fee_coin = fee_coin
         order.updated_ms = self._now_ms()
-        order.status = "Filled" if self.fill_fraction >= 1 else "PartiallyFilled"
+        order.status = "Filled" if order.done(instrument, price) or (not rest and self.fill_fraction >= 1) else "PartiallyFilled"
         self._executions.append(
             {
                 "symbol": order.symbol,
@@ -533,7 +745,8 @@ class FakeBybitExchange:
                 "side": order.side,
                 "orderPrice": "0",
                 "orderQty": _text(order.qty),
-                "leavesQty": "0",
+                "leavesQty": _text(max(order.leaves_base(price), Decimal(0)) if order.status in OPEN_STATUSES
+                                   else Decimal(0)),
                 "orderType": "Market",
                 "stopOrderType": "",
                 "execFee": _text(fee),
@@ -549,6 +762,7 @@ class FakeBybitExchange:
                 "markPrice": "",
                 "closedSize": "",
                 "seq": len(self._executions) + 1,
+                "createType": "CreateByUser",
             }
         )
 
@@ -719,6 +933,54 @@ def _page(rows: list, params: Mapping[str, object], *, default: int, most: int) 
     return page, (str(offset + limit) if offset + limit < len(rows) else "")
 
 
+def _proxy_page(status: int) -> Response:
+    """What a client sees when the exchange is down: the proxy's HTML, not Bybit's JSON."""
+    reason = HTTP_STATUS_CODES.get(status, "Error")
+    html = (f"<html>\r\n<head><title>{status} {reason}</title></head>\r\n<body>\r\n<center><h1>{status} {reason}"
+            f"</h1></center>\r\n<hr><center>openresty</center>\r\n</body>\r\n</html>\r\n")
+    return Response(html, status=status, mimetype="text/html", headers={"Retry-After": "60"})
+
+
+class FakeExchangeControl:
+    """Drives a fake running in another process through its ``/fake/...`` endpoints (loopback only)."""
+
+    def __init__(self, base_url: str, timeout_s: float = 5.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def outage(self, status: int | None = 503, until: pd.Timestamp | str | None = None) -> None:
+        self._post(FAKE_OUTAGE, {"status": status, "until": str(until) if until is not None else None})
+
+    def faults(self, *specs: Mapping[str, object]) -> None:
+        """Queue faults, e.g. ``faults({"kind": "rate_limit", "count": 8}, {"kind": "lost", "stall_s": 4})``."""
+        self._post(FAKE_FAULTS, list(specs))
+
+    def fill_fraction(self, fraction: float, fill_rest_after_s: float | None = None) -> None:
+        self._post(FAKE_FILL_FRACTION, {"fill_fraction": fraction, "fill_rest_after_s": fill_rest_after_s})
+
+    def fill_rest(self, link_id: str | None = None) -> list[str]:
+        return self._post(FAKE_FILL_REST, {"orderLinkId": link_id} if link_id else {})["filled"]
+
+    def balance(self, **amounts: float | str) -> None:
+        self._post(FAKE_BALANCE, {coin: str(amount) for coin, amount in amounts.items()})
+
+    def prices(self, **prices: float | str) -> None:
+        self._post(FAKE_PRICES, {symbol: str(price) for symbol, price in prices.items()})
+
+    def revoke_key(self, revoked: bool = True) -> None:
+        self._post(FAKE_KEY, {"revoked": revoked})
+
+    def state(self) -> dict:
+        with urllib.request.urlopen(self.base_url + FAKE_STATE, timeout=self.timeout_s) as answer:
+            return json.loads(answer.read())
+
+    def _post(self, path: str, body: object) -> dict:
+        request = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=self.timeout_s) as answer:
+            return json.loads(answer.read())
+
+
 def _prices(pairs: Iterable[str]) -> dict[str, str]:
     out = {}
     for pair in pairs:
@@ -733,6 +995,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=Path("data/sample"), help="folder of SYMBOL_TF.parquet files")
     parser.add_argument("--price", action="append", default=[], metavar="SYMBOL=PRICE")
     parser.add_argument("--usdt", type=float, default=10_000.0, help="starting USDT balance")
+    parser.add_argument("--fill-fraction", type=float, default=1.0, help="share of each market order that fills")
+    parser.add_argument("--fill-rest-after", type=float, default=None, metavar="SECONDS",
+                        help="the rest of a partly filled order fills this many fake-clock seconds later")
+    parser.add_argument("--weak-link-ids", action="store_true",
+                        help="refuse a repeated orderLinkId only while its first order is open (so an order sent "
+                             "twice is taken twice: what a chaos run counts)")
+    parser.add_argument("--clock-speed", type=float, default=1.0,
+                        help="the clocks run this many times faster than real time (libfaketime x360: 360)")
     parser.add_argument("--shift-to-now", action="store_true",
                         help="move the candles by whole days so the newest day is today: a new candle opens every "
                              "bar, as on the exchange, and market orders fill at the newest candle's open")
@@ -740,7 +1010,9 @@ def main(argv: list[str] | None = None) -> None:
     market = FakeBybit.from_folder(args.data)
     if args.shift_to_now:
         market.shift_to_now()
-    fake = FakeBybitExchange(balances={"USDT": args.usdt}, market=market)
+    fake = FakeBybitExchange(balances={"USDT": args.usdt}, market=market, fill_fraction=args.fill_fraction,
+                             fill_rest_after_s=args.fill_rest_after, clock_speed=args.clock_speed,
+                             unique_link_ids=not args.weak_link_ids)
     for symbol in sorted({key[1] for key in market.datasets}):
         if symbol not in fake._instruments:
             fake.add_instrument(symbol, symbol.removesuffix("USDT"), "USDT", base_precision="0.0001", min_order_qty="0.0001")

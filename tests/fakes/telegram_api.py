@@ -5,8 +5,10 @@ It answers ``getMe``, ``deleteWebhook`` (``drop_pending_updates`` clears the pen
 ``getUpdates`` (held until an update arrives or ``timeout`` passes; ``offset`` confirms), ``sendMessage``
 (recorded in :attr:`FakeBotAPI.sent`) and ``answerCallbackQuery``; 401 for any other token, 404 for any other
 method. Tests inject updates (:meth:`FakeBotAPI.message`, :meth:`FakeBotAPI.press`), 429s with ``retry_after``
-(:meth:`FakeBotAPI.fail_next`) and outages (:attr:`FakeBotAPI.down`: 502 for everything;
-:attr:`FakeBotAPI.hang_s`: every answer that late, so clients time out).
+(:meth:`FakeBotAPI.fail_next`) and outages (:attr:`FakeBotAPI.down`: 502 for everything, as JSON or, with
+:attr:`FakeBotAPI.down_html`, as a proxy's HTML page; :attr:`FakeBotAPI.hang_s`: every answer that late, so
+clients time out; :meth:`FakeBotAPI.go_away` / :meth:`FakeBotAPI.come_back`: the port stops listening, so
+connections are refused, and listens again on the same port).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ class Sent:
 class FakeBotAPI:
     """See the module docstring. Use as a context manager; :attr:`url` is the ``telegram.base_url``."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, port: int = 0) -> None:
         self.token = token
         self._cond = threading.Condition()
         self._updates: list[dict[str, Any]] = []
@@ -64,23 +66,46 @@ class FakeBotAPI:
         self.polls = 0
         #: True: every request gets 502 Bad Gateway (an outage).
         self.down = False
+        #: True: every request gets 502 with an HTML page (a proxy in front of a Telegram that is away).
+        self.down_html = False
         #: Seconds every request waits before it is answered (a hanging Telegram: clients time out).
         self.hang_s = 0.0
-        self._server = make_server("127.0.0.1", 0, self._wsgi, threaded=True, request_handler=_QuietHandler)
-        self.url = f"http://127.0.0.1:{self._server.server_port}"
+        self._listen(port)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _listen(self, port: int) -> None:
+        self._server = make_server("127.0.0.1", port, self._wsgi, threaded=True, request_handler=_QuietHandler)
+        self.port = self._server.server_port
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-bot-api", daemon=True)
+        self._serving = False
 
     def __enter__(self) -> FakeBotAPI:
         self._thread.start()
+        self._serving = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self._server.shutdown()
+        self._stop_listening()
+
+    def _stop_listening(self) -> None:
+        if self._serving:
+            self._server.shutdown()
+            self._thread.join(5)
+            self._serving = False
         self._server.server_close()
-        self._thread.join(5)
+
+    def go_away(self) -> None:
+        """Telegram unreachable: nothing listens on the port any more (connections are refused)."""
+        self._stop_listening()
+
+    def come_back(self) -> None:
+        """Listen again, on the same port (after :meth:`go_away`)."""
+        self._listen(self.port)
+        self._thread.start()
+        self._serving = True
 
     # ------------------------------------------------------------------------------------------ injection
 
@@ -139,6 +164,9 @@ class FakeBotAPI:
         self.calls.append((method, time.monotonic()))
         if self.hang_s:
             time.sleep(self.hang_s)
+        if self.down_html:
+            return Response("<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1>"
+                            "</center><hr><center>nginx</center></body></html>", status=502, mimetype="text/html")
         if self.down:
             return _error(502, "Bad Gateway")
         if prefix != f"bot{self.token}":
