@@ -47,7 +47,6 @@ def trade(
     if json_out or start or end or state:
         raise UsageError("--start, --end, --json and --state go with --replay")
     from pricelevel.telegram.trader_service import trade_with_telegram
-
     from pricelevel.trading.live import StopRequested
 
     out = console()
