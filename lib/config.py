@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import ValidationError, model_validator
 
-from pricelevel.backtest.config import BacktestConfig
+from pricelevel.backtest.config import BacktestConfig, with_protections
 from pricelevel.core.config import SECRET_KEYS, ConfigError, FlowConfig, Frozen
 from pricelevel.core.runtime import project_root
 from pricelevel.data.catalogue import DataCatalogue
@@ -84,6 +84,13 @@ class _TradingSections(Frozen):
 
 class Config(_DataSections, _ResearchSections, _TrainingSections, _RunSections, _TradingSections):
     """The whole run, one section per step (grouped by stage above). Each step receives only its own section."""
+
+    @model_validator(mode="after")
+    def _backtests_simulate_the_risk_limits(self) -> Config:
+        """Every backtest (``backtest --model``, the folds, the rule search, the gate) applies the account
+        protections the trader applies, with the limits of ``risk:`` (README "Risk": one judge)."""
+        object.__setattr__(self, "backtest", with_protections(self.backtest, self.risk))
+        return self
 
     @property
     def catalogue(self) -> DataCatalogue:

@@ -597,3 +597,32 @@ def test_the_bar_that_closed_is_scored_as_the_backtest_scores_it(tiny: TinyModel
     got = predict_at(model.predict, model.spec, [t.frame for t in tables.values()], at)
     assert sorted(got) == sorted(want) == sorted(SYMBOLS)
     assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_an_outage_over_several_bars_is_said_once_and_the_trader_keeps_stepping(fake, httpserver, tiny: TinyModel, tmp_path) -> None:
+    from pricelevel.core.timeframes import Timeframe
+    from pricelevel.trading.feeds import ReplayFeed
+    from pricelevel.trading.service import exchange_execution
+
+    models = registry_models(tiny.tracking, tiny.champion)
+    spec = models.current.spec
+    feed = ReplayFeed(CandleFolder.open(tiny.folder), models.symbols, spec.table_spec().input_timeframes)
+    store = StateStore(f"sqlite:///{tmp_path}/s.db")
+    exchange = _exchange(fake, httpserver.url_for("").rstrip("/"))
+    make = exchange_execution(exchange, store, models.symbols, sleep=lambda s: None, bar=Timeframe(spec.timeframe).delta)
+    notes = RecordingNotifier()
+    trader = Trader(store, models, feed, make, PERMISSIVE, BacktestConfig(), notes)
+    bars = feed.bar_times(Timeframe(spec.timeframe), tiny.replay_start)[:5]
+    fake.set_outage(503)
+    for bar in bars[:3]:  # a 12-hour outage: three bars stepped, none raises
+        report = trader.on_bar_close(bar)
+        assert not report.skipped
+    down = [text for kind, text in notes.messages if "EXCHANGE UNAVAILABLE" in text]
+    assert len(down) == 1 and "HTTP 503" in down[0], notes.messages
+    assert trader.risk.state.breaker_tripped, "the breaker counts the bars the exchange was away"
+    fake.set_outage(None)
+    trader.recover()
+    trader.on_bar_close(bars[3])
+    back = [text for kind, text in notes.messages if "answers again" in text]
+    assert len(back) == 1 and not trader.needs_recovery()
+    assert len(store.frame(EQUITY)) == 4

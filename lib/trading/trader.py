@@ -439,6 +439,8 @@ class Trader:
         before = equity[stamps < day]
         start = float(before["equity"].iloc[-1]) if len(before) else float(today["equity"].iloc[0])
         end = float(today["equity"].iloc[-1]) if len(today) else start
+        if start <= 0:  # no account value known yet (a first start while the exchange was away)
+            return []
         closed = trades[pd.to_datetime(trades["exit_time"], utc=True).dt.normalize() == day] if len(trades) else trades
         held = ", ".join(sorted(self.execution.positions())) or "none"
         return [("summary", f"{day:%Y-%m-%d}: equity {end:,.2f} ({end - start:+,.2f}, {end / start - 1:+.2%}), "
