@@ -233,3 +233,28 @@ def test_the_order_row_keeps_its_final_status_and_how_a_lost_answer_was_resolved
     rows = store.frame(ORDERS)
     assert list(rows["status"]) == ["FILLED"] and "answer lost (HTTP 502 (server error)); found by client id" in rows["message"].iloc[0]
     assert not math.isnan(broker.equity())
+
+
+def test_trader_status_shows_the_account_beside_the_books_and_how_lost_answers_ended(
+    fake, httpserver, tmp_path, cli, monkeypatch
+) -> None:
+    state = f"sqlite:///{tmp_path}/s.db"
+    store = StateStore(state)
+    broker = _broker(fake, httpserver, store)
+    fake.fail_next(TradeFault.lost())
+    broker.on_bar(BAR, OHLC, {"ETHUSDT": True}, {})
+    with store.transaction() as tx:
+        store.put(tx, EXECUTION, broker.to_state())
+    fake.set_balance("ETH", fake.balance("ETH") + 1.5)  # a deposit this trader never bought
+    monkeypatch.setenv("BYBIT_API_KEY", fake.api_key)
+    monkeypatch.setenv("BYBIT_API_SECRET", fake.api_secret)
+    sets = ["--set", f"trader.state_url={state}", "--set", f"trader.endpoint={httpserver.url_for('').rstrip('/')}"]
+    code, out, err = cli(*sets, "trader", "status", "--mode", "testnet")
+    assert code == 0, err
+    text = " ".join(out.split())
+    assert "exchange account: ETH" in text and "USDT" in text
+    assert "1.5 ETH this trader never bought: left alone" in text
+    assert "lost answer" in text and "FILLED (answer lost (HTTP 502 (server error)); found by client id)" in text
+    fake.set_outage(503)
+    code, out, err = cli(*sets, "trader", "status", "--mode", "testnet")
+    assert code == 0 and "exchange account: could not be read" in " ".join(out.split())

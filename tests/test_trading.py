@@ -626,3 +626,57 @@ def test_an_outage_over_several_bars_is_said_once_and_the_trader_keeps_stepping(
     back = [text for kind, text in notes.messages if "answers again" in text]
     assert len(back) == 1 and not trader.needs_recovery()
     assert len(store.frame(EQUITY)) == 4
+
+
+def test_a_bad_candle_for_one_symbol_is_named_refetched_and_the_others_keep_trading(tiny: TinyModel, httpserver, tmp_path) -> None:
+    """The live feed (REST ingest + validation) under the trader: a ``high < low`` candle of one symbol is named
+    with its file and rows, only that symbol is skipped, the breaker does not count it, and the corrected candle
+    is fetched again at the next bar."""
+    from pricelevel.core.timeframes import Timeframe
+    from pricelevel.data.catalogue import DataCatalogue
+    from pricelevel.data.config import ValidationConfig
+    from pricelevel.data.sources.bybit import BybitSource
+    from pricelevel.trading.feeds import StoreFeed
+    from pricelevel.trading.service import paper_execution
+    from tests.fakes.bybit_server import KLINE_PATH, FakeBybit
+
+    models = registry_models(tiny.tracking, tiny.champion)
+    spec = models.current.spec
+    timeframe, inputs = Timeframe(spec.timeframe), spec.table_spec().input_timeframes
+    folder = CandleFolder.open(tiny.folder)
+    stamps = pd.DatetimeIndex(folder.read(models.symbols[0], timeframe)["timestamp"])
+    bars = stamps[stamps >= tiny.replay_start][:3]
+    now = {"t": bars[0] + timeframe.delta}
+    market = FakeBybit(now=lambda: now["t"])
+    for symbol in models.symbols:
+        for tf in inputs:
+            market.add(symbol, tf, folder.read(symbol, tf))
+    httpserver.expect_request(KLINE_PATH).respond_with_handler(market.handle)
+    config = BybitConfig(endpoint=httpserver.url_for("").rstrip("/"), timeout_s=2.0, max_attempts=2, backoff_s=0.0,
+                         backoff_max_s=0.0)
+    source = BybitSource(config, now=lambda: now["t"], sleep=lambda s: None)
+    start = folder.read(models.symbols[0], inputs[-1])["timestamp"].iloc[0]
+    feed = StoreFeed(source, DataCatalogue(tmp_path / "data", "bybit"), ValidationConfig(), models.symbols, inputs, start=start)
+    store = StateStore(f"sqlite:///{tmp_path}/s.db")
+    notes = RecordingNotifier()
+    risk = PERMISSIVE.model_copy(update={"breaker_errors": 1})  # one counted bar would trip it
+    trader = Trader(store, models, feed, paper_execution(models.symbols, BacktestConfig()), risk, BacktestConfig(), notes)
+
+    bad = models.symbols[1]
+    market.serve_bad_candle(bad, timeframe, bars[0])
+    report = trader.on_bar_close(bars[0])
+    verdicts = {d["symbol"]: d["signal"] for d in report.decisions}
+    assert verdicts[bad] == "stale" and all(verdicts[s] != "stale" for s in models.symbols if s != bad)
+    (named,) = [text for kind, text in notes.messages if kind == "stale"]
+    assert bad in named and "high >= low" in named and f"{bad}_{timeframe}.parquet" in named and "row" in named
+    assert not trader.risk.state.breaker_tripped, "one symbol's bad candle does not trip the account's breaker"
+
+    market.correct_candle(bad, timeframe, bars[0])  # the exchange corrects it; the next bar fetches it again
+    now["t"] = bars[1] + timeframe.delta
+    report = trader.on_bar_close(bars[1])
+    assert all(d["signal"] != "stale" for d in report.decisions)
+    assert any("candles good again" in text for _, text in notes.messages)
+    frames = feed.closed_by(bars[1] + timeframe.delta)
+    served = folder.read(bad, timeframe)
+    got = frames[bad][timeframe]
+    assert float(got.loc[got["timestamp"] == bars[0], "high"].iloc[0]) == float(served.loc[served["timestamp"] == bars[0], "high"].iloc[0])

@@ -145,6 +145,9 @@ def trader_status(
     out.print(f"{current['trades']} trades closed, realised P&L {current['realised_pnl']:+,.2f}")
     if current["exchange_down_since"]:
         out.print(f"EXCHANGE UNAVAILABLE since {current['exchange_down_since']}: {current['exchange_error']}")
+    if current["reconciled_at"]:
+        out.print(f"last reconciliation {current['reconciled_at']}: "
+                  f"{'; '.join(current['differences']) or 'books equal the account'}")
     for order in current["lost_answers"]:
         out.print(f"lost answer {order['client_id']} {order['side']} {order['symbol']}: {order['status']} ({order['resolution']})")
     account = current.get("account")

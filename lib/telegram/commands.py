@@ -92,6 +92,16 @@ def status_text(store: StateStore, telegram: Mapping[str, int] | None = None) ->
         f"risk: {risk_text(risk)}",
         f"pending commands: {', '.join(c['kind'] for c in s['pending_commands']) or 'none'}",
     ]
+    if s["mode"] != "paper":
+        if s["exchange_down_since"]:
+            lines.append(f"EXCHANGE UNAVAILABLE since {when(s['exchange_down_since'])}: {s['exchange_error']}")
+        if s["reconciled_at"]:
+            found = "; ".join(s["differences"]) or "books equal the account"
+            lines.append(f"last reconciliation {when(s['reconciled_at'])}: {found}")
+        if s["lost_answers"]:
+            last = s["lost_answers"][-1]
+            lines.append(f"lost answers: {len(s['lost_answers'])}, the last {last['symbol']} {last['side']} "
+                         f"{last['status']} ({last['resolution']})")
     if telegram is not None:
         lost = telegram.get("dropped", 0) + telegram.get("failed", 0) + telegram.get("unsent", 0)
         lines.append(f"telegram: {telegram.get('sent', 0)} sent, {lost} not sent")

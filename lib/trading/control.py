@@ -55,6 +55,7 @@ def status(store: StateStore) -> dict[str, Any]:
         "trades": int(len(trades)), "realised_pnl": float(trades["pnl"].sum()) if len(trades) else 0.0,
         "exchange_error": execution.get("last_error") if execution.get("down_since") else None,
         "exchange_down_since": execution.get("down_since"),
+        "reconciled_at": execution.get("reconciled_at"), "differences": execution.get("differences") or [],
         "lost_answers": [{"client_id": o["client_id"], "symbol": o["symbol"], "side": o["side"], "status": o["status"],
                           "resolution": o["message"]} for o in resolved[-20:]],
     }

@@ -214,6 +214,9 @@ class ExchangeExecution(Declared):
     down_since: str | None = None
     last_error: str | None = None
     foreign: dict[str, float] = {}
+    #: What the last reconciliation found between the books and the wallet, and when.
+    differences: list[str] = []
+    reconciled_at: str | None = None
 
 
 def _execution_v1(raw: Any) -> Any:

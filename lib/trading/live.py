@@ -208,6 +208,9 @@ class ExchangeBroker:
         self.last_error: str | None = book.get("last_error")
         #: Coins on the account that this trader never bought, as last reported (told once per change).
         self.foreign: dict[str, float] = dict(book.get("foreign") or {})
+        #: What the last reconciliation found between books and wallet, and when (for ``/status``).
+        self.differences: list[str] = list(book.get("differences") or [])
+        self.reconciled_at: str | None = book.get("reconciled_at")
         self._cash: float | None = None
         #: What went wrong at the last step (an exchange error or an order of unknown fate): the breaker counts it.
         self.errors: list[str] = []
@@ -371,9 +374,12 @@ class ExchangeBroker:
         for report in open_orders:
             if report.client_id.startswith(OUR_PREFIX) and self._row(report.client_id) is None:
                 problems.append(f"the exchange has an open order {report.client_id} this trader never placed")
-        for difference in self._differences(balances, report=True):
+        differences = self._differences(balances, report=True)
+        for difference in differences:
             if difference["kind"] == "short":
                 problems.append(difference["text"])
+        self.differences = [d["text"] for d in differences if d["kind"] != "adopted"]
+        self.reconciled_at = str(pd.Timestamp.now(tz="UTC").floor("s"))
         self._save()
         return problems
 
@@ -726,7 +732,8 @@ class ExchangeBroker:
 
     def _book(self) -> dict[str, Any]:
         return {"last_cash": self.last_cash, "unreported": self.unreported, "down_since": self.down_since,
-                "last_error": self.last_error, "foreign": self.foreign}
+                "last_error": self.last_error, "foreign": self.foreign, "differences": self.differences,
+                "reconciled_at": self.reconciled_at}
 
     def _save(self) -> None:
         with self.store.transaction() as tx:
