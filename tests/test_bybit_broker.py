@@ -36,9 +36,11 @@ from tests.fakes.bybit_server import random_candles
 from tests.fakes.bybit_trading import (
     EXECUTION_LIST,
     INSTRUMENTS_INFO,
+    MARKET_TIME,
     ORDER_CREATE,
     ORDER_HISTORY,
     ORDER_REALTIME,
+    RET_RATE_LIMIT,
     WALLET_BALANCE,
     FakeBybitExchange,
     TradeFault,
@@ -272,6 +274,21 @@ def test_a_refused_connection_is_retried_it_never_reached_bybit(sleeps):
     assert sleeps == [0.25, 0.5]
 
 
+@pytest.mark.parametrize(("unified", "code"), [(False, 170141), (True, 110072)], ids=["classic-170141", "unified-110072"])
+def test_a_duplicate_client_id_is_looked_up_never_resent(fake, broker, sleeps, unified, code):
+    fake.unified_account = unified
+    first = broker.place_market_order(buy(1000.0))
+
+    again = broker.place_market_order(buy(1000.0))  # the answer to the first was lost; a restart decides again
+
+    assert fake.refusals == {code: 1}
+    assert again.status is OrderStatus.FILLED and again.exchange_id == first.exchange_id
+    assert "duplicate client id" in again.message
+    paths = [r.path for r in fake.requests if r.path != INSTRUMENTS_INFO]
+    assert paths == [ORDER_CREATE, ORDER_CREATE, ORDER_REALTIME, ORDER_HISTORY]  # looked up, not sent a third time
+    assert len(fake.created) == 1 and sleeps == []
+
+
 def test_a_duplicate_client_id_returns_the_existing_order(fake, broker):
     first = broker.place_market_order(buy(1000.0))
 
@@ -305,6 +322,25 @@ def test_a_refused_order_raises_order_refused_in_one_line(fake, broker, sleeps, 
     assert "\n" not in message and "(not retryable)" in message
     assert code in message and hint in message and order.client_id in message
     assert len(creates(fake)) == 1 and fake.created == [] and sleeps == []
+
+
+@pytest.mark.parametrize("listed_min_qty", ["0.000048", None], ids=["minOrderQty-listed", "minOrderQty-dropped"])
+def test_a_sell_below_the_minimum_order_value_is_refused_before_sending(fake, make_broker, listed_min_qty):
+    fake.add_instrument("BTCUSDT", "BTC", "USDT", min_order_qty=listed_min_qty)  # minOrderAmt 1 USDT
+    fake.set_balance("BTC", 1.0)
+    fake.set_price("BTCUSDT", 5000.0)
+    broker = make_broker()
+    order = MarketOrder(cid("exit"), "BTCUSDT", Side.SELL, base_qty=0.00019999, price_hint=5000.0)
+
+    with pytest.raises(OrderRefused, match="nothing sent") as raised:
+        broker.place_market_order(order)  # 0.000199 BTC (basePrecision) is worth 0.995 USDT
+
+    message = str(raised.value)
+    assert "Sell 0.000199 BTC" in message and "below the minimum order value (minOrderAmt) 1 USDT" in message
+    assert fake.sent(ORDER_CREATE) == [] and fake.refusals == {}
+    assert broker.instrument("BTCUSDT").min_order_qty == (0.000048 if listed_min_qty else 0.0)
+    worth_it = MarketOrder(cid("exit2"), "BTCUSDT", Side.SELL, base_qty=0.0002, price_hint=5000.0)
+    assert broker.place_market_order(worth_it).status is OrderStatus.ACKED  # exactly 1 USDT: sent and taken
 
 
 def test_a_rules_refusal_reloads_the_instrument(fake, broker):
@@ -361,6 +397,93 @@ def test_a_read_retries_then_ends_unavailable(fake, broker, sleeps):
     with pytest.raises(ExchangeUnavailable, match=r"read the UNIFIED wallet balance at .* after 4 attempts: HTTP 502"):
         broker.balances()
     assert sleeps == [0.5, 1.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------- clock and rate limits
+
+
+def clock_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and "off Bybit's" in r.getMessage()]
+
+
+def test_a_skewed_clock_is_read_before_the_first_private_call_and_never_refused(fake, broker, sleeps, caplog):
+    fake.clock_skew_s = 30.0  # Bybit's clock is 30 s ahead of ours: our timestamps look 30 s old
+
+    with caplog.at_level(logging.INFO, logger="pricelevel.trading.bybit"):
+        assert broker.balances() == {"USDT": 10_000.0}
+        assert broker.place_market_order(buy(1000.0)).status is OrderStatus.ACKED
+        assert broker.query_order(cid()).status is OrderStatus.FILLED
+
+    assert fake.refusals == {} and sleeps == [] and fake.time_requests == 1
+    (said,) = clock_warnings(caplog)
+    assert "clock is +30." in said and "NTP" in said
+
+
+def test_a_clock_refusal_reads_bybit_time_widens_recv_window_and_retries(fake, broker, sleeps, caplog):
+    assert broker.balances() == {"USDT": 10_000.0}  # in sync: Bybit's clock read once, offset ~0
+    fake.clock_skew_s = 30.0  # then this machine's clock falls 30 s behind
+
+    with caplog.at_level(logging.INFO, logger="pricelevel.trading.bybit"):
+        report = broker.place_market_order(buy(1000.0))
+        fake.clock_skew_s = 75.0  # and again, further: corrected again, not said again
+        assert broker.balances() == pytest.approx({"USDT": 10_000 - 0.016339 * PRICE, "BTC": 0.016339 * 0.999})
+
+    assert report.status is OrderStatus.ACKED and len(fake.created) == 1
+    assert fake.refusals == {10002: 2} and fake.time_requests == 3
+    windows = [r.recv_window for r in fake.requests if r.path in (ORDER_CREATE, WALLET_BALANCE)]
+    assert windows == ["5000", "5000", "10000", "10000", "20000"]  # widened after each refusal, up to 20 s
+    assert sleeps == [0.5, 0.5]  # the usual backoff before each resend, nothing more
+    (said,) = clock_warnings(caplog)
+    assert "retCode 10002" in said and "clock is +30." in said and "recv_window 10000 ms" in said
+    assert "clock is +75." in caplog.text  # the second correction is logged, at INFO
+
+
+class FakeClock:
+    """One clock for the fake exchange and the broker; ``sleep`` moves it instead of waiting."""
+
+    def __init__(self) -> None:
+        self.now = pd.Timestamp("2024-07-01 12:00", tz="UTC")
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> pd.Timestamp:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(round(seconds, 3))
+        self.now += pd.Timedelta(seconds=seconds)
+
+
+def test_the_rate_limit_headers_pace_a_burst_below_the_quota(httpserver, endpoint):
+    clock = FakeClock()
+    fake = FakeBybitExchange(api_key=API_KEY, api_secret=API_SECRET, now=clock, rate_quota=5)
+    fake.set_price("BTCUSDT", PRICE)
+    fake.install(httpserver)
+    config = BybitConfig(timeout_s=1.0, max_attempts=4, backoff_s=0.5, backoff_max_s=4.0)
+    broker = BybitBroker(config, "testnet", SECRETS, endpoint=endpoint, sleep=clock.sleep, now=clock)
+
+    reports = [broker.place_market_order(buy(100.0, f"burst{i}")) for i in range(10)]
+
+    httpserver.check_handler_errors()
+    assert all(r.status is OrderStatus.ACKED for r in reports) and len(fake.created) == 10
+    assert RET_RATE_LIMIT not in fake.refusals and len(fake.sent(ORDER_CREATE)) == 10  # never refused, never resent
+    assert clock.sleeps == [1.0, 1.0, 1.0]  # after the 3rd, 6th and 9th order: 2 of 5 left, wait for the window
+    assert broker.pacer.waited_s == pytest.approx(3.0)
+
+
+def test_the_fake_reports_the_quota_and_refuses_past_it(fake, endpoint):
+    fake.rate_quota = 2
+    query = "accountType=UNIFIED"
+    url = f"{endpoint}{WALLET_BALANCE}?{query}"
+
+    answers = [requests.get(url, headers=signed_headers(query), timeout=5) for _ in range(3)]
+
+    assert [a.json()["retCode"] for a in answers] == [0, 0, 10006]
+    assert [a.headers["X-Bapi-Limit-Status"] for a in answers] == ["1", "0", "0"]
+    assert answers[0].headers["X-Bapi-Limit"] == "2"
+    assert int(answers[2].headers["X-Bapi-Limit-Reset-Timestamp"]) > int(answers[0].headers["X-Bapi-Limit-Reset-Timestamp"])
+    skewed = requests.get(endpoint + MARKET_TIME, timeout=5).json()["result"]
+    assert set(skewed) == {"timeSecond", "timeNano"} and int(skewed["timeNano"]) // 10**9 == int(skewed["timeSecond"])
 
 
 # ------------------------------------------------------------------------------------- keys and secrets
@@ -420,7 +543,7 @@ def test_secrets_never_appear_in_logs_errors_or_reprs(fake, make_broker, caplog)
             lambda: broker.place_market_order(buy(50_000.0, "big")),
             lambda: broker.cancel_order("BTCUSDT", cid("nope")),
         ):
-            with pytest.raises((ExchangeUnavailable, OrderRefused)) as raised:
+            with pytest.raises((ExchangeUnavailable, OrderRefused, CredentialsRefused)) as raised:
                 call()
             errors.append(raised.value)
 

@@ -632,11 +632,11 @@ def test_the_service_announces_its_start_and_its_stop_and_why(fake: FakeBotAPI, 
         raise RuntimeError("the exchange exploded")
 
     texts = _run_service(fake, tmp_path, monkeypatch, until_sigterm)
-    assert texts == ["[risk] started: trading models:/pricelevel@champion (version 7) on paper (paper), BTCUSDT at 4h",
-                     "[risk] stopped by SIGTERM after 3 bars"]
+    assert texts == ["[service] started: trading models:/pricelevel@champion (version 7) on paper (paper), BTCUSDT at 4h",
+                     "[service] stopped by SIGTERM after 3 bars"]
     with pytest.raises(RuntimeError, match="exploded"):
         _run_service(fake, tmp_path, monkeypatch, failing)
-    assert fake.texts()[-1] == "[risk] STOPPED by error: RuntimeError: the exchange exploded after 0 bars"
+    assert fake.texts()[-1] == "[service] STOPPED by error: RuntimeError: the exchange exploded after 0 bars"
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
     with store.transaction() as tx:
         marker = store.read(tx, SERVICE)
@@ -662,10 +662,10 @@ def test_a_restart_after_an_unclean_stop_is_announced(fake: FakeBotAPI, tmp_path
         return 0
 
     texts = _run_service(fake, tmp_path, monkeypatch, until_sigint)
-    assert texts[0].startswith("[risk] restarted after an unclean stop at 2024-06-01 12:34:56 UTC (its last heartbeat")
-    assert texts[1].startswith("[risk] started: ") and texts[2] == "[risk] stopped by Ctrl-C (SIGINT) after 0 bars"
+    assert texts[0].startswith("[service] restarted after an unclean stop at 2024-06-01 12:34:56 UTC (its last heartbeat")
+    assert texts[1].startswith("[service] started: ") and texts[2] == "[service] stopped by Ctrl-C (SIGINT) after 0 bars"
     texts = _run_service(fake, tmp_path, monkeypatch, until_sigint)  # that stop was clean: no such line again
-    assert texts[0].startswith("[risk] started: ")
+    assert texts[0].startswith("[service] started: ")
 
 
 # ------------------------------------------------------------------------------------------------ secrets

@@ -92,6 +92,7 @@ def test_a_first_start_during_an_outage_waits_and_sigterm_mid_bar_stops_within_5
     time.sleep(0.5)
     seconds, code, out = _stop(process)
     assert code == 0, out[-3000:]
+    print(f"SIGTERM to exit: {seconds:.2f} s")
     assert seconds < 5, f"stopped {seconds:.1f} s after SIGTERM"
     assert "unavailable" in out and "Traceback" not in out, out[-3000:]
     store = StateStore(f"sqlite:///{tmp_path}/state.db")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated
@@ -54,6 +55,11 @@ def trade(
         asyncio.run(trade_with_telegram(cfg, dict(os.environ), lambda text: out.print(text, markup=False)))
     except StopRequested:  # a stop that landed in a retry's backoff: a clean stop all the same
         out.print("stopped", markup=False)
+    # Everything is committed and said: end now. A step abandoned mid-call (its order, if any, is resolved by the
+    # next start's reconciliation) and the libraries' exit hooks must not hold a stop past systemd's 10 s.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _replay(cfg, folder: Path, start, end, json_out: Path | None, state: str | None) -> None:

@@ -80,7 +80,13 @@ async def trade_with_telegram(config: Sections, env: Mapping[str, str], echo: Ca
             note = rule_changes_note(trader.spec.strategy_rules(), trader.rules)
             if note:
                 notifier.notify("risk", note)
-            traded = await serve(trader, stop, config.trader.poll_delay_s, config.trader.stale_after_s)
+            # With the stream, the feed waits for the pushed candles itself (poll_delay_s at most, then REST).
+            delay = 0.0 if config.trader.candles_from == "websocket" else config.trader.poll_delay_s
+            try:
+                traded = await serve(trader, stop, delay, config.trader.stale_after_s)
+            finally:
+                if trader.stream is not None:
+                    trader.stream.stop(timeout_s=0.5)
         except BaseException as exc:
             reason = stop_reason(exc, why)
             notifier.notify(LIFECYCLE_KIND, f"STOPPED by {reason} after {traded} bars")

@@ -10,10 +10,21 @@ with one difference for ``place_order``: a request that may have reached Bybit i
   order: the broker looks the order up first and resends only if Bybit does not list it.
 * Rate limits (retCode 10006/10018/10429, HTTP 403/429) and refused connections never reach the matching
   engine: retried with the usual backoff.
-* retCode 170141 ("Duplicate clientOrderId", spot) means Bybit already has an order with this
-  ``orderLinkId``: that order is returned, nothing new is placed.
+* retCode 110072 ("OrderLinkedID is duplicate", unified accounts) or 170141 ("Duplicate clientOrderId",
+  classic spot) means Bybit already has an order with this ``orderLinkId``: that order is looked up and
+  returned, nothing new is placed.
+* retCode 10002 (the request's time is outside ``recv_window``) never reached the matching engine: the
+  broker reads Bybit's clock (``/v5/market/time``), signs with the offset from then on, widens
+  ``recv_window`` (at most :data:`MAX_RECV_WINDOW_MS`), says so once, and sends the request again. The
+  clock is also read before the first private call, so a skewed machine never sees 10002 at all.
 * Any other retCode is a refusal (:class:`~.exchange.OrderRefused`): 170131 insufficient balance, 170136 /
   170140 below the minimum quantity / value, 170121 unknown symbol, 10003/10004 a bad key or secret, ...
+
+Dust is refused before sending: a buy below ``minOrderAmt`` (its amount is its value), a sell whose value
+at ``order.price_hint`` is below ``minOrderAmt`` (Bybit deprecated spot ``minOrderQty``; it is still checked
+while Bybit lists it). Sizes are rounded down to ``basePrecision``/``quotePrecision``. Every answer's
+``X-Bapi-Limit-Status``/``X-Bapi-Limit-Reset-Timestamp`` headers pace the next request to that endpoint
+(:class:`~pricelevel.data.sources.bybit_http.RequestPacer`), so a burst waits instead of meeting 10006.
 
 Fees are reported in quote coin. Bybit spot charges them in the coin received (a buy pays in the base
 coin, a sell in the quote coin): a base-coin fee is converted at the order's average price (the fill's
@@ -33,10 +44,20 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import pandas as pd
+from pybit import _helpers as pybit_helpers
+from pybit.exceptions import FailedRequestError, InvalidRequestError
 
 from pricelevel.core.secrets import Secrets
 from pricelevel.data.config import BybitConfig
-from pricelevel.data.sources.bybit_http import BybitRetry, Failure, as_utc, new_session, utc_now
+from pricelevel.data.sources.bybit_http import (
+    NETWORK_ERRORS,
+    BybitRetry,
+    Failure,
+    RequestPacer,
+    as_utc,
+    new_session,
+    utc_now,
+)
 from pricelevel.trading.exchange import (
     CredentialsRefused,
     ExchangeUnavailable,
@@ -57,7 +78,10 @@ CATEGORY = "spot"
 ACCOUNT_TYPE = "UNIFIED"
 
 #: Bybit v5 spot retCodes the broker acts on (besides the retry policy's rate limits and server errors).
-RET_DUPLICATE_LINK_ID = 170141  # "Duplicate clientOrderId": the order exists, look it up
+RET_DUPLICATE_LINK_ID = 170141  # classic spot, "Duplicate clientOrderId": the order exists, look it up
+RET_DUPLICATE_LINK_ID_UNIFIED = 110072  # unified account, "OrderLinkedID is duplicate": the same
+RET_DUPLICATE_LINK_IDS = frozenset({RET_DUPLICATE_LINK_ID, RET_DUPLICATE_LINK_ID_UNIFIED})
+RET_RECV_WINDOW = 10002  # the request's timestamp is outside recv_window of Bybit's clock
 RET_ORDER_NOT_EXISTS = 170213  # cancel of an order that is not (or no longer) open
 RET_INSUFFICIENT_BALANCE = 170131
 RET_INVALID_SYMBOL = 170121
@@ -112,6 +136,10 @@ _AUTH_HINTS = MappingProxyType(
 _HINT_UNKNOWN_OUTCOME = (
     "Bybit may have taken the order: look it up with query_order(client_id) before deciding anything"
 )
+#: The widest ``recv_window`` the broker signs with after a clock refusal (Bybit's default is 5000 ms).
+MAX_RECV_WINDOW_MS = 20_000
+#: A clock this far off Bybit's (either way) is worth a warning at start.
+SKEW_WARNING_MS = 1_000
 _PAGE_LIMIT = 50
 _MAX_PAGES = 200
 _WINDOW = pd.Timedelta(days=7)  # the longest range Bybit's execution list answers for
@@ -156,6 +184,8 @@ class BybitBroker:
         self.secrets = secrets
         self._now = now or utc_now
         self._retry = BybitRetry(config, secrets, now=self._now, sleep=sleep, logger=logger, hints=_HINTS)
+        self.pacer = RequestPacer(now=self._now, sleep=sleep, offset_ms=lambda: self._session.time_offset_ms,
+                                  max_wait_s=config.backoff_max_s, logger=logger)
         self._session = new_session(
             testnet=mode == "testnet",
             demo=mode == "demo",
@@ -163,9 +193,12 @@ class BybitBroker:
             endpoint=endpoint.rstrip("/") if endpoint else None,
             api_key=api_key,
             api_secret=api_secret,
+            pacer=self.pacer,
         )
         self.endpoint: str = self._session.endpoint
         self._instruments: dict[str, Instrument] = {}
+        self._clock_read = False  # Bybit's clock is read before the first private call
+        self._skew_said = False  # the clock warning is given once
 
     def __repr__(self) -> str:  # pybit's session repr carries the secret: never show it
         return f"BybitBroker(mode={self.mode!r}, endpoint={self.endpoint!r})"
@@ -179,7 +212,9 @@ class BybitBroker:
             return cached
         what = f"the spot instrument {symbol}"
         rows = self._rows(
-            self._read(lambda: self._session.get_instruments_info(category=CATEGORY, symbol=symbol), what), what
+            self._read(lambda: self._session.get_instruments_info(category=CATEGORY, symbol=symbol), what,
+                       private=False),
+            what,
         )
         row = next((r for r in rows if isinstance(r, Mapping) and r.get("symbol") == symbol), None)
         if row is None:
@@ -195,7 +230,7 @@ class BybitBroker:
                 base_precision=float(lot["basePrecision"]),
                 quote_precision=float(lot["quotePrecision"]),
                 min_order_amount=float(lot["minOrderAmt"]),
-                min_order_qty=float(lot["minOrderQty"]),
+                min_order_qty=_number(lot.get("minOrderQty")),  # deprecated for spot: 0 once Bybit drops it
                 tick_size=float(price["tickSize"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
@@ -209,24 +244,24 @@ class BybitBroker:
         """Send a spot market order under ``orderLinkId = order.client_id``; ACKED with Bybit's order id.
 
         Sizes are rounded down to the instrument's precision and dust is refused here, before sending:
-        a buy below ``minOrderAmt`` (its quote amount is its value), a sell below ``minOrderQty``. A sell's
-        value needs a price the order does not carry: Bybit checks it (170140 -> :class:`OrderRefused`).
+        a buy below ``minOrderAmt`` (its quote amount is its value); a sell whose value at
+        ``order.price_hint`` is below ``minOrderAmt``, or below ``minOrderQty`` while Bybit still lists that
+        deprecated rule. A sell without a price hint has its value checked by Bybit (170140 -> :class:`OrderRefused`).
         """
         instrument = self.instrument(order.symbol)
         if order.side is Side.BUY:
             size, unit, coin = instrument.round_amount(order.quote_amount or 0.0), "quoteCoin", instrument.quote_coin
             text = _decimal_text(size, instrument.quote_precision)
-            minimum, rule = instrument.min_order_amount, "minimum order value (minOrderAmt)"
         else:
             size, unit, coin = instrument.round_qty(order.base_qty or 0.0), "baseCoin", instrument.base_coin
             text = _decimal_text(size, instrument.base_precision)
-            minimum, rule = instrument.min_order_qty, "minimum order quantity (minOrderQty)"
         what = f"{order.side.value} {text} {coin} of {order.symbol} as {order.client_id}"
-        if not math.isfinite(size) or size <= 0 or size < minimum:
+        dust = _dust(order, instrument, size)
+        if dust:
             raise OrderRefused(
-                f"bybit: refused {what} locally, nothing sent: below the {rule} {_plain(minimum)} {coin}; "
-                "hint: the order is dust, size it up or skip it"
+                f"bybit: refused {what} locally, nothing sent: {dust}; hint: the order is dust, size it up or skip it"
             )
+        self._read_clock_once()
         params = {
             "category": CATEGORY,
             "symbol": order.symbol,
@@ -260,7 +295,7 @@ class BybitBroker:
 
     def _after_place_failure(self, failure: Failure, order: MarketOrder, instrument: Instrument) -> Failure:
         """Never resend an order that Bybit may have: return it if it is there, or say the outcome is unknown."""
-        if failure.ret_code == RET_DUPLICATE_LINK_ID:
+        if failure.ret_code in RET_DUPLICATE_LINK_IDS:
             report = self.query_order(order.client_id)
             if report is None:
                 return replace(
@@ -314,6 +349,7 @@ class BybitBroker:
                 return replace(failure, hint=f"Bybit has no order with client id {client_id} on {symbol}")
             return self._judge(failure)
 
+        self._read_clock_once()
         try:
             self._retry.call(  # idempotent: a resent cancel of a cancelled order ends in 170213, then a lookup
                 lambda: self._session.cancel_order(category=CATEGORY, symbol=symbol, orderLinkId=client_id),
@@ -438,8 +474,10 @@ class BybitBroker:
 
     # ------------------------------------------------------------------------------------------- calls
 
-    def _read(self, request: Callable[[], Any], what: str) -> Any:
+    def _read(self, request: Callable[[], Any], what: str, *, private: bool = True) -> Any:
         """A read under the retry policy; whatever stops it is :class:`ExchangeUnavailable`."""
+        if private:
+            self._read_clock_once()
         return self._retry.call(
             request,
             action="read",
@@ -461,9 +499,61 @@ class BybitBroker:
         raise self._unexpected(what, f"more than {_MAX_PAGES} pages")
 
     def _judge(self, failure: Failure) -> Failure:
-        """Name the key problem behind an authentication retCode (never the key)."""
+        """Name the key problem behind an authentication retCode (never the key); a clock refusal (10002) is
+        corrected (Bybit's clock read again, ``recv_window`` widened) and the request sent again."""
         hint = _auth_hint(failure.ret_code, self.mode)
+        if failure.ret_code == RET_RECV_WINDOW:
+            self._correct_clock(failure)
+            return replace(failure, retryable=True, hint=hint or failure.hint)
         return replace(failure, hint=hint) if hint else failure
+
+    # ------------------------------------------------------------------------------------------- clock
+
+    def _read_clock_once(self) -> None:
+        """Before the first private call: sign with Bybit's clock from the start."""
+        if self._clock_read:
+            return
+        self._clock_read = True
+        offset = self._server_offset_ms()
+        if offset is None:
+            return
+        self._session.time_offset_ms = offset
+        if abs(offset) >= SKEW_WARNING_MS:
+            self._say_skew(f"this machine's clock is {offset / 1000:+.3f} s off Bybit's")
+
+    def _correct_clock(self, failure: Failure) -> None:
+        """After retCode 10002: read Bybit's clock again and widen ``recv_window`` (within bounds)."""
+        offset = self._server_offset_ms()
+        if offset is not None:
+            self._session.time_offset_ms = offset
+        window = min(max(int(self._session.recv_window) * 2, 10_000), MAX_RECV_WINDOW_MS)
+        self._session.recv_window = window
+        self._say_skew(f"Bybit refused a request's time ({self._retry.redact(failure.description)[:160]}); "
+                       f"this machine's clock is {self._session.time_offset_ms / 1000:+.3f} s off Bybit's")
+
+    def _say_skew(self, what: str) -> None:
+        text = (f"bybit: {what}: signing with Bybit's time (offset {self._session.time_offset_ms} ms, recv_window "
+                f"{self._session.recv_window} ms) from now on; hint: sync this machine's clock (NTP)")
+        if self._skew_said:
+            logger.info(text)
+        else:
+            self._skew_said = True
+            logger.warning(text)
+
+    def _server_offset_ms(self) -> int | None:
+        """Bybit's clock minus ours (``/v5/market/time``, the midpoint of the round trip); ``None`` if it
+        could not be read (one attempt: the next clock refusal tries again)."""
+        try:
+            before = pybit_helpers.generate_timestamp()
+            response = self._session.get_server_time()
+            after = pybit_helpers.generate_timestamp()
+            server_ms = _server_time_ms(response)
+        except (FailedRequestError, InvalidRequestError, *NETWORK_ERRORS, ValueError, TypeError, KeyError) as exc:
+            logger.info(self._retry.redact(f"bybit: could not read Bybit's clock at {self.endpoint}: "
+                                           f"{type(exc).__name__}; the signing offset stays "
+                                           f"{self._session.time_offset_ms} ms"))
+            return None
+        return server_ms - (before + after) // 2
 
     def _rows(self, response: Any, what: str) -> list[Any]:
         result = response.get("result") if isinstance(response, Mapping) else None
@@ -482,6 +572,35 @@ class BybitBroker:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _dust(order: MarketOrder, instrument: Instrument, size: float) -> str:
+    """Why an order is below the exchange's minimums ("" if it is not)."""
+    if order.side is Side.BUY:
+        coin, minimum = instrument.quote_coin, instrument.min_order_amount
+        if not math.isfinite(size) or size <= 0 or size < minimum:
+            return f"below the minimum order value (minOrderAmt) {_plain(minimum)} {coin}"
+        return ""
+    coin = instrument.base_coin
+    if not math.isfinite(size) or size <= 0:
+        return f"nothing to sell after rounding to the base precision (basePrecision) {_plain(instrument.base_precision)} {coin}"
+    price = order.price_hint
+    if price is not None and math.isfinite(price) and price > 0 and size * price < instrument.min_order_amount:
+        return (f"worth about {size * price:.6g} {instrument.quote_coin} at {price:g}, below the minimum order "
+                f"value (minOrderAmt) {_plain(instrument.min_order_amount)} {instrument.quote_coin}")
+    if size < instrument.min_order_qty:  # deprecated for spot, still enforced while listed
+        return f"below the minimum order quantity (minOrderQty) {_plain(instrument.min_order_qty)} {coin}"
+    return ""
+
+
+def _server_time_ms(response: Any) -> int:
+    """``/v5/market/time``: ``result.timeNano`` (ns), else ``result.timeSecond``, else the envelope's ``time``."""
+    result = response.get("result") if isinstance(response, Mapping) else None
+    if isinstance(result, Mapping) and result.get("timeNano"):
+        return int(str(result["timeNano"])) // 1_000_000
+    if isinstance(result, Mapping) and result.get("timeSecond"):
+        return int(str(result["timeSecond"])) * 1000
+    return int(str(response["time"]))
 
 
 def _joined(*parts: str) -> str:

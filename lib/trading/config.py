@@ -30,11 +30,22 @@ class TraderConfig(Frozen):
     poll_delay_s: float = Field(5.0, ge=0)
     #: A candle not available this many seconds after its close is stale: no decision on it, the breaker counts it.
     stale_after_s: float = Field(120.0, gt=0)
-    #: ``rest``: poll closed candles after each bar close (the ingest path, retries included).
-    market_data: Literal["rest"] = "rest"
+    #: ``websocket``: closed candles pushed by Bybit's public kline stream, each checked alone and appended,
+    #: with REST filling what the stream missed (a disconnect, a gap, a refused candle, a late close); ``rest``:
+    #: poll closed candles after each bar close (the ingest path, retries included). ``null`` (the default):
+    #: ``websocket`` for the exchange modes, ``rest`` for paper (which has no exchange to listen to).
+    market_data: Literal["websocket", "rest"] | None = None
+    #: Stream base URL override (a local server, ``ws://127.0.0.1:8766``); ``null`` = pybit's host for the mode
+    #: (demo takes public candles from mainnet's stream, testnet from testnet's). ``/v5/public/spot`` is appended.
+    stream_endpoint: str | None = None
     #: The environment's confirmation for mainnet (``PRICELEVEL_TRADER__LIVE=yes``); a config file or ``--set``
     #: cannot give it.
     live: bool = False
+
+    @property
+    def candles_from(self) -> Literal["websocket", "rest"]:
+        """Where candles come from: ``market_data``, or its default for the mode."""
+        return self.market_data or ("rest" if self.mode == "paper" else "websocket")
 
 
 class RiskConfig(ProtectionsConfig):

@@ -91,13 +91,18 @@ def _floor(value: float, step: float) -> float:
 
 @dataclass(frozen=True)
 class MarketOrder:
-    """An order intent: buy ``quote_amount`` of quote coin worth, or sell ``base_qty`` of base coin, at market."""
+    """An order intent: buy ``quote_amount`` of quote coin worth, or sell ``base_qty`` of base coin, at market.
+
+    ``price_hint`` (optional) is the price the caller expects, e.g. the last close: a broker checks a sell's
+    value against the exchange's minimum order value with it before sending (a market order has no price).
+    """
 
     client_id: str
     symbol: str
     side: Side
     quote_amount: float | None = None
     base_qty: float | None = None
+    price_hint: float | None = None
 
     def __post_init__(self) -> None:
         if not CLIENT_ID_PATTERN.match(self.client_id):

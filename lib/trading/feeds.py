@@ -12,7 +12,11 @@ leaves the validated layer as it was.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -20,6 +24,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
+from pricelevel.core.candles import PRICE_COLUMNS, to_canonical
 from pricelevel.core.timeframes import Timeframe, utc_ns
 from pricelevel.data.catalogue import DataCatalogue
 from pricelevel.data.config import ValidationConfig
@@ -30,11 +35,12 @@ from pricelevel.data.sources import CandleSource, SourceError
 from pricelevel.data.store import Layer
 from pricelevel.data.validation import DataValidationError, ValidationReport
 from pricelevel.features.lookahead import cut_frames
+from pricelevel.trading.streams import PushedCandle, StreamDown, StreamEvent, StreamUp
 
 Frames = dict[str, dict[Timeframe, pd.DataFrame | None]]
 
 
-ProblemKind = Literal["bad_data", "unavailable", "error"]
+ProblemKind = Literal["bad_data", "unavailable", "error", "stream"]
 
 
 @dataclass(frozen=True)
@@ -44,7 +50,9 @@ class FeedProblem:
     ``kind``: ``"bad_data"`` the candles failed validation (the reason names the file, the rules and the rows;
     they are fetched again at the next attempt); ``"unavailable"`` the candle source did not answer (after its
     retries: an outage, a rate-limit storm, timeouts); ``"error"`` anything else (a request the source refuses
-    for good, a local failure), said as it is.
+    for good, a local failure), said as it is; ``"stream"`` (a :class:`StreamFeed` only) the kline stream did not
+    bring this candle (down, silent, or late): it was fetched over REST instead, and only a REST problem beside
+    it keeps the symbol from being decided.
     """
 
     symbol: str
@@ -105,28 +113,39 @@ class StoreFeed:
         self.problems: tuple[FeedProblem, ...] = ()
 
     def closed_by(self, until: pd.Timestamp) -> Frames:
-        problems: list[FeedProblem] = []
-        source = self.source
-        for symbol in self.symbols:
-            for tf in self.timeframes:
-                problem = self._refresh(source, symbol, Timeframe(tf), until)
-                if problem is None:
-                    continue
-                problems.append(problem)
-                if problem.kind == "unavailable" and not isinstance(source, _Unanswered):
-                    source = _Unanswered(self.source.name, problem.reason)
+        problems = self.refresh([(symbol, Timeframe(tf)) for symbol in self.symbols for tf in self.timeframes], until)
         self.problems = tuple(problems)
         blind = {problem.symbol for problem in problems}
         until_ns = int(utc_ns(pd.DatetimeIndex([until]))[0])
-        try:
-            folder: CandleFolder | None = CandleFolder.open(self.catalogue.layer_dir(Layer.VALIDATED, self.source.name))
-        except CandleFolderError:  # nothing validated yet (a first start while the exchange is away)
-            folder = None
         return {
-            symbol: {Timeframe(tf): None for tf in self.timeframes} if folder is None or symbol in blind
-            else cut_frames(folder.read_many(symbol, self.timeframes), until_ns)
+            symbol: {Timeframe(tf): None for tf in self.timeframes} if symbol in blind
+            or (validated := self.read_validated(symbol, self.timeframes)) is None
+            else cut_frames(validated, until_ns)
             for symbol in self.symbols
         }
+
+    def refresh(self, datasets: Sequence[tuple[str, Timeframe]], until: pd.Timestamp) -> list[FeedProblem]:
+        """Ingest, validate and publish each (symbol, timeframe) up to ``until``; what went wrong, in order.
+        Once the source has failed, the datasets after it are not asked this time (see the class)."""
+        problems: list[FeedProblem] = []
+        source = self.source
+        for symbol, tf in datasets:
+            problem = self._refresh(source, symbol, Timeframe(tf), until)
+            if problem is None:
+                continue
+            problems.append(problem)
+            if problem.kind == "unavailable" and not isinstance(source, _Unanswered):
+                source = _Unanswered(self.source.name, problem.reason)
+        return problems
+
+    def read_validated(self, symbol: str, timeframes: Sequence[Timeframe]) -> dict[Timeframe, pd.DataFrame | None] | None:
+        """The validated layer's candles of ``symbol``; ``None`` while nothing is validated yet (a first start
+        while the exchange is away)."""
+        try:
+            folder = CandleFolder.open(self.catalogue.layer_dir(Layer.VALIDATED, self.source.name))
+        except CandleFolderError:
+            return None
+        return folder.read_many(symbol, timeframes)
 
     def _refresh(self, source: CandleSource, symbol: str, tf: Timeframe, until: pd.Timestamp) -> FeedProblem | None:
         """Bring one dataset up to ``until`` and publish it; what went wrong, or ``None``."""
@@ -148,6 +167,211 @@ class StoreFeed:
         except Exception as exc:
             return FeedProblem(symbol, tf, "error", f"{type(exc).__name__}: {_one_line(exc)}")
         return None
+
+
+Dataset = tuple[str, Timeframe]
+
+
+class StreamFeed:
+    """Live candles as the exchange pushes them (:class:`~pricelevel.trading.streams.KlineStream` hands its
+    events to :meth:`deliver`, from any thread), each checked alone against the store's rules
+    (:func:`candle_faults`) and appended to an in-memory frame per (symbol, timeframe); ``rest`` (the
+    :class:`StoreFeed`: the ingest path, great-expectations validation, the validated layer) seeds those frames
+    at the first :meth:`closed_by` and fills in whatever the stream could not give.
+
+    :meth:`closed_by` waits up to ``wait_s`` for the candles closing at ``until`` to be pushed; then fetches
+    over REST, before anything is decided, every dataset that (a) is not seeded yet, (b) may have missed a
+    candle while the stream was down (one with a candle closing between the last message heard before a
+    disconnect, less ``margin_s``, and the reconnect), (c) has a gap (a pushed candle that does not follow the
+    last one), (d) had a pushed candle refused, or (e) still lacks the candle closing at ``until``. A stream
+    down, or one that has pushed nothing for longer than the smallest timeframe (plus ``margin_s``), is not
+    waited for. :attr:`problems` names what the stream did not bring (``"stream"``), every refused candle
+    (``"bad_data"``) and every REST problem; only the symbols with a REST problem go without candles.
+    A candle that is not ``confirm``-ed (its bar still open) is never used.
+    """
+
+    def __init__(self, rest: StoreFeed, *, wait_s: float = 5.0, margin_s: float = 60.0,
+                 now: Callable[[], float] = time.time, stopping: threading.Event | None = None) -> None:
+        self.rest, self.wait_s, self.margin_s, self.now = rest, wait_s, margin_s, now
+        self.stopping = stopping or threading.Event()
+        self.symbols, self.timeframes = rest.symbols, tuple(Timeframe(tf) for tf in rest.timeframes)
+        self.datasets: tuple[Dataset, ...] = tuple((s, tf) for s in self.symbols for tf in self.timeframes)
+        self.silent_after_s = min(tf.delta.total_seconds() for tf in self.timeframes) + margin_s
+        self.problems: tuple[FeedProblem, ...] = ()
+        #: Datasets fetched over REST at the last :meth:`closed_by` (empty when the stream brought everything).
+        self.fetched: tuple[Dataset, ...] = ()
+        self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        self._frames: dict[Dataset, pd.DataFrame | None] = dict.fromkeys(self.datasets)
+        self._pending: dict[Dataset, dict[pd.Timestamp, PushedCandle]] = {key: {} for key in self.datasets}
+        self._stale: dict[Dataset, str] = dict.fromkeys(self.datasets, "not seeded yet")  # why REST is needed
+        self._refused: list[FeedProblem] = []
+        self._down: StreamDown | None = StreamDown(None, "not connected yet")
+        self._heard: float | None = None  # wall-clock second of the last event (a candle or an open)
+
+    def deliver(self, event: StreamEvent) -> None:
+        """The stream's ``deliver``: called on the stream's thread, so it only queues."""
+        self._events.put(event)
+
+    # -------------------------------------------------------------------------------------- the trader's
+
+    def closed_by(self, until: pd.Timestamp) -> Frames:
+        until = pd.Timestamp(until)
+        self._drain()
+        deadline = time.monotonic() + self.wait_s
+        while self._listening() and self._awaited(until) and not self.stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                self._apply(self._events.get(timeout=min(remaining, 0.5)))
+            except queue.Empty:
+                continue
+            self._drain()
+        problems: list[FeedProblem] = []
+        why = self._why_not_listening()
+        for key in self._awaited(until):
+            self._stale[key] = why or f"no closed candle pushed within {self.wait_s:g} s of {until.isoformat()}"
+        need = [key for key in self.datasets if key in self._stale]
+        problems += [FeedProblem(s, tf, "stream", f"{self._stale[(s, tf)]}; fetched over REST") for s, tf in need]
+        problems += self._refused
+        self._refused = []
+        rest_problems = self.rest.refresh(need, until) if need else []
+        failed = {(p.symbol, p.timeframe) for p in rest_problems}
+        for symbol in {s for s, _ in need}:
+            fetched = [tf for s, tf in need if s == symbol and (s, tf) not in failed]
+            validated = self.rest.read_validated(symbol, fetched) if fetched else None
+            for tf in fetched:
+                frame = validated.get(tf) if validated is not None else None
+                if frame is not None:
+                    self._frames[(symbol, tf)] = frame.reset_index(drop=True)
+                    del self._stale[(symbol, tf)]
+                    self._absorb((symbol, tf))
+        self.fetched = tuple(need)
+        self.problems = tuple(problems + rest_problems)
+        blind = {p.symbol for p in rest_problems}
+        until_ns = int(utc_ns(pd.DatetimeIndex([until]))[0])
+        return {
+            symbol: {tf: None for tf in self.timeframes} if symbol in blind
+            else cut_frames({tf: self._frames[(symbol, tf)] for tf in self.timeframes}, until_ns)
+            for symbol in self.symbols
+        }
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                self._apply(self._events.get_nowait())
+            except queue.Empty:
+                return
+
+    def _apply(self, event: StreamEvent) -> None:
+        if isinstance(event, StreamDown):
+            if self._down is None:  # the first word of an outage keeps the earliest "last heard"
+                self._down = event
+        elif isinstance(event, StreamUp):
+            down, self._down, self._heard = self._down, None, event.at
+            if down is not None and down.since is not None:
+                self._mark_missed(down.since - self.margin_s, event.at, f"stream down from "
+                                  f"{_stamp(down.since)} to {_stamp(event.at)} ({down.reason})")
+        elif isinstance(event, PushedCandle):
+            self._heard = max(self._heard or event.received, event.received)
+            self._take(event)
+
+    def _mark_missed(self, since: float, until: float, reason: str) -> None:
+        """Every dataset with a candle closing between ``since`` and ``until`` (wall-clock seconds)."""
+        for key in self.datasets:
+            step = key[1].nanoseconds
+            last_close = int(until * 1e9) // step * step
+            if last_close >= since * 1e9:
+                self._stale.setdefault(key, reason)
+
+    def _take(self, candle: PushedCandle) -> None:
+        key = (candle.symbol, candle.timeframe)
+        if not candle.confirmed or key not in self._pending:
+            return
+        faults = candle_faults(candle.timestamp, candle.values, candle.timeframe)
+        if faults:
+            values = " ".join(f"{k}={v:g}" for k, v in candle.values.items())
+            self._refused.append(FeedProblem(candle.symbol, candle.timeframe, "bad_data",
+                                             f"pushed candle {candle.timestamp.isoformat()} refused: {values} "
+                                             f"breaks {', '.join(faults)}"))
+            self._stale.setdefault(key, f"pushed candle {candle.timestamp.isoformat()} refused")
+            return
+        self._pending[key][candle.timestamp] = candle
+        self._absorb(key)
+
+    def _absorb(self, key: Dataset) -> None:
+        """Append the pending candles that follow the frame's last one; a hole before one is a gap."""
+        frame, pending = self._frames[key], self._pending[key]
+        if frame is None or not pending:
+            return
+        step = key[1].delta
+        last = frame["timestamp"].iloc[-1] if len(frame) else None
+        rows = []
+        for stamp in sorted(pending):
+            if last is not None and stamp <= last:
+                del pending[stamp]
+            elif last is None or stamp == last + step:
+                rows.append({"timestamp": stamp, **pending.pop(stamp).values})
+                last = stamp
+            else:
+                self._stale.setdefault(key, f"candles missing from {(last + step).isoformat()} to "
+                                            f"{(stamp - step).isoformat()} (a gap in the stream)")
+                break
+        if rows:
+            self._frames[key] = pd.concat([frame, to_canonical(pd.DataFrame(rows))], ignore_index=True)
+
+    # ------------------------------------------------------------------------------------------- state
+
+    def _awaited(self, until: pd.Timestamp) -> list[Dataset]:
+        """Datasets without the candle closing at or before ``until`` that waiting could still bring."""
+        out = []
+        for key in self.datasets:
+            if key in self._stale:
+                continue
+            frame, tf = self._frames[key], key[1]
+            due = until.floor(tf.delta) - tf.delta  # the open of the newest candle closed by `until`
+            if frame is None or not len(frame) or frame["timestamp"].iloc[-1] < due:
+                out.append(key)
+        return out
+
+    def _listening(self) -> bool:
+        return self._why_not_listening() is None
+
+    def _why_not_listening(self) -> str | None:
+        if self._down is not None:
+            since = f" (last heard {_stamp(self._down.since)})" if self._down.since is not None else ""
+            return f"kline stream down: {self._down.reason}{since}"
+        if self._heard is not None and self.now() - self._heard > self.silent_after_s:
+            return f"kline stream silent for {self.now() - self._heard:.0f} s (more than {self.silent_after_s:.0f} s)"
+        return None
+
+
+def candle_faults(timestamp: pd.Timestamp, values: Mapping[str, float], timeframe: Timeframe) -> list[str]:
+    """The store's candle rules (:mod:`pricelevel.data.validation`, by the same wording) that one candle
+    breaks, checked without great-expectations (milliseconds, not seconds, per pushed candle). The rules
+    between candles (unique, sorted, gaps) are the feed's: an older candle is ignored, a gap is fetched."""
+    faults = []
+    for column in (*PRICE_COLUMNS, "volume"):
+        if math.isnan(values[column]):
+            faults.append(f"{column} is not null")
+    for column in (*PRICE_COLUMNS, "volume", "turnover"):
+        if math.isinf(values[column]):
+            faults.append(f"{column} is finite" if column != "turnover" else "turnover is finite or null")
+    faults += [f"{column} > 0" for column in PRICE_COLUMNS if values[column] <= 0]
+    if values["volume"] < 0:
+        faults.append("volume >= 0")
+    for upper, lower in (("high", "open"), ("high", "close"), ("open", "low"), ("close", "low"), ("high", "low")):
+        if values[upper] < values[lower]:  # False with a NaN: the not-null rule has said it
+            faults.append(f"{upper} >= {lower}")
+    if int(utc_ns(pd.DatetimeIndex([timestamp]))[0]) % Timeframe(timeframe).nanoseconds:
+        faults.append(f"open time is a multiple of {timeframe} since 1970-01-01 UTC")
+    return faults
+
+
+def _stamp(seconds: float | None) -> str:
+    return "never" if seconds is None else pd.Timestamp(seconds, unit="s", tz="UTC").floor("s").isoformat()
 
 
 class _Unanswered:

@@ -531,7 +531,7 @@ class ExchangeBroker:
             name = intent if attempt == 0 else f"{intent}{attempt}"
             cid = client_id(version, symbol, at, name)
             before = position.size
-            report = self._execute(MarketOrder(cid, symbol, Side.SELL, base_qty=qty), at, version, "exit", reason)
+            report = self._execute(MarketOrder(cid, symbol, Side.SELL, base_qty=qty, price_hint=price), at, version, "exit", reason)
             if report is not None and report.filled_qty > 0:
                 fills.append(Fill(symbol, reason, min(report.filled_qty, before), report.avg_price, report.fee))
             if report is None or report.status is OrderStatus.REJECTED or (symbol in self.open and self.open[symbol].size >= before):

@@ -33,11 +33,12 @@ from pricelevel.trading.config import RiskConfig, TraderConfig
 from pricelevel.trading.control import pending_commands
 from pricelevel.trading.events import Notifier
 from pricelevel.trading.exchange import CredentialsRefused, ExchangeClient, ExchangeUnavailable
-from pricelevel.trading.feeds import ReplayFeed, StoreFeed
+from pricelevel.trading.feeds import ReplayFeed, StoreFeed, StreamFeed
 from pricelevel.trading.live import ExchangeBroker, StopRequested
 from pricelevel.trading.models import ModelProvider
 from pricelevel.trading.paper import PaperBroker
 from pricelevel.trading.state import EQUITY, TRADES, StateStore, default_state_url
+from pricelevel.trading.streams import KlineStream, stream_url
 from pricelevel.trading.trader import Trader
 
 LIVE_VARIABLE = "PRICELEVEL_TRADER__LIVE"
@@ -139,7 +140,7 @@ def replay_result(replay: Replay, costs: BacktestConfig) -> BacktestResult:
 
 
 #: Seconds a stop waits for the step in progress to reach a safe point (``docker stop`` and systemd give 10).
-STOP_GRACE_S = 3.0
+STOP_GRACE_S = 1.5
 #: Between bars, while the exchange is away: the first retry after this many seconds, doubling up to the cap.
 RECOVER_FIRST_S, RECOVER_MAX_S = 5.0, 60.0
 
@@ -282,8 +283,13 @@ def open_service(
     table_spec = models.current.spec.table_spec()
     stopping = threading.Event()
     source = open_source(config.data, config.bybit, secrets, sleep=interruptible_sleep(stopping))
-    feed = StoreFeed(source, config.catalogue, config.validation, models.symbols, table_spec.input_timeframes,
-                     start=config.data.start)
+    feed: StoreFeed | StreamFeed = StoreFeed(source, config.catalogue, config.validation, models.symbols,
+                                             table_spec.input_timeframes, start=config.data.start)
+    stream = None
+    if trader_config.candles_from == "websocket":  # closed candles pushed by the exchange; REST fills the gaps
+        feed = StreamFeed(feed, wait_s=trader_config.poll_delay_s, stopping=stopping)
+        stream = KlineStream(stream_url(trader_config.mode, trader_config.stream_endpoint), models.symbols,
+                             table_spec.input_timeframes, feed.deliver)
     if trader_config.mode == "paper":
         make = paper_execution(models.symbols, config.backtest)
     else:
@@ -293,7 +299,9 @@ def open_service(
         make = exchange_execution(exchange, store, models.symbols, bar=bar, stopping=stopping)
     with store.transaction() as tx:
         store.put(tx, "mode", trader_config.mode)
-    return Trader(store, models, feed, make, config.risk, config.backtest, notifier, stopping=stopping)
+    trader = Trader(store, models, feed, make, config.risk, config.backtest, notifier, stopping=stopping)
+    trader.stream = stream.start() if stream is not None else None
+    return trader
 
 
 def interruptible_sleep(stopping: threading.Event) -> Callable[[float], None]:

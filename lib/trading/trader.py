@@ -121,6 +121,8 @@ class Trader:
         self._last_refusal: dict[str, str] = {}
         self._told_down = False
         self._stale_told: dict[str, str] = {}
+        #: The exchange's kline stream feeding ``feed`` (the service starts it and stops it), or ``None``.
+        self.stream: Any = None
         self.needs_reconcile = True
         self._builders: dict[str, TableBuilder] = {}  # per symbol, for the current model's table spec
         self._timings: dict[str, float] = {}
@@ -185,6 +187,8 @@ class Trader:
             self._stale_told[symbol] = kind
             if kind == "unavailable":
                 away.append(symbol)
+            elif kind == "stream":
+                notes.append(("stale", f"{symbol}: the kline stream is down or late ({problem.reason}); candles over REST"))
             elif problem is not None:
                 notes.append(("stale", f"{symbol}: bad market data: {problem.reason}; no decision on it until it is good"))
             else:

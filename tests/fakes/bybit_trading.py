@@ -14,10 +14,13 @@ retCodes it emulates (Bybit v5 error table, spot trade section), and when:
 ========  =====================================================  =====================================
 10001     params error                                            bad category/side/type/qty/orderLinkId
 10002     request time outside the recv_window                    X-BAPI-TIMESTAMP too far from our clock
+                                                                  (``clock_skew_s`` moves our clock)
 10003     API key is invalid                                      unknown or missing X-BAPI-API-KEY
 10004     error sign (echoes the signed origin string, key        X-BAPI-SIGN does not verify
           included, as Bybit does: the client must redact it)
-10006     Too many visits (with the X-Bapi-Limit-* headers)       :meth:`TradeFault.rate_limit`
+10006     Too many visits (with the X-Bapi-Limit-* headers)       :meth:`TradeFault.rate_limit`, or
+                                                                  more than ``rate_quota`` requests to one
+                                                                  endpoint in ``rate_window_s``
 10016     Server error                                            :meth:`TradeFault.api_error`
 170121    Invalid symbol                                          order on an unknown symbol
 170131    Insufficient balance                                    not enough of the coin spent
@@ -25,6 +28,7 @@ retCodes it emulates (Bybit v5 error table, spot trade section), and when:
 170137    Order volume decimal too long                           base qty finer than ``basePrecision``
 170140    Order value exceeded lower limit                        value below ``minOrderAmt``
 170141    Duplicate clientOrderId                                 an ``orderLinkId`` seen before
+110072    OrderLinkedID is duplicate                              the same, with ``unified_account=True``
 170148    Market order amount decimal too long                    quote amount finer than ``quotePrecision``
 170213    Order does not exist                                    cancel of an unknown or closed order
 ========  =====================================================  =====================================
@@ -33,6 +37,12 @@ Faults (:meth:`FakeBybitExchange.fail_next`): each queued :class:`TradeFault` is
 on its path (order faults default to ``/v5/order/create``, the others to any trading path), so that a test
 can fail "the next order" whatever reads the client does first. ``lost`` is the nasty one: the order IS
 created and filled, then the answer stalls past the client's timeout, or is a bare 502.
+
+Every private answer carries Bybit's rate-limit headers (``X-Bapi-Limit``, ``X-Bapi-Limit-Status`` = requests
+left, ``X-Bapi-Limit-Reset-Timestamp`` = when the window resets once it is used up, else now), counted per API
+key and endpoint in windows of ``rate_window_s`` on the fake's clock; ``rate_quota`` (``None``: a quota no test
+reaches) sets the limit. ``/v5/market/time`` answers the fake's server clock, real time plus ``clock_skew_s``,
+as Bybit does (``{"timeSecond", "timeNano"}``); the same skewed clock checks every X-BAPI-TIMESTAMP.
 
 Bad days, on demand: :meth:`FakeBybitExchange.set_outage` answers every request (klines included) with an
 HTTP status and an HTML page, as a proxy in front of a down exchange does (optionally until a time of the
@@ -85,8 +95,10 @@ ORDER_HISTORY = "/v5/order/history"
 EXECUTION_LIST = "/v5/execution/list"
 WALLET_BALANCE = "/v5/account/wallet-balance"
 INSTRUMENTS_INFO = "/v5/market/instruments-info"
+MARKET_TIME = "/v5/market/time"
 PRIVATE_PATHS = (ORDER_CREATE, ORDER_CANCEL, ORDER_REALTIME, ORDER_HISTORY, EXECUTION_LIST, WALLET_BALANCE)
 TRADING_PATHS = (*PRIVATE_PATHS, INSTRUMENTS_INFO)
+PUBLIC_PATHS = (KLINE_PATH, MARKET_TIME)
 #: Not Bybit: how a test in another process moves the fake's last prices (POST {"SYMBOL": "price", ...}).
 FAKE_PRICES = "/fake/prices"
 #: Not Bybit: POST {"status": 503, "until": "2024-06-20T04:00:00Z" | null}; {"status": null} ends it.
@@ -118,6 +130,7 @@ RET_QTY_TOO_SMALL = 170136
 RET_QTY_DECIMALS = 170137
 RET_VALUE_TOO_SMALL = 170140
 RET_DUPLICATE_LINK_ID = 170141
+RET_DUPLICATE_LINK_ID_UNIFIED = 110072
 RET_AMOUNT_DECIMALS = 170148
 RET_ORDER_NOT_EXISTS = 170213
 
@@ -128,6 +141,8 @@ MESSAGES = MappingProxyType({
     RET_QTY_DECIMALS: "Order volume decimal too long.",
     RET_VALUE_TOO_SMALL: "Order value exceeded lower limit.",
     RET_DUPLICATE_LINK_ID: "Duplicate clientOrderId.",
+    RET_DUPLICATE_LINK_ID_UNIFIED: "OrderLinkedID is duplicate",
+    RET_RATE_LIMIT: "Too many visits!",
     RET_AMOUNT_DECIMALS: "Market order amount decimal too long.",
     RET_ORDER_NOT_EXISTS: "Order does not exist.",
     RET_INVALID_SYMBOL: "Invalid symbol.",
@@ -135,6 +150,8 @@ MESSAGES = MappingProxyType({
 OPEN_STATUSES = ("New", "PartiallyFilled")
 LINK_ID = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
 SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
+#: The quota the rate-limit headers report when a test sets none.
+UNLIMITED_QUOTA = 1_000_000
 _MS = 1_000_000
 
 
@@ -210,6 +227,8 @@ class Recorded:
     path: str
     params: Mapping[str, object]
     api_key: str | None
+    #: The X-BAPI-RECV-WINDOW it was signed with (``None``: unsigned).
+    recv_window: str | None = None
 
 
 @dataclass
@@ -293,13 +312,22 @@ class _Instrument:
     quote_coin: str
     base_precision: Decimal
     quote_precision: Decimal
-    min_order_qty: Decimal
+    #: ``None``: not listed (Bybit deprecated spot ``minOrderQty`` in favour of ``minOrderAmt``).
+    min_order_qty: Decimal | None
     max_order_qty: Decimal
     min_order_amt: Decimal
     max_order_amt: Decimal
     tick_size: Decimal
 
     def to_json(self) -> dict[str, object]:
+        lot = {
+            "basePrecision": _text(self.base_precision),
+            "quotePrecision": _text(self.quote_precision),
+            "minOrderQty": _text(self.min_order_qty) if self.min_order_qty is not None else None,
+            "maxOrderQty": _text(self.max_order_qty),
+            "minOrderAmt": _text(self.min_order_amt),
+            "maxOrderAmt": _text(self.max_order_amt),
+        }
         return {
             "symbol": self.symbol,
             "baseCoin": self.base_coin,
@@ -308,14 +336,7 @@ class _Instrument:
             "status": "Trading",
             "marginTrading": "utaOnly",
             "stTag": "0",
-            "lotSizeFilter": {
-                "basePrecision": _text(self.base_precision),
-                "quotePrecision": _text(self.quote_precision),
-                "minOrderQty": _text(self.min_order_qty),
-                "maxOrderQty": _text(self.max_order_qty),
-                "minOrderAmt": _text(self.min_order_amt),
-                "maxOrderAmt": _text(self.max_order_amt),
-            },
+            "lotSizeFilter": {key: value for key, value in lot.items() if value is not None},
             "priceFilter": {"tickSize": _text(self.tick_size)},
             "riskParameters": {"priceLimitRatioX": "0.05", "priceLimitRatioY": "0.05"},
         }
@@ -346,6 +367,14 @@ class FakeBybitExchange:
     #: Fake-clock seconds after which the rest of a partly filled order fills by itself (``None``: never).
     fill_rest_after_s: float | None = None
     unique_link_ids: bool = True
+    #: A unified trading account: a repeated ``orderLinkId`` is refused with 110072 instead of classic spot's 170141.
+    unified_account: bool = False
+    #: Seconds our server clock runs ahead of real time (negative: behind): what X-BAPI-TIMESTAMP is checked
+    #: against and what ``/v5/market/time`` answers.
+    clock_skew_s: float = 0.0
+    #: Requests per API key and endpoint in each ``rate_window_s`` (fake clock) before 10006; ``None``: no limit.
+    rate_quota: int | None = None
+    rate_window_s: float = 1.0
     #: How many times faster than real time the clocks of the fake and its clients run (libfaketime ``x360``):
     #: the recv window and the allowed clock lead are checked in real time, as network latency is real.
     clock_speed: float = 1.0
@@ -367,12 +396,16 @@ class FakeBybitExchange:
         self._key_revoked = False
         #: Requests answered with the outage's status (klines included), and by path.
         self.outage_answers: dict[str, int] = {}
-        #: Refusals answered (retCode -> count), e.g. 170141 for an ``orderLinkId`` sent again.
+        #: Refusals answered (retCode -> count), e.g. 170141 for an ``orderLinkId`` sent again, 10002 for a
+        #: timestamp outside the recv window, 10006 past ``rate_quota``.
         self.refusals: dict[int, int] = {}
         #: Every trading request, in order (klines are in ``market.requests``).
         self.requests: list[Recorded] = []
         #: Every order created, in order: what the exchange really took.
         self.created: list[dict[str, object]] = []
+        #: ``/v5/market/time`` requests answered (not in ``requests``: they are no trading).
+        self.time_requests = 0
+        self._rate_windows: dict[tuple[str, str], tuple[int, int]] = {}
         self.add_instrument("BTCUSDT", "BTC", "USDT")
 
     # ----------------------------------------------------------------------------------------- set-up
@@ -385,20 +418,21 @@ class FakeBybitExchange:
         *,
         base_precision: str = "0.000001",
         quote_precision: str = "0.00000001",
-        min_order_qty: str = "0.000048",
+        min_order_qty: str | None = "0.000048",
         max_order_qty: str = "71.73956243",
         min_order_amt: str = "1",
         max_order_amt: str = "2000000",
         tick_size: str = "0.01",
     ) -> None:
-        """A spot symbol with Bybit's rules (defaults: BTCUSDT's on mainnet)."""
+        """A spot symbol with Bybit's rules (defaults: BTCUSDT's on mainnet); ``min_order_qty=None`` leaves the
+        deprecated ``minOrderQty`` out, as Bybit may."""
         self._instruments[symbol] = _Instrument(
             symbol,
             base_coin,
             quote_coin,
             base_precision=Decimal(base_precision),
             quote_precision=Decimal(quote_precision),
-            min_order_qty=Decimal(min_order_qty),
+            min_order_qty=Decimal(min_order_qty) if min_order_qty is not None else None,
             max_order_qty=Decimal(max_order_qty),
             min_order_amt=Decimal(min_order_amt),
             max_order_amt=Decimal(max_order_amt),
@@ -503,6 +537,9 @@ class FakeBybitExchange:
                 "pending_faults": len(self._faults),
                 "fill_fraction": self.fill_fraction,
                 "key_revoked": self._key_revoked,
+                "clock_skew_s": self.clock_skew_s,
+                "rate_quota": self.rate_quota,
+                "time_requests": self.time_requests,
             }
 
     @property
@@ -521,13 +558,13 @@ class FakeBybitExchange:
 
     def install(self, httpserver) -> str:
         """Serve every path on a pytest-httpserver; returns the base URL."""
-        for path in (*TRADING_PATHS, KLINE_PATH, *CONTROL_PATHS):
+        for path in (*TRADING_PATHS, *PUBLIC_PATHS, *CONTROL_PATHS):
             httpserver.expect_request(path).respond_with_handler(self.handle)
         return httpserver.url_for("").rstrip("/")
 
     def wsgi_app(self, environ, start_response):
         request = Request(environ)
-        known = request.path in TRADING_PATHS or request.path in (KLINE_PATH, *CONTROL_PATHS)
+        known = request.path in TRADING_PATHS or request.path in (*PUBLIC_PATHS, *CONTROL_PATHS)
         response = self.handle(request) if known else Response("Not Found", status=404)
         return response(environ, start_response)
 
@@ -543,6 +580,8 @@ class FakeBybitExchange:
         self._fill_due()
         if request.path == KLINE_PATH:
             return self.market.handle(request)
+        if request.path == MARKET_TIME:
+            return self._server_time()
         raw = request.get_data(as_text=True) if request.method == "POST" else request.query_string.decode()
         try:
             params = json.loads(raw) if request.method == "POST" else dict(request.args.items())
@@ -550,7 +589,8 @@ class FakeBybitExchange:
             params = None
         with self._lock:
             self.requests.append(
-                Recorded(request.method, request.path, params or {}, request.headers.get("X-BAPI-API-KEY"))
+                Recorded(request.method, request.path, params or {}, request.headers.get("X-BAPI-API-KEY"),
+                         request.headers.get("X-BAPI-RECV-WINDOW"))
             )
             fault = self._next_fault(request.path)
         if fault is not None and fault.kind == "slow":
@@ -561,12 +601,21 @@ class FakeBybitExchange:
             return self._error(RET_PARAMS, "params error: body is not a JSON object")
         if request.path in PRIVATE_PATHS and self._key_revoked:
             return self._error(RET_API_KEY_INVALID, MESSAGES[RET_API_KEY_INVALID])
+        limits: dict[str, str] = {}
         if request.path in PRIVATE_PATHS:
             denied = self._authenticate(request, raw)
             if denied is not None:
                 return denied
+            with self._lock:
+                allowed, limits = self._take_quota(request.headers.get("X-BAPI-API-KEY", ""), request.path)
+            if not allowed:
+                self.refusals[RET_RATE_LIMIT] = self.refusals.get(RET_RATE_LIMIT, 0) + 1
+                refused = self._error(RET_RATE_LIMIT, MESSAGES[RET_RATE_LIMIT])
+                refused.headers.update(limits)
+                return refused
         with self._lock:
             response = self._route(request.path, params, fault)
+        response.headers.update(limits)
         if fault is not None and fault.kind == "lost":
             if not fault.seconds:
                 return Response("Bad Gateway", status=502, mimetype="text/plain")
@@ -626,11 +675,13 @@ class FakeBybitExchange:
         if not hmac.compare_digest(key, self.api_key):
             return self._error(RET_API_KEY_INVALID, MESSAGES[RET_API_KEY_INVALID])
         try:
-            server_ms, ts, window = int(time.time() * 1000), int(timestamp), int(recv_window)
+            server_ms, ts, window = self._server_ms(), int(timestamp), int(recv_window)
             window, lead = int(window * self.clock_speed), int(1000 * self.clock_speed)
         except ValueError:
             return self._error(RET_PARAMS, "params error: X-BAPI-TIMESTAMP and X-BAPI-RECV-WINDOW must be integers")
         if not server_ms - window <= ts < server_ms + lead:
+            with self._lock:
+                self.refusals[RET_RECV_WINDOW] = self.refusals.get(RET_RECV_WINDOW, 0) + 1
             return self._error(
                 RET_RECV_WINDOW,
                 f"invalid request, please check your server timestamp or recv_window param. "
@@ -641,6 +692,35 @@ class FakeBybitExchange:
         if not hmac.compare_digest(sign, expected):
             return self._error(RET_SIGN, f"error sign! origin_string[{origin}]")
         return None
+
+    def _server_ms(self) -> int:
+        """Our server clock: real time (the recv window is real, see ``clock_speed``) plus ``clock_skew_s``."""
+        return int((time.time() + self.clock_skew_s) * 1000)
+
+    def _server_time(self) -> Response:
+        """``/v5/market/time`` as Bybit answers it."""
+        with self._lock:
+            self.time_requests += 1
+        ns = time.time_ns() + round(self.clock_skew_s * 1e9)
+        body = {"retCode": 0, "retMsg": "OK", "result": {"timeSecond": str(ns // 10**9), "timeNano": str(ns)},
+                "retExtInfo": {}, "time": ns // _MS}
+        return Response(json.dumps(body, separators=(",", ":")), mimetype="application/json")
+
+    def _take_quota(self, api_key: str, path: str) -> tuple[bool, dict[str, str]]:
+        """Count one request against (key, endpoint)'s window: whether it is allowed, and the headers to send."""
+        limit = self.rate_quota if self.rate_quota is not None else UNLIMITED_QUOTA
+        now_ms, window = self._now_ms(), max(1, round(self.rate_window_s * 1000))
+        start, used = self._rate_windows.get((api_key, path), (now_ms, 0))
+        if now_ms >= start + window:
+            start, used = now_ms, 0
+        allowed = used < limit
+        if allowed:
+            used += 1
+            self._rate_windows[(api_key, path)] = (start, used)
+        left = max(limit - used, 0)
+        reset = start + window if left == 0 else now_ms  # Bybit: the reset once exceeded, else the current time
+        return allowed, {"X-Bapi-Limit": str(limit), "X-Bapi-Limit-Status": str(left),
+                         "X-Bapi-Limit-Reset-Timestamp": str(reset)}
 
     def _route(self, path: str, params: dict, fault: TradeFault | None) -> Response:
         handlers = {
@@ -677,7 +757,7 @@ class FakeBybitExchange:
         if link_id in self._by_link and (
             self.unique_link_ids or self._orders[self._by_link[link_id]].status in OPEN_STATUSES
         ):
-            raise _Refused(RET_DUPLICATE_LINK_ID)
+            raise _Refused(RET_DUPLICATE_LINK_ID_UNIFIED if self.unified_account else RET_DUPLICATE_LINK_ID)
         unit = unit or ("quoteCoin" if side == "Buy" else "baseCoin")  # Bybit's default for spot market orders
         if unit not in ("quoteCoin", "baseCoin"):
             raise _Refused(RET_PARAMS, "params error: marketUnit invalid")
@@ -692,7 +772,7 @@ class FakeBybitExchange:
             raise _Refused(RET_AMOUNT_DECIMALS if unit == "quoteCoin" else RET_QTY_DECIMALS)
         base_qty = qty if unit == "baseCoin" else qty / price
         value = qty if unit == "quoteCoin" else qty * price
-        if unit == "baseCoin" and qty < instrument.min_order_qty:
+        if unit == "baseCoin" and instrument.min_order_qty is not None and qty < instrument.min_order_qty:
             raise _Refused(RET_QTY_TOO_SMALL)
         if value < instrument.min_order_amt:
             raise _Refused(RET_VALUE_TOO_SMALL)
@@ -1001,6 +1081,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weak-link-ids", action="store_true",
                         help="refuse a repeated orderLinkId only while its first order is open (so an order sent "
                              "twice is taken twice: what a chaos run counts)")
+    parser.add_argument("--unified-account", action="store_true",
+                        help="refuse a repeated orderLinkId with 110072 (unified account) instead of 170141")
+    parser.add_argument("--clock-skew", type=float, default=0.0, metavar="SECONDS",
+                        help="the server clock runs this far ahead of real time (10002 for clients that ignore it)")
+    parser.add_argument("--rate-quota", type=int, default=None, metavar="N",
+                        help="requests per API key and endpoint per second before retCode 10006")
     parser.add_argument("--clock-speed", type=float, default=1.0,
                         help="the clocks run this many times faster than real time (libfaketime x360: 360)")
     parser.add_argument("--shift-to-now", action="store_true",
@@ -1012,7 +1098,8 @@ def main(argv: list[str] | None = None) -> None:
         market.shift_to_now()
     fake = FakeBybitExchange(balances={"USDT": args.usdt}, market=market, fill_fraction=args.fill_fraction,
                              fill_rest_after_s=args.fill_rest_after, clock_speed=args.clock_speed,
-                             unique_link_ids=not args.weak_link_ids)
+                             unique_link_ids=not args.weak_link_ids, unified_account=args.unified_account,
+                             clock_skew_s=args.clock_skew, rate_quota=args.rate_quota)
     for symbol in sorted({key[1] for key in market.datasets}):
         if symbol not in fake._instruments:
             fake.add_instrument(symbol, symbol.removesuffix("USDT"), "USDT", base_precision="0.0001", min_order_qty="0.0001")

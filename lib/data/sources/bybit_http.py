@@ -6,19 +6,27 @@ policy instead: it classifies every failure (:meth:`BybitRetry.describe`), decid
 to wait (exponential backoff, or until Bybit's rate-limit reset when that is later) and what the final,
 one-line, redacted error says. A caller may re-judge a failure first (``intercept``): the broker never
 resends an order whose request may have reached the exchange.
+
+Two things pybit does not do, both off unless asked for (the candle source uses neither): the session signs
+with a clock offset (:attr:`BybitHTTP.time_offset_ms`, Bybit's clock minus ours, for a machine whose clock is
+off) and reports every answer's rate-limit headers to a :class:`RequestPacer`, which waits before a request
+whose endpoint has almost no quota left instead of running into retCode 10006.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import pandas as pd
 import requests
+from pybit import _helpers as pybit_helpers
 from pybit.exceptions import FailedRequestError, InvalidRequestError
 from pybit.unified_trading import HTTP
 from urllib3.exceptions import NewConnectionError
@@ -32,6 +40,8 @@ T = TypeVar("T")
 RATE_LIMIT_RET_CODES = frozenset({10006, 10018, 10429})  # per UID, per IP, system-level frequency protection
 SERVER_ERROR_RET_CODES = frozenset({10000, 10016})  # server timeout, server error / restarting
 RATE_LIMIT_RESET_HEADER = "X-Bapi-Limit-Reset-Timestamp"
+#: Requests left for this endpoint in the current window (Bybit's limits are per UID, per endpoint, per second).
+RATE_LIMIT_STATUS_HEADER = "X-Bapi-Limit-Status"
 NETWORK_ERRORS = (
     requests.exceptions.Timeout,
     requests.exceptions.ConnectionError,
@@ -76,6 +86,125 @@ class Failure:
     network: bool = False
 
 
+class RequestPacer:
+    """Slows requests down before Bybit's rate limit refuses one (retCode 10006).
+
+    Every answer carries ``X-Bapi-Limit-Status`` (requests left for that endpoint) and
+    ``X-Bapi-Limit-Reset-Timestamp`` (when the limit resets once exceeded, else the answer's time). When an
+    endpoint has ``reserve`` requests or fewer left, the next request to it waits until the reset when Bybit
+    gives one in the future, else one ``window_s`` after that answer (Bybit's windows are rolling seconds), at
+    most ``max_wait_s``. A refusal (10006, HTTP 429) is not noted here: :class:`BybitRetry` waits for its reset.
+    ``now``/``sleep`` are injectable; ``offset_ms`` gives Bybit's clock minus ours (the reset is Bybit's time).
+    """
+
+    def __init__(
+        self,
+        *,
+        now: Callable[[], pd.Timestamp],
+        sleep: Callable[[float], None],
+        offset_ms: Callable[[], int] = lambda: 0,
+        reserve: int = 2,
+        window_s: float = 1.0,
+        max_wait_s: float = 10.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self._now, self._sleep, self._offset_ms = now, sleep, offset_ms
+        self.reserve, self.window_s, self.max_wait_s = reserve, window_s, max_wait_s
+        self._logger = logger
+        self._lock = threading.Lock()
+        #: endpoint path -> (requests left, local ms until which to wait when low)
+        self._quota: dict[str, tuple[int, int]] = {}
+        #: Seconds waited so far, for tests and the log.
+        self.waited_s = 0.0
+
+    def observe(self, url: str, headers: Mapping[str, str] | None) -> None:
+        """Note the quota an answer reports (no headers: nothing known, nothing changes)."""
+        try:
+            left = int(headers[RATE_LIMIT_STATUS_HEADER]) if headers else None
+        except (KeyError, TypeError, ValueError):
+            left = None
+        if left is None:
+            return
+        now_ms = self._now_ms()
+        reset = reset_at_ms(headers)
+        reset = reset - self._offset_ms() if reset is not None else None  # on our clock
+        until = reset if reset is not None and reset > now_ms else now_ms + round(self.window_s * 1000)
+        with self._lock:
+            self._quota[_endpoint(url)] = (left, until)
+
+    def before(self, url: str) -> None:
+        """Wait, if the last answer from this endpoint left ``reserve`` requests or fewer."""
+        path = _endpoint(url)
+        with self._lock:
+            left, until = self._quota.get(path, (self.reserve + 1, 0))
+            if left > self.reserve:
+                return
+            self._quota.pop(path, None)  # after the wait the window has reset
+        wait = min((until - self._now_ms()) / 1000, self.max_wait_s)
+        if wait <= 0:
+            return
+        if self._logger is not None:
+            self._logger.info(f"bybit: {left} request(s) left on {path}; waiting {wait:.2f} s for the rate limit")
+        self.waited_s += wait
+        self._sleep(wait)
+
+    def _now_ms(self) -> int:
+        return as_utc(self._now()).value // _MS
+
+
+class BybitHTTP(HTTP):
+    """pybit's session, signing with Bybit's clock (``time_offset_ms``) and reporting rate-limit headers.
+
+    pybit takes the signing time from its ``_helpers.generate_timestamp`` inside ``_prepare_headers`` and has
+    no offset setting, so that one method is replaced (same headers, same signature); ``recv_window`` is
+    pybit's own attribute. Pinned pybit version: these are its internals.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        super().__init__(**settings)
+        #: Bybit's clock minus ours, in milliseconds, added to every signed timestamp.
+        self.time_offset_ms = 0
+        self.pacer: RequestPacer | None = None
+
+    def _prepare_headers(self, payload, recv_window, content_type="application/json"):  # type: ignore[no-untyped-def]
+        timestamp = pybit_helpers.generate_timestamp() + self.time_offset_ms
+        sign = self._auth_binary if isinstance(payload, bytes) else self._auth
+        signature = sign(payload=payload, recv_window=recv_window, timestamp=timestamp)
+        return {
+            "Content-Type": content_type,
+            "X-BAPI-API-KEY": self.api_key,
+            "X-BAPI-SIGN": signature,
+            "X-BAPI-SIGN-TYPE": "2",
+            "X-BAPI-TIMESTAMP": str(timestamp),
+            "X-BAPI-RECV-WINDOW": str(recv_window),
+        }
+
+    def _submit_request(self, method=None, path=None, query=None, auth=False):  # type: ignore[no-untyped-def]
+        if self.pacer is not None and path:
+            self.pacer.before(path)
+        return super()._submit_request(method=method, path=path, query=query, auth=auth)
+
+    def _check_status_code(self, response, method, path, params):  # type: ignore[no-untyped-def]
+        if self.pacer is not None and not _rate_limited(response):  # every answer passes here first
+            self.pacer.observe(str(path), response.headers)
+        return super()._check_status_code(response, method, path, params)
+
+
+def _rate_limited(response: requests.Response) -> bool:
+    """HTTP 403/429, or retCode 10006/10018/10429: a refusal, which the retry policy waits out."""
+    if response.status_code in (403, 429):
+        return True
+    try:
+        body = response.json()
+    except ValueError:
+        return False
+    return isinstance(body, Mapping) and body.get("retCode") in RATE_LIMIT_RET_CODES
+
+
+def _endpoint(url: str) -> str:
+    return urlsplit(url).path or url
+
+
 def new_session(
     *,
     testnet: bool,
@@ -84,9 +213,11 @@ def new_session(
     endpoint: str | None,
     api_key: str | None,
     api_secret: str | None,
-) -> HTTP:
-    """A pybit session that makes exactly one attempt per call, so that :class:`BybitRetry` owns retries."""
-    session = HTTP(
+    pacer: RequestPacer | None = None,
+) -> BybitHTTP:
+    """A pybit session that makes exactly one attempt per call, so that :class:`BybitRetry` owns retries;
+    ``pacer`` (the broker's) waits before a request that would exceed the rate limit."""
+    session = BybitHTTP(
         testnet=testnet,
         demo=demo,
         timeout=timeout_s,
@@ -100,6 +231,7 @@ def new_session(
     # pybit fills an empty retry_codes with {10006, ...} at construction and would then sleep on those
     # itself; emptied afterwards, every non-zero retCode reaches us as InvalidRequestError.
     session.retry_codes = set()
+    session.pacer = pacer
     if endpoint:
         session.endpoint = endpoint
     return session

@@ -1,0 +1,186 @@
+"""A local server speaking Bybit's public v5 stream (``/v5/public/spot``) for tests and benchmarks.
+
+The wire format is Bybit's: ``{"op":"subscribe","req_id":..,"args":["kline.240.BTCUSDT"]}`` is answered
+``{"success":true,"ret_msg":"","conn_id":..,"req_id":..,"op":"subscribe"}``; ``{"op":"ping"}`` is answered
+``{"success":true,"ret_msg":"pong","conn_id":..,"req_id":..,"op":"ping"}``; a kline is pushed as
+``{"topic":"kline.240.BTCUSDT","data":[{"start":..,"end":..,"interval":"240","open":"..",...,"confirm":true,
+"timestamp":..}],"ts":..,"type":"snapshot"}`` (numbers as strings, times in milliseconds), to the connections
+subscribed to its topic only. :meth:`FakeKlineServer.disconnect` drops every connection (as a network failure
+or Bybit's own restarts do) and ``refuse`` keeps new ones out; ``answer_pings = False`` makes a silent server.
+
+Runs its own asyncio loop in a daemon thread, bound to 127.0.0.1::
+
+    with FakeKlineServer() as server:
+        server.endpoint   # ws://127.0.0.1:PORT, what trader.stream_endpoint takes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+from collections.abc import Mapping
+
+import pandas as pd
+from websockets.asyncio.server import ServerConnection, serve
+
+from pricelevel.core.timeframes import Timeframe
+from tests.fakes.bybit_server import _decimal
+
+_MS = 1_000_000
+
+
+class FakeKlineServer:
+    def __init__(self, path: str = "/v5/public/spot") -> None:
+        self.path = path
+        self.refuse = False
+        self.answer_pings = True
+        self.received: list[dict] = []
+        self._subscribers: dict[ServerConnection, set[str]] = {}
+        self._changed = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    # ------------------------------------------------------------------------------------------- control
+
+    @property
+    def endpoint(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeKlineServer:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+
+            async def open_server():
+                return await serve(self._handle, "127.0.0.1", 0)
+
+            self._server = self._loop.run_until_complete(open_server())
+            self.port = self._server.sockets[0].getsockname()[1]
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="fake-kline-server", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def close() -> None:
+            await self._drop_all()
+            self._server.close()
+            await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> FakeKlineServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def topics(self) -> set[str]:
+        """Every topic some open connection is subscribed to."""
+        with self._changed:
+            return set().union(*self._subscribers.values()) if self._subscribers else set()
+
+    def wait_subscribed(self, topics: set[str] | list[str], timeout_s: float = 10.0) -> bool:
+        """Until every topic in ``topics`` has a subscriber (after a (re)connect) or ``timeout_s``."""
+        wanted = set(topics)
+        with self._changed:
+            return self._changed.wait_for(lambda: wanted <= set().union(*self._subscribers.values()), timeout_s)
+
+    def wait_disconnected(self, timeout_s: float = 10.0) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: not self._subscribers, timeout_s)
+
+    def disconnect(self) -> None:
+        """Drop every connection now (the client sees its socket closed)."""
+        self._call(self._drop_all())
+        self.wait_disconnected()
+
+    def push(self, symbol: str, timeframe: Timeframe | str, candle: Mapping, *, confirm: bool = True,
+             ts_ms: int | None = None) -> int:
+        """Push one kline (``candle``: ``timestamp`` = open time, ``open`` ... ``turnover``) to its topic's
+        subscribers; returns how many connections it went to."""
+        tf = Timeframe(timeframe)
+        start = pd.Timestamp(candle["timestamp"])
+        start_ms = start.value // _MS
+        now_ms = ts_ms if ts_ms is not None else int(time.time() * 1000)
+        row = {"start": start_ms, "end": start_ms + tf.nanoseconds // _MS - 1, "interval": tf.bybit_interval}
+        for column in ("open", "close", "high", "low", "volume", "turnover"):
+            value = candle.get(column, float("nan"))
+            row[column] = _decimal(float(value))
+        row |= {"confirm": confirm, "timestamp": now_ms}
+        name = f"kline.{tf.bybit_interval}.{symbol}"
+        message = json.dumps({"topic": name, "data": [row], "ts": now_ms, "type": "snapshot"}, separators=(",", ":"))
+        return self._call(self._send(name, message))
+
+    def push_many(self, pushes: list[tuple[str, Timeframe | str, Mapping]]) -> int:
+        """Several closed klines at once, the way a close pushes every topic in the same instant."""
+        return sum(self.push(symbol, tf, candle) for symbol, tf, candle in pushes)
+
+    # ------------------------------------------------------------------------------------------ serving
+
+    def _call(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(10)
+
+    async def _send(self, name: str, message: str) -> int:
+        sent = 0
+        for connection, topics in list(self._subscribers.items()):
+            if name in topics:
+                with contextlib.suppress(Exception):
+                    await connection.send(message)
+                    sent += 1
+        return sent
+
+    async def _drop_all(self) -> None:
+        for connection in list(self._subscribers):
+            connection.transport.abort()  # no close handshake: a broken network, not a polite goodbye
+        for connection in list(self._subscribers):
+            with contextlib.suppress(Exception):
+                await connection.wait_closed()
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        if self.refuse or connection.request.path != self.path:
+            await connection.close(1008 if not self.refuse else 1013)
+            return
+        conn_id = str(uuid.uuid4())
+        with self._changed:
+            self._subscribers[connection] = set()
+            self._changed.notify_all()
+        try:
+            async for raw in connection:
+                message = json.loads(raw)
+                self.received.append(message)
+                op, req_id = message.get("op"), message.get("req_id", "")
+                if op == "subscribe":
+                    args = [a for a in message.get("args", []) if isinstance(a, str)]
+                    ok = bool(args) and len(args) <= 10 and all(a.startswith("kline.") for a in args)
+                    await connection.send(json.dumps({"success": ok, "ret_msg": "" if ok else "error:args",
+                                                      "conn_id": conn_id, "req_id": req_id, "op": "subscribe"}))
+                    if ok:
+                        with self._changed:
+                            self._subscribers[connection].update(args)
+                            self._changed.notify_all()
+                elif op == "ping" and self.answer_pings:
+                    await connection.send(json.dumps({"success": True, "ret_msg": "pong", "conn_id": conn_id,
+                                                      "req_id": req_id, "op": "ping"}))
+        except Exception:  # the client went away or the connection was dropped
+            pass
+        finally:
+            with self._changed:
+                self._subscribers.pop(connection, None)
+                self._changed.notify_all()
