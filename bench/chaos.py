@@ -204,6 +204,8 @@ def run(args, work: Path, children: list[subprocess.Popen]) -> dict:
         "tracking.artifact_location": tiny.tracking.artifact_location,
         # Times that stand for computation or network latency are real: scale them to the fake clock.
         "bybit.timeout_s": 5 * args.speed, "trader.stale_after_s": 15 * args.speed,
+        # The fake speaks REST only: candles and fills by REST (the streams have their own tests and bench).
+        "trader.market_data": "rest",
     }
     command = [str(ROOT / ".venv" / "bin" / "pricelevel"), *[a for k, v in sets.items() for a in ("--set", f"{k}={v}")],
                "trade", "--mode", "testnet"]

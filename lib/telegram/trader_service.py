@@ -85,8 +85,9 @@ async def trade_with_telegram(config: Sections, env: Mapping[str, str], echo: Ca
             try:
                 traded = await serve(trader, stop, delay, config.trader.stale_after_s)
             finally:
-                if trader.stream is not None:
-                    trader.stream.stop(timeout_s=0.5)
+                for stream in (getattr(trader, "stream", None), getattr(trader, "private_stream", None)):
+                    if stream is not None:
+                        stream.stop(timeout_s=0.5)
         except BaseException as exc:
             reason = stop_reason(exc, why)
             notifier.notify(LIFECYCLE_KIND, f"STOPPED by {reason} after {traded} bars")

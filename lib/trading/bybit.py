@@ -73,6 +73,8 @@ from pricelevel.trading.exchange import (
 logger = logging.getLogger(__name__)
 
 Mode = Literal["testnet", "demo", "mainnet"]
+#: A spot symbol's ``(base coin, quote coin)`` (the broker asks its cached instrument rules).
+Coins = Callable[[str], tuple[str, str]]
 MODES: tuple[Mode, ...] = ("testnet", "demo", "mainnet")
 CATEGORY = "spot"
 ACCOUNT_TYPE = "UNIFIED"
@@ -409,32 +411,7 @@ class BybitBroker:
     # -------------------------------------------------------------------------------------- conversions
 
     def _report(self, row: Mapping[str, Any]) -> OrderReport:
-        raw = str(row.get("orderStatus", ""))
-        status = STATUSES.get(raw, OrderStatus.UNKNOWN)
-        filled, value = _number(row.get("cumExecQty")), _number(row.get("cumExecValue"))
-        avg = _number(row.get("avgPrice")) or (value / filled if filled else 0.0)
-        message = ""
-        if status is OrderStatus.REJECTED:
-            message = f"Rejected: {row.get('rejectReason') or 'no reason given'}"
-        elif status is OrderStatus.CANCELLED:
-            message = f"{raw} ({row.get('cancelType') or 'UNKNOWN'})"
-        elif status is OrderStatus.UNKNOWN:
-            message = f"unknown Bybit orderStatus {raw!r}"
-        detail = row.get("cumFeeDetail")
-        if isinstance(detail, Mapping) and detail:
-            fees = {str(coin): _number(amount) for coin, amount in detail.items()}
-        else:
-            fee = _number(row.get("cumExecFee"))
-            fees = {self._received_coin(row): fee} if fee else {}
-        return OrderReport(
-            client_id=str(row.get("orderLinkId", "")),
-            status=status,
-            exchange_id=str(row["orderId"]) if row.get("orderId") else None,
-            filled_qty=filled,
-            avg_price=avg,
-            fee=self._fee_in_quote(fees, str(row.get("symbol")), avg),
-            message=message,
-        )
+        return order_report(row, self._coins)
 
     def _execution(self, row: Mapping[str, Any]) -> Execution:
         try:
@@ -453,24 +430,15 @@ class BybitBroker:
         except (KeyError, TypeError, ValueError) as exc:
             raise self._unexpected("the spot executions", f"bad execution {exc!r}") from None
 
+    def _coins(self, symbol: str) -> tuple[str, str]:
+        instrument = self.instrument(symbol)
+        return instrument.base_coin, instrument.quote_coin
+
     def _received_coin(self, row: Mapping[str, Any]) -> str:
-        """Bybit spot's fee coin when a row does not name it: the coin the trade brought in."""
-        instrument = self.instrument(str(row.get("symbol")))
-        return instrument.base_coin if row.get("side") == Side.BUY.value else instrument.quote_coin
+        return received_coin(row, self._coins)
 
     def _fee_in_quote(self, fees: Mapping[str, float], symbol: str, price: float) -> float:
-        if not any(fees.values()):
-            return 0.0
-        instrument = self.instrument(symbol)
-        total = 0.0
-        for coin, amount in fees.items():
-            if coin == instrument.quote_coin:
-                total += amount
-            elif coin == instrument.base_coin:
-                total += amount * price
-            elif amount:
-                logger.warning(f"bybit: a {symbol} fee of {amount:g} {coin} is not in {symbol}'s coins; left out")
-        return total
+        return fee_in_quote(fees, symbol, price, self._coins)
 
     # ------------------------------------------------------------------------------------------- calls
 
@@ -601,6 +569,60 @@ def _server_time_ms(response: Any) -> int:
     if isinstance(result, Mapping) and result.get("timeSecond"):
         return int(str(result["timeSecond"])) * 1000
     return int(str(response["time"]))
+
+
+def order_report(row: Mapping[str, Any], coins: Coins) -> OrderReport:
+    """Bybit's order (REST list row or private ``order`` stream push: the same fields) as our report: its status
+    (:data:`STATUSES`), cumulative fill, average price and fees in quote coin. ``coins`` is asked only when
+    there are fees to convert."""
+    raw = str(row.get("orderStatus", ""))
+    status = STATUSES.get(raw, OrderStatus.UNKNOWN)
+    filled, value = _number(row.get("cumExecQty")), _number(row.get("cumExecValue"))
+    avg = _number(row.get("avgPrice")) or (value / filled if filled else 0.0)
+    message = ""
+    if status is OrderStatus.REJECTED:
+        message = f"Rejected: {row.get('rejectReason') or 'no reason given'}"
+    elif status is OrderStatus.CANCELLED:
+        message = f"{raw} ({row.get('cancelType') or 'UNKNOWN'})"
+    elif status is OrderStatus.UNKNOWN:
+        message = f"unknown Bybit orderStatus {raw!r}"
+    detail = row.get("cumFeeDetail")
+    if isinstance(detail, Mapping) and detail:
+        fees = {str(coin): _number(amount) for coin, amount in detail.items()}
+    else:
+        fee = _number(row.get("cumExecFee"))
+        fees = {received_coin(row, coins): fee} if fee else {}
+    return OrderReport(
+        client_id=str(row.get("orderLinkId", "")),
+        status=status,
+        exchange_id=str(row["orderId"]) if row.get("orderId") else None,
+        filled_qty=filled,
+        avg_price=avg,
+        fee=fee_in_quote(fees, str(row.get("symbol")), avg, coins),
+        message=message,
+    )
+
+
+def received_coin(row: Mapping[str, Any], coins: Coins) -> str:
+    """Bybit spot's fee coin when a row does not name it: the coin the trade brought in."""
+    base, quote = coins(str(row.get("symbol")))
+    return base if row.get("side") == Side.BUY.value else quote
+
+
+def fee_in_quote(fees: Mapping[str, float], symbol: str, price: float, coins: Coins) -> float:
+    """``fees`` (coin -> amount) in ``symbol``'s quote coin, a base-coin fee at ``price``."""
+    if not any(fees.values()):
+        return 0.0
+    base, quote = coins(symbol)
+    total = 0.0
+    for coin, amount in fees.items():
+        if coin == quote:
+            total += amount
+        elif coin == base:
+            total += amount * price
+        elif amount:
+            logger.warning(f"bybit: a {symbol} fee of {amount:g} {coin} is not in {symbol}'s coins; left out")
+    return total
 
 
 def _joined(*parts: str) -> str:

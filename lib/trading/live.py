@@ -191,6 +191,7 @@ class ExchangeBroker:
         checkpoint: Callable[[str], None] = lambda stage: None,
         stopping: threading.Event | None = None,
         book: Mapping[str, Any] | None = None,
+        fills: Any = None,
     ) -> None:
         self.exchange, self.store, self.symbols, self.rules = exchange, store, tuple(symbols), rules
         self.quote_coin, self.bar = quote_coin, bar
@@ -222,6 +223,11 @@ class ExchangeBroker:
         self._entry_context: dict[str, tuple[str, float]] = {}
         #: Indices in the last :meth:`take_closed` of trades already told to a person between bars.
         self.told: frozenset[int] = frozenset()
+        #: Fills pushed by the exchange's private stream (:class:`~pricelevel.trading.streams.PushedFills`), each
+        #: applied once by its exec id; ``None``: orders are settled by polling REST.
+        self.fills = fills
+        if fills is not None:
+            fills.recover(self._record)  # pushed and stored just before a crash, never applied
 
     # ------------------------------------------------------------------------------------ the Execution API
 
@@ -229,7 +235,7 @@ class ExchangeBroker:
         """New rules for new positions (a champion hot-swap); open positions keep the stops they were opened with."""
         return ExchangeBroker(self.exchange, self.store, self.symbols, rules, self.quote_coin, self.open, bar=self.bar,
                               poll_s=self.poll_s, polls=self.polls, sleep=self.sleep, checkpoint=self.checkpoint,
-                              stopping=self.stopping, book=self._book())
+                              stopping=self.stopping, book=self._book(), fills=self.fills)
 
     def on_bar(
         self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
@@ -610,7 +616,11 @@ class ExchangeBroker:
         for _ in range(self.polls):
             if report.status.final or self.stopping.is_set():
                 break
-            self.sleep(self.poll_s)
+            if self.fills is not None and self.fills.up:  # pushed by the private stream: no polling
+                self.fills.apply(self._record, timeout_s=self.poll_s)
+                report = _report_of(self._row(order.client_id))
+                continue
+            self.sleep(self.poll_s)  # the private stream is down (or not used): REST as before
             report = self._lookup(order.client_id) or report
             self._record(order.client_id, report, resolution)
         if not report.status.final:
@@ -661,6 +671,8 @@ class ExchangeBroker:
     def _begin_step(self) -> None:
         self.errors, self.notes, self.unavailable, self._cash = [], [], False, None
         self._entry_context = {}
+        if self.fills is not None:
+            self.fills.apply(self._record)  # what the private stream pushed since the last step
 
     def _down(self, message: str) -> None:
         self.errors.append(message)

@@ -38,7 +38,15 @@ from pricelevel.trading.live import ExchangeBroker, StopRequested
 from pricelevel.trading.models import ModelProvider
 from pricelevel.trading.paper import PaperBroker
 from pricelevel.trading.state import EQUITY, TRADES, StateStore, default_state_url
-from pricelevel.trading.streams import KlineStream, stream_url
+from pricelevel.trading.streams import (
+    ExecutionLedger,
+    KlineStream,
+    PrivateStream,
+    PushedFills,
+    instrument_coins,
+    private_stream_url,
+    stream_url,
+)
 from pricelevel.trading.trader import Trader
 
 LIVE_VARIABLE = "PRICELEVEL_TRADER__LIVE"
@@ -282,6 +290,7 @@ def open_service(
     models = registry_models(config.tracking, model_uri(trader_config, config.tracking), trader_config.symbols)
     table_spec = models.current.spec.table_spec()
     stopping = threading.Event()
+    fills = private = None
     source = open_source(config.data, config.bybit, secrets, sleep=interruptible_sleep(stopping))
     feed: StoreFeed | StreamFeed = StoreFeed(source, config.catalogue, config.validation, models.symbols,
                                              table_spec.input_timeframes, start=config.data.start)
@@ -296,11 +305,17 @@ def open_service(
         exchange = exchange or BybitBroker(config.bybit, trader_config.mode, secrets, endpoint=trader_config.endpoint,
                                            sleep=interruptible_sleep(stopping))
         bar = Timeframe(models.current.spec.timeframe).delta
-        make = exchange_execution(exchange, store, models.symbols, bar=bar, stopping=stopping)
+        if trader_config.candles_from == "websocket":  # fills pushed by the private stream, each applied once
+            coins = instrument_coins(exchange)
+            fills = PushedFills(ExecutionLedger(store, coins))
+            private = PrivateStream(private_stream_url(trader_config.mode, trader_config.stream_endpoint), secrets,
+                                    fills.deliver, coins)
+        make = exchange_execution(exchange, store, models.symbols, bar=bar, stopping=stopping, fills=fills)
     with store.transaction() as tx:
         store.put(tx, "mode", trader_config.mode)
     trader = Trader(store, models, feed, make, config.risk, config.backtest, notifier, stopping=stopping)
     trader.stream = stream.start() if stream is not None else None
+    trader.private_stream = private.start() if private is not None else None
     return trader
 
 

@@ -121,8 +121,10 @@ class Trader:
         self._last_refusal: dict[str, str] = {}
         self._told_down = False
         self._stale_told: dict[str, str] = {}
-        #: The exchange's kline stream feeding ``feed`` (the service starts it and stops it), or ``None``.
+        #: The exchange's kline stream feeding ``feed`` and its private order/execution stream feeding the
+        #: execution (the service starts and stops them), or ``None``.
         self.stream: Any = None
+        self.private_stream: Any = None
         self.needs_reconcile = True
         self._builders: dict[str, TableBuilder] = {}  # per symbol, for the current model's table spec
         self._timings: dict[str, float] = {}

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import threading
 import time
@@ -184,3 +186,150 @@ class FakeKlineServer:
             with self._changed:
                 self._subscribers.pop(connection, None)
                 self._changed.notify_all()
+
+
+class FakePrivateServer(FakeKlineServer):
+    """Bybit's private v5 stream (``/v5/private``): ``{"op":"auth","args":[api_key, expires, signature]}`` with
+    ``signature`` = hex HMAC-SHA256(secret, ``"GET/realtime" + expires``) and ``expires`` (ms) still ahead of the
+    server's clock is answered ``{"success":true,"ret_msg":"","op":"auth","conn_id":..}``; anything else
+    ``success: false`` (the refusal echoes the key it was given, as Bybit's REST 10004 echoes the signed string:
+    the client must redact what it logs). Private topics (``order``/``execution``, all-in-one or ``.spot``) are
+    subscribable only after a successful auth ("Request not authorized" before).
+
+    :meth:`push_order` / :meth:`push_execution` push rows in the wire format (``{"id", "topic",
+    "creationTime", "data": [...]}``, numbers as strings) to every authenticated connection subscribed to the
+    kind, ``times`` times in a row (Bybit's duplicate pushes); :func:`order_row` / :func:`execution_row` build
+    the rows.
+    """
+
+    def __init__(self, api_key: str = "fake-ws-key", api_secret: str = "fake-ws-secret",
+                 path: str = "/v5/private") -> None:
+        super().__init__(path)
+        self.api_key, self.api_secret = api_key, api_secret
+        #: Every auth attempt's outcome, in order.
+        self.auths: list[bool] = []
+        self._authed: set[ServerConnection] = set()
+
+    def signature(self, expires: int) -> str:
+        return hmac.new(self.api_secret.encode(), f"GET/realtime{expires}".encode(), hashlib.sha256).hexdigest()
+
+    def wait_authenticated(self, count: int = 1, timeout_s: float = 10.0) -> bool:
+        """Until ``count`` successful auths have happened (over all connections) or ``timeout_s``."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self.auths.count(True) >= count, timeout_s)
+
+    def push_order(self, rows: Mapping | list[Mapping], *, times: int = 1) -> int:
+        return self._push("order", rows, times)
+
+    def push_execution(self, rows: Mapping | list[Mapping], *, times: int = 1) -> int:
+        return self._push("execution", rows, times)
+
+    def _push(self, kind: str, rows: Mapping | list[Mapping], times: int) -> int:
+        data = [dict(rows)] if isinstance(rows, Mapping) else [dict(r) for r in rows]
+        return self._call(self._send_private(kind, data, times))
+
+    async def _send_private(self, kind: str, data: list[dict], times: int) -> int:
+        sent = 0
+        for connection, topics in list(self._subscribers.items()):
+            name = next((t for t in (f"{kind}.spot", kind) if t in topics), None)
+            if name is None or connection not in self._authed:
+                continue
+            message = json.dumps({"id": uuid.uuid4().hex, "topic": name, "creationTime": int(time.time() * 1000),
+                                  "data": data}, separators=(",", ":"))
+            for _ in range(times):
+                with contextlib.suppress(Exception):
+                    await connection.send(message)
+                    sent += 1
+        return sent
+
+    def _auth_ok(self, args: object) -> bool:
+        if not isinstance(args, list) or len(args) != 3:
+            return False
+        key, expires, signature = args
+        try:
+            expires = int(expires)
+        except (TypeError, ValueError):
+            return False
+        return (key == self.api_key and expires > time.time() * 1000
+                and hmac.compare_digest(str(signature), self.signature(expires)))
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        if self.refuse:  # dropped at once: a polite close would wait for a client that has given up
+            connection.transport.abort()
+            return
+        if connection.request.path != self.path:
+            await connection.close(1008)
+            return
+        conn_id = str(uuid.uuid4())
+        with self._changed:
+            self._subscribers[connection] = set()
+            self._changed.notify_all()
+        try:
+            async for raw in connection:
+                message = json.loads(raw)
+                self.received.append(message)
+                op, req_id = message.get("op"), message.get("req_id", "")
+                if op == "auth":
+                    args = message.get("args")
+                    ok = self._auth_ok(args)
+                    given = args[0] if isinstance(args, list) and args else ""
+                    await connection.send(json.dumps({
+                        "success": ok, "ret_msg": "" if ok else f"error:sign for api_key {given}", "op": "auth",
+                        "conn_id": conn_id, **({"req_id": req_id} if req_id else {})}))
+                    with self._changed:
+                        self.auths.append(ok)
+                        if ok:
+                            self._authed.add(connection)
+                        self._changed.notify_all()
+                elif op == "subscribe":
+                    args = [a for a in message.get("args", []) if isinstance(a, str)]
+                    known = bool(args) and all(a.split(".", 1)[0] in ("order", "execution") for a in args)
+                    ok = known and connection in self._authed
+                    reason = "" if ok else ("Request not authorized" if known else "error:args")
+                    await connection.send(json.dumps({"success": ok, "ret_msg": reason, "conn_id": conn_id,
+                                                      "req_id": req_id, "op": "subscribe"}))
+                    if ok:
+                        with self._changed:
+                            self._subscribers[connection].update(args)
+                            self._changed.notify_all()
+                elif op == "ping" and self.answer_pings:
+                    await connection.send(json.dumps({"success": True, "ret_msg": "pong", "conn_id": conn_id,
+                                                      "req_id": req_id, "op": "ping"}))
+        except Exception:  # the client went away or the connection was dropped
+            pass
+        finally:
+            with self._changed:
+                self._subscribers.pop(connection, None)
+                self._authed.discard(connection)
+                self._changed.notify_all()
+
+
+def order_row(client_id: str, symbol: str, side: str, status: str, *, qty: float, cum_qty: float = 0.0,
+              avg_price: float = 0.0, fee: float = 0.0, fee_coin: str = "", order_id: str = "",
+              cancel_type: str = "UNKNOWN", ms: int | None = None) -> dict:
+    """One spot market order as Bybit's ``order`` topic pushes it (the fields the REST list has too)."""
+    now = ms if ms is not None else int(time.time() * 1000)
+    return {
+        "category": "spot", "symbol": symbol, "orderId": order_id or f"fake-order-{client_id}", "orderLinkId": client_id,
+        "side": side, "orderType": "Market", "price": "0", "qty": _decimal(qty), "timeInForce": "IOC",
+        "orderStatus": status, "cancelType": cancel_type, "rejectReason": "EC_NoError",
+        "avgPrice": _decimal(avg_price) if cum_qty else "", "leavesQty": _decimal(max(qty - cum_qty, 0.0)),
+        "cumExecQty": _decimal(cum_qty), "cumExecValue": _decimal(cum_qty * avg_price), "cumExecFee": _decimal(fee),
+        "feeCurrency": fee_coin, "cumFeeDetail": {fee_coin: _decimal(fee)} if fee and fee_coin else {},
+        "isLeverage": "0", "positionIdx": 0, "stopOrderType": "", "triggerPrice": "0", "marketUnit": "baseCoin",
+        "createdTime": str(now), "updatedTime": str(now), "createType": "CreateByUser",
+    }
+
+
+def execution_row(exec_id: str, client_id: str, symbol: str, side: str, *, qty: float, price: float,
+                  fee: float, fee_coin: str, order_qty: float | None = None, order_id: str = "",
+                  ms: int | None = None) -> dict:
+    """One spot fill as Bybit's ``execution`` topic pushes it."""
+    return {
+        "category": "spot", "symbol": symbol, "orderId": order_id or f"fake-order-{client_id}", "orderLinkId": client_id,
+        "side": side, "orderType": "Market", "orderPrice": "0", "orderQty": _decimal(order_qty or qty),
+        "leavesQty": "0", "execId": exec_id, "execType": "Trade", "execQty": _decimal(qty), "execPrice": _decimal(price),
+        "execValue": _decimal(qty * price), "execFee": _decimal(fee), "feeCurrency": fee_coin, "feeRate": "0.001",
+        "execTime": str(ms if ms is not None else int(time.time() * 1000)), "isMaker": False, "stopOrderType": "",
+        "markPrice": "", "closedSize": "", "seq": 1, "createType": "CreateByUser",
+    }
