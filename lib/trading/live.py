@@ -64,6 +64,8 @@ logger = logging.getLogger(__name__)
 
 #: Order rows whose fate is still open.
 OPEN_STATUSES = ("NEW", "SENT", "ACKED", "UNKNOWN", "PARTIAL")
+#: Of those, the ones the exchange may have: their fills may still explain a difference with the wallet.
+MAYBE_AT_THE_EXCHANGE = OPEN_STATUSES[1:]
 #: Our client ids (:func:`~pricelevel.trading.exchange.client_id`); other orders on the account are not ours.
 OUR_PREFIX = "pl-"
 #: Attempts at one exit within one step: a partly filled market sell is followed at once by one for the rest.
@@ -419,7 +421,10 @@ class ExchangeBroker:
         """Books against wallet per symbol we trade: ``short`` (the wallet holds less: someone sold), ``adopted``
         (our own fills bought coins the books missed: now managed), ``foreign`` (coins this trader never bought)."""
         found = []
+        with self.store.transaction() as tx:  # the order history, read once for every symbol
+            history = self.store.orders(tx)
         for symbol in sorted(set(self.symbols) | set(self.open)):
+            rows = [r for r in history if r["symbol"] == symbol]
             try:
                 instrument = self.exchange.instrument(symbol)
             except (ExchangeUnavailable, OrderRefused) as exc:
@@ -429,9 +434,9 @@ class ExchangeBroker:
             have = balances.get(coin, 0.0)
             position = self.open.get(symbol)
             books = position.size if position else 0.0
-            price = position.last_close if position and math.isfinite(position.last_close) else self._last_price(symbol)
+            price = position.last_close if position and math.isfinite(position.last_close) else _last_price(rows)
             tolerance = max(dust_qty(instrument, price) if price else instrument.base_precision, books * 1e-6)
-            if have < books - tolerance and not self._unsettled(symbol):
+            if have < books - tolerance and not any(r["status"] in MAYBE_AT_THE_EXCHANGE for r in rows):
                 found.append({"kind": "short", "text": f"{symbol}: the wallet holds {have:.8g} {coin}, less than our "
                                                        f"position {books:.8g} ({books - have:.8g} missing)"})
                 if report and position is not None:
@@ -439,13 +444,13 @@ class ExchangeBroker:
                     if have <= tolerance:
                         self.open.pop(symbol)
             elif have > books + tolerance:
-                ours = self._our_unsold(symbol)
+                ours = _our_unsold(rows)
                 adopt = min(have, ours) - books
                 if adopt > tolerance:
                     found.append({"kind": "adopted", "text": f"{symbol}: adopted {adopt:.8g} {coin} our own orders "
                                                              f"bought and never sold (books had {books:.8g})"})
                     if report:
-                        self._adopt(symbol, adopt, price)
+                        self._adopt(symbol, adopt, price, rows)
                         self.notes.append(f"reconciliation: {found[-1]['text']}")
                     books += adopt
                 foreign = have - max(books, 0.0)
@@ -457,27 +462,10 @@ class ExchangeBroker:
                         self.notes.append(f"reconciliation: {text}")
         return found
 
-    def _unsettled(self, symbol: str) -> bool:
-        """An order of ours on ``symbol`` is still of open fate: it may explain a difference (judged later)."""
-        with self.store.transaction() as tx:
-            return any(r["symbol"] == symbol and r["status"] != "NEW" for r in self.store.orders(tx, OPEN_STATUSES))
-
-    def _our_unsold(self, symbol: str) -> float:
-        """Coins our own fills of ``symbol`` bought (net of fees) and none sold, over the whole order history."""
-        with self.store.transaction() as tx:
-            rows = [r for r in self.store.orders(tx) if r["symbol"] == symbol and float(r["filled_qty"] or 0) > 0]
-        net = 0.0
-        for row in rows:
-            qty, price, fee = float(row["filled_qty"]), float(row["avg_price"] or 0.0), float(row["fee"] or 0.0)
-            net += qty - (fee / price if price else 0.0) if row["side"] == Side.BUY.value else -qty
-        return max(net, 0.0)
-
-    def _adopt(self, symbol: str, qty: float, price: float | None) -> None:
+    def _adopt(self, symbol: str, qty: float, price: float | None, rows: Sequence[Mapping[str, Any]]) -> None:
         """Coins our orders bought that the books missed (a fill in a bar never stepped): ours to manage."""
         position = self.open.get(symbol)
-        with self.store.transaction() as tx:
-            entries = [r for r in self.store.orders(tx) if r["symbol"] == symbol and r["side"] == Side.BUY.value
-                       and float(r["filled_qty"] or 0) > 0]
+        entries = [r for r in rows if r["side"] == Side.BUY.value and float(r["filled_qty"] or 0) > 0]
         last = entries[-1] if entries else None
         entry_price = float(last["avg_price"]) if last else (price or 0.0)
         if position is None:
@@ -661,11 +649,6 @@ class ExchangeBroker:
         self._cash = self.last_cash = balances.get(self.quote_coin, 0.0)
         return balances
 
-    def _last_price(self, symbol: str) -> float | None:
-        with self.store.transaction() as tx:
-            rows = [r for r in self.store.orders(tx) if r["symbol"] == symbol and float(r["avg_price"] or 0) > 0]
-        return float(rows[-1]["avg_price"]) if rows else None
-
     # ------------------------------------------------------------------------------------ books and rows
 
     def _begin_step(self) -> None:
@@ -781,6 +764,22 @@ def exit_reason(position: Position, high: float, low: float, signal: bool, max_h
     if max_hold_bars and position.bars_held >= max_hold_bars:
         return "time_stop"
     return "exit" if signal else None
+
+
+def _our_unsold(rows: Sequence[Mapping[str, Any]]) -> float:
+    """Coins one symbol's order rows bought (net of the fee taken in base coin) and none sold, over its history."""
+    net = 0.0
+    for row in rows:
+        qty, price, fee = float(row["filled_qty"] or 0.0), float(row["avg_price"] or 0.0), float(row["fee"] or 0.0)
+        if qty > 0:
+            net += qty - (fee / price if price else 0.0) if row["side"] == Side.BUY.value else -qty
+    return max(net, 0.0)
+
+
+def _last_price(rows: Sequence[Mapping[str, Any]]) -> float | None:
+    """The last price one symbol's orders filled at (``None``: none filled)."""
+    prices = [float(r["avg_price"]) for r in rows if float(r["avg_price"] or 0) > 0]
+    return prices[-1] if prices else None
 
 
 def asdict_trade(trade: ClosedTrade) -> dict[str, Any]:
