@@ -29,6 +29,7 @@ from pricelevel.trading.exchange import (
     MarketOrder,
     OrderRefused,
     OrderStatus,
+    RestingOrder,
     Side,
     client_id,
 )
@@ -37,6 +38,7 @@ from tests.fakes.bybit_trading import (
     EXECUTION_LIST,
     INSTRUMENTS_INFO,
     MARKET_TIME,
+    ORDER_CANCEL,
     ORDER_CREATE,
     ORDER_HISTORY,
     ORDER_REALTIME,
@@ -613,3 +615,34 @@ def test_the_standalone_fake_routes_trading_and_candles():
         "retCode"
     ] == 10001
     assert client.get("/v5/market/tickers").status_code == 404
+
+
+# ------------------------------------------------------------------------------------ resting exits
+
+
+def test_resting_exits_are_conditional_orders_a_limit_take_profit_and_a_market_stop(fake, broker):
+    broker.place_market_order(buy(1000.0))
+    held = fake.balance("BTC")
+    tp = broker.place_resting_order(RestingOrder(cid("tp"), "BTCUSDT", held, limit_price=64_260.004,
+                                                 trigger_price=64_260.004))
+    sl = broker.place_resting_order(RestingOrder(cid("sl"), "BTCUSDT", held, trigger_price=59_976.009))
+    assert tp.status is OrderStatus.ACKED and sl.status is OrderStatus.ACKED
+    sent_tp, sent_sl = creates(fake)[1:]
+    assert sent_tp["orderType"] == "Limit" and sent_tp["timeInForce"] == "GTC" and sent_tp["orderFilter"] == "StopOrder"
+    assert sent_tp["price"] == sent_tp["triggerPrice"] == "64260.01", "rounded up: never below the rule's price"
+    assert sent_sl["orderType"] == "Market" and sent_sl["orderFilter"] == "StopOrder" and "price" not in sent_sl
+    assert sent_sl["triggerPrice"] == "59976" and sent_sl["marketUnit"] == "baseCoin"
+    assert sent_tp["qty"] == sent_sl["qty"] and float(sent_tp["qty"]) == pytest.approx(held, abs=1e-6)
+    assert broker.query_order(cid("sl")).status is OrderStatus.ACKED, "an untriggered order is open"
+    # Bybit spot files untriggered conditional orders apart: cancelled with orderFilter=StopOrder.
+    cancelled = broker.cancel_order("BTCUSDT", cid("sl"), conditional=True)
+    assert cancelled.status is OrderStatus.CANCELLED
+    assert fake.sent(ORDER_CANCEL)[-1].params["orderFilter"] == "StopOrder"
+    report = broker.cancel_order("BTCUSDT", cid("tp"))  # without the filter Bybit does not find it: still open
+    assert report.status is OrderStatus.ACKED and fake.refusals[170213] == 1
+
+
+def test_a_resting_sell_below_the_minimum_order_value_is_refused_before_sending(fake, broker):
+    with pytest.raises(OrderRefused, match="minOrderAmt"):
+        broker.place_resting_order(RestingOrder(cid("sl"), "BTCUSDT", 0.00005, trigger_price=10_000.0))
+    assert creates(fake) == []

@@ -49,6 +49,8 @@ def fake(httpserver) -> FakeBybitExchange:
 
 
 def _broker(fake, httpserver, store: StateStore, **options) -> ExchangeBroker:
+    """The books under market orders only (``resting_exits=False``; tests/test_resting_exits.py has them on)."""
+    options.setdefault("resting_exits", False)
     config = BybitConfig(timeout_s=1.0, max_attempts=2, backoff_s=0.0, backoff_max_s=0.0)
     exchange = BybitBroker(config, "testnet", Secrets.from_env({"BYBIT_API_KEY": fake.api_key,
                                                                  "BYBIT_API_SECRET": fake.api_secret}),
@@ -58,6 +60,7 @@ def _broker(fake, httpserver, store: StateStore, **options) -> ExchangeBroker:
 
 def _restarted(fake, httpserver, store: StateStore, **options) -> ExchangeBroker:
     """A new process: the broker from what the database holds, nothing else."""
+    options.setdefault("resting_exits", False)
     with store.transaction() as tx:
         saved = store.get(tx, EXECUTION)
     return ExchangeBroker.from_state(saved, _broker(fake, httpserver, store).exchange, store, ("ETHUSDT",), RULES,
@@ -113,7 +116,7 @@ def test_a_partial_entry_opens_what_filled(fake, httpserver, tmp_path) -> None:
     assert _books(broker) == pytest.approx(0.2 * 10_000 * 0.5 / 3_000 * 0.999, rel=1e-3)
     assert outcome.fills[0].size == pytest.approx(_books(broker))
     with store.transaction() as tx:
-        (row,) = store.orders(tx)
+        (row,) = [r for r in store.orders(tx) if r["intent"] == "entry"]
     assert row["status"] == "CANCELLED" and row["filled_qty"] > 0
 
 

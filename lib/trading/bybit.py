@@ -39,7 +39,7 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
-from decimal import Decimal
+from decimal import ROUND_CEILING, Decimal
 from types import MappingProxyType
 from typing import Any, Literal
 
@@ -67,6 +67,7 @@ from pricelevel.trading.exchange import (
     OrderRefused,
     OrderReport,
     OrderStatus,
+    RestingOrder,
     Side,
 )
 
@@ -263,7 +264,6 @@ class BybitBroker:
             raise OrderRefused(
                 f"bybit: refused {what} locally, nothing sent: {dust}; hint: the order is dust, size it up or skip it"
             )
-        self._read_clock_once()
         params = {
             "category": CATEGORY,
             "symbol": order.symbol,
@@ -274,6 +274,49 @@ class BybitBroker:
             "marketUnit": unit,
             "orderLinkId": order.client_id,
         }
+        return self._place(order, params, what, instrument)
+
+    def place_resting_order(self, order: RestingOrder) -> OrderReport:
+        """Send a resting sell under ``orderLinkId = order.client_id``; ACKED while it waits.
+
+        A trigger makes it a spot conditional order (``orderFilter=StopOrder``, ``triggerPrice`` rounded down to the
+        tick), which Bybit places once the last price reaches the trigger and which reserves no coins until then, so
+        a take-profit and a stop-loss can both wait on the same coins: the take-profit as a conditional GTC limit
+        sell at its price (rounded *up*: never below the rule's price), the stop-loss as a conditional market sell.
+        A limit price alone is a plain GTC limit sell (it holds its coins). Dust (its value at its price below
+        ``minOrderAmt``) is refused here, before sending.
+        """
+        instrument = self.instrument(order.symbol)
+        size = instrument.round_qty(order.base_qty)
+        text = _decimal_text(size, instrument.base_precision)
+        dust = _dust(MarketOrder(order.client_id, order.symbol, Side.SELL, base_qty=size, price_hint=order.price),
+                     instrument, size)
+        kind = "take-profit" if order.limit_price is not None else "stop-loss"
+        what = f"{kind} sell {text} {instrument.base_coin} of {order.symbol} as {order.client_id}"
+        if dust:
+            raise OrderRefused(
+                f"bybit: refused {what} locally, nothing sent: {dust}; hint: the order is dust, size it up or skip it"
+            )
+        params: dict[str, Any] = {"category": CATEGORY, "symbol": order.symbol, "side": Side.SELL.value, "qty": text,
+                                  "orderLinkId": order.client_id}
+        if order.limit_price is not None:
+            price = _ceil(order.limit_price, instrument.tick_size)
+            params |= {"orderType": "Limit", "price": _decimal_text(price, instrument.tick_size), "timeInForce": "GTC"}
+            what += f" at {_plain(price)}"
+        else:
+            params |= {"orderType": "Market", "marketUnit": "baseCoin"}
+        if order.trigger_price is not None:
+            trigger = instrument.round_price(order.trigger_price)
+            if order.limit_price is not None:  # a take-profit triggers at its own (rounded) price
+                trigger = _ceil(order.trigger_price, instrument.tick_size)
+            params |= {"orderFilter": "StopOrder", "triggerPrice": _decimal_text(trigger, instrument.tick_size)}
+            what += f" once the price reaches {_plain(trigger)}"
+        return self._place(order, params, what, instrument)
+
+    def _place(self, order: MarketOrder | RestingOrder, params: dict[str, Any], what: str,
+               instrument: Instrument) -> OrderReport:
+        """``/v5/order/create``: never twice for one client id (a duplicate or a lost answer is looked up)."""
+        self._read_clock_once()
 
         def judge(failure: Failure) -> Failure:
             return self._after_place_failure(failure, order, instrument)
@@ -295,7 +338,8 @@ class BybitBroker:
         logger.info(f"bybit: placed {what}: orderId {order_id}")
         return OrderReport(order.client_id, OrderStatus.ACKED, exchange_id=str(order_id) if order_id else None)
 
-    def _after_place_failure(self, failure: Failure, order: MarketOrder, instrument: Instrument) -> Failure:
+    def _after_place_failure(self, failure: Failure, order: MarketOrder | RestingOrder,
+                             instrument: Instrument) -> Failure:
         """Never resend an order that Bybit may have: return it if it is there, or say the outcome is unknown."""
         if failure.ret_code in RET_DUPLICATE_LINK_IDS:
             report = self.query_order(order.client_id)
@@ -340,8 +384,10 @@ class BybitBroker:
         )
         return [self._report(row) for row in _mappings(rows)]
 
-    def cancel_order(self, symbol: str, client_id: str) -> OrderReport:
-        """Cancel by client id; an order that is no longer open is reported as it ended."""
+    def cancel_order(self, symbol: str, client_id: str, conditional: bool = False) -> OrderReport:
+        """Cancel by client id; an order that is no longer open is reported as it ended. ``conditional``: a spot
+        stop order that has not triggered (Bybit cancels it only with ``orderFilter=StopOrder``)."""
+        extra = {"orderFilter": "StopOrder"} if conditional else {}
 
         def judge(failure: Failure) -> Failure:
             if failure.ret_code == RET_ORDER_NOT_EXISTS:
@@ -354,7 +400,7 @@ class BybitBroker:
         self._read_clock_once()
         try:
             self._retry.call(  # idempotent: a resent cancel of a cancelled order ends in 170213, then a lookup
-                lambda: self._session.cancel_order(category=CATEGORY, symbol=symbol, orderLinkId=client_id),
+                lambda: self._session.cancel_order(category=CATEGORY, symbol=symbol, orderLinkId=client_id, **extra),
                 action="cancel",
                 where=f"{client_id} on {symbol} at {self.endpoint}",
                 error=_order_error,
@@ -559,6 +605,14 @@ def _dust(order: MarketOrder, instrument: Instrument, size: float) -> str:
     if size < instrument.min_order_qty:  # deprecated for spot, still enforced while listed
         return f"below the minimum order quantity (minOrderQty) {_plain(instrument.min_order_qty)} {coin}"
     return ""
+
+
+def _ceil(value: float, step: float) -> float:
+    """Up to a multiple of ``step`` (a take-profit never sells below the rule's price)."""
+    if step <= 0 or not math.isfinite(value):
+        return value
+    steps = (Decimal(repr(value)) / Decimal(repr(step))).to_integral_value(rounding=ROUND_CEILING)
+    return float(steps * Decimal(repr(step)))
 
 
 def _server_time_ms(response: Any) -> int:

@@ -38,6 +38,10 @@ class TraderConfig(Frozen):
     #: Stream base URL override (a local server, ``ws://127.0.0.1:8766``); ``null`` = pybit's host for the mode
     #: (demo takes public candles from mainnet's stream, testnet from testnet's). ``/v5/public/spot`` is appended.
     stream_endpoint: str | None = None
+    #: Exchange modes: each position's take-profit rests at the exchange as a limit sell and its stop-loss as a
+    #: conditional sell, so it is protected between closes and while the trader is down; ``false``: exits are
+    #: market orders at the closes only.
+    resting_exits: bool = True
     #: The environment's confirmation for mainnet (``PRICELEVEL_TRADER__LIVE=yes``); a config file or ``--set``
     #: cannot give it.
     live: bool = False

@@ -184,6 +184,9 @@ class PositionDocument(Declared):
     exiting: str = ""
     #: Base coin bought before fees (the average entry price over several partial fills).
     bought: float = 0.0
+    #: The exits resting at the exchange (intent -> client id) and how many times they were placed.
+    resting: dict[str, str] = {}
+    placed: int = 0
 
 
 class ClosedTradeDocument(Declared):

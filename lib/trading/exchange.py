@@ -112,6 +112,45 @@ class MarketOrder:
 
 
 @dataclass(frozen=True)
+class RestingOrder:
+    """A sell that waits at the exchange for its price, so an open position is protected between closes and while
+    the trader is away. With ``trigger_price`` it is a conditional order, which holds no coins until the last price
+    reaches the trigger: then it is placed as a limit sell at ``limit_price`` (the take-profit: it fills at that
+    price, as the backtest fills a take-profit) or, without one, at market (the stop-loss). ``limit_price`` alone
+    is a plain limit sell (it holds the coins while it rests). Sized in base coin."""
+
+    client_id: str
+    symbol: str
+    base_qty: float
+    limit_price: float | None = None
+    trigger_price: float | None = None
+
+    def __post_init__(self) -> None:
+        if not CLIENT_ID_PATTERN.match(self.client_id):
+            raise ValueError(f"client id {self.client_id!r} is not 1-36 characters of [A-Za-z0-9_-]")
+        if self.limit_price is None and self.trigger_price is None:
+            raise ValueError("a resting order has a limit price, a trigger price, or both")
+        for price in (self.limit_price, self.trigger_price):
+            if price is not None and not (price > 0 and math.isfinite(price)):
+                raise ValueError(f"a resting order's price must be positive, got {price}")
+        if not self.base_qty > 0:
+            raise ValueError(f"a resting order needs a positive quantity, got {self.base_qty}")
+
+    @property
+    def conditional(self) -> bool:
+        return self.trigger_price is not None
+
+    @property
+    def side(self) -> Side:
+        return Side.SELL  # long only: a resting order closes a holding
+
+    @property
+    def price(self) -> float:
+        """The price it sells at (a limit) or from (a stop's trigger): what its value is checked with."""
+        return float(self.limit_price if self.limit_price is not None else self.trigger_price)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class OrderReport:
     """What the exchange says about one order."""
 
@@ -168,9 +207,17 @@ class ExchangeClient(Protocol):
         """The order with this client id (open orders, then the history), ``None`` if the exchange never saw it."""
         ...
 
+    def place_resting_order(self, order: RestingOrder) -> OrderReport:
+        """Send a resting sell (see :class:`RestingOrder`); ACKED while it waits. Raises like
+        :meth:`place_market_order`."""
+        ...
+
     def open_orders(self) -> list[OrderReport]: ...
 
-    def cancel_order(self, symbol: str, client_id: str) -> OrderReport: ...
+    def cancel_order(self, symbol: str, client_id: str, conditional: bool = False) -> OrderReport:
+        """Cancel by client id (``conditional``: a stop order that has not triggered, which Bybit spot files
+        apart); an order that is no longer open is reported as it ended."""
+        ...
 
     def executions(self, start: pd.Timestamp | None = None) -> list[Execution]: ...
 

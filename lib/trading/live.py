@@ -26,9 +26,14 @@ unavailable" (``errors``/``unavailable``) instead of an exception; an exit that 
 ``exiting`` and is retried first, at the next step or as soon as the exchange answers (:meth:`resume_exits`).
 Only :class:`~pricelevel.trading.exchange.CredentialsRefused` (a revoked key) escapes: the service stops on it.
 
-Exits on an exchange are market orders at a bar's close: a stop-loss or take-profit touched inside the bar
-(its low or high), the time stop, or the model's exit signal. The paper engine fills a stop at the stop price
-inside the bar; here the fill is the next market price, usually a little worse (README "Live trading").
+**Exits rest on the exchange.** When a position opens, its take-profit goes to the exchange as a limit sell at
+the rule's price (it fills inside the bar at that price, as the backtest fills it) and its stop-loss as a sell at
+market from the rule's price, both as conditional orders (which hold no coins until triggered, so both can wait
+on the same coins), so the position is protected between closes and while the trader or the exchange link is down. A fill of either is applied like any other (pushed, polled, or found at
+reconciliation after a restart); the other one is then cancelled, and a remainder is sold at market. The time
+stop, the model's exit, ``/forceexit`` and the kill switch cancel both before selling at market. At a close the
+bar is still checked (a stop touched inside the bar whose resting order did not fill is sold at market then):
+the resting orders are the first line, the close the backstop (README "Live trading").
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import pandas as pd
@@ -53,6 +58,7 @@ from pricelevel.trading.exchange import (
     OrderRefused,
     OrderReport,
     OrderStatus,
+    RestingOrder,
     Side,
     client_id,
 )
@@ -75,6 +81,8 @@ RESOLVED = {"UNKNOWN": "answer lost", "SENT": "sent as the process stopped", "AC
             "PARTIAL": "partly filled"}
 #: The kv document the broker keeps its books in (the trader writes the same document at every bar).
 EXECUTION = "execution"
+#: The intents of exits that rest on the exchange (the order rows' ``intent``, the trade's exit reason).
+RESTING = ("stop_loss", "take_profit")
 
 
 class StopRequested(RuntimeError):
@@ -101,6 +109,10 @@ class Position:
     exiting: str = ""
     #: Base coin bought (before fees), for the average entry price of several partial fills.
     bought: float = 0.0
+    #: The exits resting at the exchange (intent -> client id), and how many times they were placed (each
+    #: placement has its own client ids).
+    resting: dict[str, str] = field(default_factory=dict)
+    placed: int = 0
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Position:
@@ -194,6 +206,8 @@ class ExchangeBroker:
         stopping: threading.Event | None = None,
         book: Mapping[str, Any] | None = None,
         fills: Any = None,
+        resting_exits: bool = True,
+        clock: Callable[[], pd.Timestamp] = lambda: pd.Timestamp.now(tz="UTC"),
     ) -> None:
         self.exchange, self.store, self.symbols, self.rules = exchange, store, tuple(symbols), rules
         self.quote_coin, self.bar = quote_coin, bar
@@ -228,6 +242,8 @@ class ExchangeBroker:
         #: Fills pushed by the exchange's private stream (:class:`~pricelevel.trading.streams.PushedFills`), each
         #: applied once by its exec id; ``None``: orders are settled by polling REST.
         self.fills = fills
+        #: Put each position's take-profit and stop-loss on the exchange (``trader.resting_exits``).
+        self.resting_exits, self.clock = resting_exits, clock
         if fills is not None:
             fills.recover(self._record)  # pushed and stored just before a crash, never applied
 
@@ -237,7 +253,8 @@ class ExchangeBroker:
         """New rules for new positions (a champion hot-swap); open positions keep the stops they were opened with."""
         return ExchangeBroker(self.exchange, self.store, self.symbols, rules, self.quote_coin, self.open, bar=self.bar,
                               poll_s=self.poll_s, polls=self.polls, sleep=self.sleep, checkpoint=self.checkpoint,
-                              stopping=self.stopping, book=self._book(), fills=self.fills)
+                              stopping=self.stopping, book=self._book(), fills=self.fills,
+                              resting_exits=self.resting_exits, clock=self.clock)
 
     def on_bar(
         self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
@@ -247,8 +264,11 @@ class ExchangeBroker:
         exit signals), then the approved entries, each a market order now. Cash released by an exit can fund an
         entry of this bar. Closed trades include those applied since the last step (a fill found at start-up)."""
         self._begin_step()
+        self._watch_resting()
         fills: list[Fill] = []
         for symbol in list(self.open):
+            if symbol not in self.open:  # a resting exit's fill, found just now, closed it
+                continue
             position = self.open[symbol]
             if symbol in ohlc:
                 _open, high, low, close = ohlc[symbol]
@@ -264,6 +284,8 @@ class ExchangeBroker:
                 fill = self._buy(symbol, bar_time, model_version, close=ohlc[symbol][3])
                 if fill is not None:
                     fills.append(fill)
+        for symbol in list(self.open):  # new positions, adopted ones, and exits the exchange refused or dropped
+            self._rest_exits(symbol, model_version)
         return BarOutcome(fills, self.take_closed(), {}, self.equity())
 
     def flatten(self, symbols: Sequence[str], at: pd.Timestamp, model_version: str, reason: str) -> list[ClosedTrade]:
@@ -281,13 +303,29 @@ class ExchangeBroker:
         exiting (exits are retried first, as soon as the exchange answers)."""
         self._begin_step()
         self._settle_open_rows(current=None)
+        self._tidy_resting()
         for symbol, position in list(self.open.items()):
             if position.exiting and not self.unavailable:
                 self._exit(symbol, at, model_version, position.exiting, "resume")
         return self._tell_new()
 
+    def watch_exits(self, at: pd.Timestamp, model_version: str) -> list[ClosedTrade]:
+        """Between bars: what the resting exits did (pushed by the private stream, else one look at the open
+        orders): a fill reaches the books and its sibling is cancelled; a stop the exchange triggered but could not
+        execute, or a remainder, is sold at market now. Returns the trades closed, to tell a person."""
+        self._begin_step()
+        self._watch_resting()
+        for symbol, position in list(self.open.items()):
+            if position.exiting and not self.unavailable:
+                self._exit(symbol, at, model_version, position.exiting, "watch")
+        return self._tell_new()
+
     def pending_exits(self) -> list[str]:
         return sorted(s for s, p in self.open.items() if p.exiting)
+
+    def watching(self) -> bool:
+        """Exits rest on the exchange: the service looks at them between bars."""
+        return any(p.resting for p in self.open.values())
 
     def take_closed(self) -> list[ClosedTrade]:
         """The trades applied since the last bar (each written to the trades table when its fill was applied), for
@@ -330,9 +368,10 @@ class ExchangeBroker:
                 if report.client_id.startswith(OUR_PREFIX):
                     row = self._row(report.client_id)
                     if row:
-                        self._record(report.client_id, self.exchange.cancel_order(row["symbol"], report.client_id))
+                        self._record(report.client_id, self._cancel_at_exchange(row))
         except ExchangeUnavailable as exc:
             self._down(f"cancel open orders: {exc}")
+        self._tidy_resting()
 
     def to_state(self) -> dict[str, Any]:
         return {"symbols": list(self.symbols), "positions": self.positions(), "exchange": self.name, **self._book()}
@@ -370,6 +409,7 @@ class ExchangeBroker:
         """
         self._begin_step()
         self._settle_open_rows(current)
+        self._tidy_resting()
         try:
             open_orders = self.exchange.open_orders()
         except ExchangeUnavailable as exc:
@@ -404,13 +444,17 @@ class ExchangeBroker:
                 if not redone:
                     self._update(cid, status="CANCELLED", message="not sent: the process stopped before sending it; superseded")
                 continue
+            resting = row["intent"] in RESTING
             report = self._lookup(cid)
             if report is None:
                 if self.unavailable:
                     return
-                if row["status"] in ("SENT", "UNKNOWN") and not (redone and row["status"] == "SENT"):
+                if row["status"] in ("SENT", "UNKNOWN") and not (redone and row["status"] == "SENT" and not resting):
                     self._update(cid, status="CANCELLED", message=f"{RESOLVED[row['status']]}; unknown to the exchange "
                                                                   "by its client id: it never reached the exchange")
+                continue
+            if resting:  # it waits at the exchange by design: what it filled is applied, it stays
+                self._record(cid, report)
                 continue
             if not report.status.final:
                 report = self._cancel_rest(row["symbol"], cid, report)
@@ -436,7 +480,8 @@ class ExchangeBroker:
             books = position.size if position else 0.0
             price = position.last_close if position and math.isfinite(position.last_close) else _last_price(rows)
             tolerance = max(dust_qty(instrument, price) if price else instrument.base_precision, books * 1e-6)
-            if have < books - tolerance and not any(r["status"] in MAYBE_AT_THE_EXCHANGE for r in rows):
+            in_flight = any(r["status"] in MAYBE_AT_THE_EXCHANGE and r["intent"] not in RESTING for r in rows)
+            if have < books - tolerance and not in_flight:  # resting exits were just looked up: their fills are in
                 found.append({"kind": "short", "text": f"{symbol}: the wallet holds {have:.8g} {coin}, less than our "
                                                        f"position {books:.8g} ({books - have:.8g} missing)"})
                 if report and position is not None:
@@ -480,6 +525,163 @@ class ExchangeBroker:
             position.cost += qty * entry_price
             position.bought += qty
 
+    # ------------------------------------------------------------------------------------ resting exits
+
+    def _rest_exits(self, symbol: str, version: str) -> None:
+        """Put the position's stop-loss (a conditional sell) and take-profit (a limit sell) on the exchange, for what
+        the wallet holds of it; nothing while they rest, while it exits, or when the rules have neither. A level the
+        exchange refuses (e.g. below its minimum order value) is checked at each close instead, and said once."""
+        position = self.open.get(symbol)
+        if not self.resting_exits or position is None or position.exiting or position.resting or self.unavailable:
+            return
+        levels = {"stop_loss": position.stop_loss if position.stop_loss > 0 else None,
+                  "take_profit": position.take_profit if math.isfinite(position.take_profit) else None}
+        if not any(levels.values()) or position.placed < 0:
+            return
+        try:
+            instrument = self.exchange.instrument(symbol)
+            balances = self.exchange.balances()
+        except ExchangeUnavailable as exc:
+            self._down(f"{symbol} resting exits: {exc}")
+            return
+        except OrderRefused as exc:
+            self.errors.append(f"{symbol} resting exits: {exc}")
+            return
+        qty = instrument.round_qty(min(position.size, balances.get(instrument.base_coin, 0.0)))
+        placed = position.placed + 1
+        for intent, price in levels.items():
+            if price is None or symbol not in self.open or self.unavailable:
+                continue
+            cid = client_id(version, symbol, pd.Timestamp(position.entry_time), f"{intent}{placed}")
+            try:
+                order = (RestingOrder(cid, symbol, qty, trigger_price=price) if intent == "stop_loss"
+                         else RestingOrder(cid, symbol, qty, limit_price=price, trigger_price=price))
+            except ValueError as exc:  # nothing to sell after rounding
+                self.notes.append(f"{symbol}: no resting {intent.replace('_', '-')}: {exc}")
+                continue
+            self._send_resting(order, intent, position, placed, version)
+        if position.resting:
+            position.placed = placed
+        else:
+            position.placed = -1  # none would rest: the close checks the levels, no further attempt
+        self._save()
+
+    def _send_resting(self, order: RestingOrder, intent: str, position: Position, placed: int, version: str) -> None:
+        """Commit the row and the position's pointer to it in one transaction, then send: a crash anywhere leaves
+        an order the books know (looked up at reconciliation), never an orphan nobody cancels."""
+        if self.stopping.is_set():
+            raise StopRequested("stopping: no new order")
+        cid = order.client_id
+        with self.store.transaction() as tx:
+            if self.store.order(tx, cid) is None:
+                self.store.add_order(
+                    tx, client_id=cid, symbol=order.symbol, side=Side.SELL.value, intent=intent,
+                    bar_time=pd.Timestamp(position.entry_time), model_version=version, status="NEW", quote_amount=None,
+                    base_qty=order.base_qty, filled_qty=0.0, avg_price=0.0, fee=0.0,
+                    message=f"{intent.replace('_', '-')} resting at {order.price:.8g} (placement {placed})")
+            position.resting[intent] = cid
+            self.store.put(tx, EXECUTION, self.to_state())
+        self.checkpoint("committed")
+        self._update(cid, status="SENT")
+        try:
+            answer = self.exchange.place_resting_order(order)
+        except OrderRefused as exc:
+            self._update(cid, status="REJECTED", message=str(exc)[:500])
+            position.resting.pop(intent, None)
+            self.notes.append(f"{order.symbol}: the {intent.replace('_', '-')} could not rest at the exchange "
+                              f"({str(exc).splitlines()[0][:200]}); it is checked at each close instead")
+            return
+        except ExchangeUnavailable as exc:
+            self._update(cid, status="UNKNOWN", message=f"answer lost: {exc}"[:500])
+            found = self._lookup(cid)
+            if found is None:
+                self._down(f"{order.symbol} {intent}: outcome unknown ({exc}); looked up again at reconciliation")
+                return
+            answer = found
+        self._record(cid, answer)
+
+    def _watch_resting(self) -> None:
+        """Bring the resting exits' rows up to date (the private stream pushes them; without it, one look at the
+        open orders and a lookup of each one no longer open), then act on what they did (:meth:`_tidy_resting`)."""
+        with self.store.transaction() as tx:
+            rows = [r for r in self.store.orders(tx, OPEN_STATUSES) if r["intent"] in RESTING]
+        if rows and not (self.fills is not None and self.fills.up) and not self.unavailable:
+            try:
+                still_open = {r.client_id: r for r in self.exchange.open_orders()}
+            except ExchangeUnavailable as exc:
+                self._down(f"resting exits: {exc}")
+                return
+            for row in rows:
+                report = still_open.get(row["client_id"]) or self._lookup(row["client_id"])
+                if report is not None:
+                    self._record(row["client_id"], report)
+        self._tidy_resting()
+
+    def _tidy_resting(self) -> None:
+        """After the resting exits' rows changed: an exit that filled (even in part) takes its sibling with it; a
+        stop the exchange triggered but refused to execute (its coins held by the take-profit) is a stop-loss
+        exit at market now; one cancelled by someone else is dropped (placed again at the next step)."""
+        with self.store.transaction() as tx:
+            rows = {r["client_id"]: r for r in self.store.orders(tx) if r["intent"] in RESTING}
+        pointed = set()
+        changed = False
+        for symbol, position in self.open.items():
+            for intent, cid in list(position.resting.items()):
+                row = rows.get(cid)
+                if position.exiting or row is None or (row["status"] in ("REJECTED", "CANCELLED", "FILLED")):
+                    position.resting.pop(intent)
+                    changed = True
+                    if row is not None and row["status"] == "REJECTED" and intent == "stop_loss" and not position.exiting:
+                        position.exiting = "stop_loss"
+                        self.notes.append(f"{symbol}: the exchange triggered the stop-loss but did not execute it "
+                                          f"({row['message'] or 'refused'}): selling at market")
+                    elif row is not None and row["status"] == "CANCELLED" and not position.exiting:
+                        position.placed = max(position.placed, 0)  # dropped at the exchange: placed again
+                else:
+                    pointed.add(cid)
+        orphans = [r for cid, r in rows.items() if r["status"] in MAYBE_AT_THE_EXCHANGE and cid not in pointed]
+        for row in orphans:  # the sibling of an exit that filled, or an exit of a position now closed
+            if self.unavailable:
+                break
+            self._record(row["client_id"], self._cancel_at_exchange(row), "cancelled: the other exit filled or the "
+                                                                          "position closed")
+        if changed:
+            self._save()
+
+    def _cancel_resting(self, symbol: str) -> bool:
+        """Cancel the position's resting exits before it is sold at market (a fill racing the cancel is applied);
+        False while the exchange is away (nothing may be sold twice)."""
+        position = self.open.get(symbol)
+        if position is None or not position.resting:
+            return True
+        for intent, cid in list(position.resting.items()):
+            row = self._row(cid)
+            if row is not None and row["status"] in MAYBE_AT_THE_EXCHANGE:
+                report = self._cancel_at_exchange(row)
+                if self.unavailable:
+                    return False
+                self._record(cid, report, f"cancelled before the {position.exiting.replace('_', ' ') or 'exit'}")
+            if symbol in self.open:
+                self.open[symbol].resting.pop(intent, None)
+        self._save()
+        return True
+
+    def _cancel_at_exchange(self, row: Mapping[str, Any]) -> OrderReport:
+        """Cancel one of our orders by client id, as Bybit spot files it: a resting exit that has not triggered
+        under the conditional orders, anything else (a triggered one included) under the active ones."""
+        cid, symbol = row["client_id"], row["symbol"]
+        report = _report_of(row)
+        try:
+            for conditional in ((True, False) if row["intent"] in RESTING else (False,)):
+                report = self.exchange.cancel_order(symbol, cid, conditional=conditional)
+                if report.status.final:
+                    break
+        except ExchangeUnavailable as exc:
+            self._down(f"{symbol}: cancelling {cid}: {exc}")
+        except OrderRefused as exc:
+            self.errors.append(f"{symbol}: cancelling {cid}: {exc}")
+        return report
+
     # ------------------------------------------------------------------------------------ orders
 
     def _buy(self, symbol: str, bar_time: pd.Timestamp, version: str, close: float) -> Fill | None:
@@ -502,6 +704,8 @@ class ExchangeBroker:
         if position.exiting != reason:
             position.exiting = reason
             self._save()
+        if not self._cancel_resting(symbol) or symbol not in self.open:
+            return []  # the exchange is away (the exit waits), or a resting exit's fill just closed the position
         fills = []
         for attempt in range(EXIT_ATTEMPTS):
             if symbol not in self.open or self.unavailable:
@@ -717,10 +921,15 @@ class ExchangeBroker:
             dust = dust_qty(instrument, delta.price)
         except (ExchangeUnavailable, OrderRefused):
             dust = 0.0
-        remainder, trade = sold(position, delta, symbol, as_utc(row["bar_time"]), position.exiting or "exit", dust)
+        resting = row["intent"] in RESTING
+        reason = row["intent"] if resting else (position.exiting or "exit")
+        exit_time = self.clock() if resting else as_utc(row["bar_time"])  # a resting exit fills between closes
+        remainder, trade = sold(position, delta, symbol, exit_time, reason, dust)
         if remainder is None:
             self.open.pop(symbol)
         else:
+            if resting:  # the exit has begun at the exchange: the rest is sold at market, the sibling cancelled
+                remainder.exiting = reason
             self.open[symbol] = remainder
         self.unreported.append(asdict_trade(trade))
         return trade

@@ -151,6 +151,9 @@ def replay_result(replay: Replay, costs: BacktestConfig) -> BacktestResult:
 STOP_GRACE_S = 1.5
 #: Between bars, while the exchange is away: the first retry after this many seconds, doubling up to the cap.
 RECOVER_FIRST_S, RECOVER_MAX_S = 5.0, 60.0
+#: Between bars, how often the resting exits are looked at (what the private stream pushed, or one REST look at
+#: the open orders when it is down): a take-profit's sibling is cancelled, a refused stop sold, within this.
+WATCH_S = 5.0
 
 
 async def serve(
@@ -163,7 +166,8 @@ async def serve(
     the step is retried every few seconds, and ``stale_after_s`` after the close it goes ahead without it (no
     decision on that symbol). Commands (``pricelevel trader kill``, Telegram) are looked for every ``poll_s``
     seconds (``RETRY_S``) and applied between bars. While the exchange is away or an exit is still under way,
-    :meth:`Trader.recover` is retried with a capped backoff. An exchange error never ends the service; a refused
+    :meth:`Trader.recover` is retried with a capped backoff; otherwise, while exits rest on the exchange, they are
+    looked at every ``WATCH_S`` seconds (:meth:`Trader.watch_exits`). An exchange error never ends the service; a refused
     API key does (:class:`~pricelevel.trading.exchange.CredentialsRefused`).
 
     Each step runs in a daemon thread, so the loop (and a Telegram bot on it) stays responsive, and a stop does
@@ -174,7 +178,7 @@ async def serve(
     clock = now or (lambda: pd.Timestamp.now(tz="UTC"))
     bar = trader.timeframe.delta
     traded = 0
-    backoff, retry_at = RECOVER_FIRST_S, 0.0
+    backoff, retry_at, watch_at = RECOVER_FIRST_S, 0.0, 0.0
     loop = asyncio.get_running_loop()
     while not stop.is_set():
         try:
@@ -201,6 +205,9 @@ async def serve(
                         retry_at, backoff = loop.time() + backoff, min(backoff * 2, RECOVER_MAX_S)
                     else:
                         backoff = RECOVER_FIRST_S
+                elif trader.watching_exits() and loop.time() >= watch_at:
+                    await _step(trader, stop, grace_s, trader.watch_exits)
+                    watch_at = loop.time() + WATCH_S
         except CredentialsRefused:
             raise
         except (ExchangeUnavailable, OSError) as exc:  # an unguarded exchange or network failure: wait, then again
@@ -310,7 +317,8 @@ def open_service(
             fills = PushedFills(ExecutionLedger(store, coins))
             private = PrivateStream(private_stream_url(trader_config.mode, trader_config.stream_endpoint), secrets,
                                     fills.deliver, coins)
-        make = exchange_execution(exchange, store, models.symbols, bar=bar, stopping=stopping, fills=fills)
+        make = exchange_execution(exchange, store, models.symbols, bar=bar, stopping=stopping, fills=fills,
+                                  resting_exits=trader_config.resting_exits)
     with store.transaction() as tx:
         store.put(tx, "mode", trader_config.mode)
     trader = Trader(store, models, feed, make, config.risk, config.backtest, notifier, stopping=stopping)

@@ -226,6 +226,26 @@ class Trader:
         self._exchange_health()
         return texts
 
+    def watching_exits(self) -> bool:
+        """Exits rest on the exchange (an exchange execution only): the service looks at them between bars."""
+        return bool(getattr(self.execution, "watching", lambda: False)())
+
+    def watch_exits(self, at: pd.Timestamp | None = None) -> list[str]:
+        """Between bars: apply what the resting exits did (a take-profit or stop filled while nobody looked), cancel
+        the other exit, sell what a partial fill or a refused stop left. Tells a person each trade closed."""
+        at = pd.Timestamp(at) if at is not None else pd.Timestamp.now(tz="UTC").floor("s")
+        closed = self.execution.watch_exits(at, str(self.models.current.version))
+        self.needs_reconcile = self.needs_reconcile or self.execution.unavailable
+        with self.store.transaction() as tx:
+            self.store.put(tx, EXECUTION, self.execution.to_state())
+        for note in self.execution.notes:
+            self.notifier.notify("risk", note)
+        texts = [f"closed {t.symbol} ({t.exit_reason.replace('_', ' ')}): {t.size:.6g} at {t.exit_price:.6g}, "
+                 f"P&L {t.pnl:+,.2f}" for t in closed]
+        for text in texts:
+            self.notifier.notify("exit", text)
+        return texts
+
     def on_bar_close(self, bar_time: pd.Timestamp, wait_for_candles: bool = False) -> BarReport:
         """Decide and execute the bar opening at ``bar_time`` (its candle closed at ``bar_time + timeframe``).
 

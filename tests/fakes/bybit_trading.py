@@ -51,6 +51,15 @@ fake's clock); :meth:`~FakeBybitExchange.revoke_key` answers 10003 to every priv
 part of each market order and :meth:`~FakeBybitExchange.fill_rest` (or ``fill_rest_after``) fills the rest
 later, as a separate execution with its own ``execId``.
 
+Resting orders, as Bybit spot has them: a ``Limit`` order (``price``, ``timeInForce`` GTC) rests as ``New`` and
+holds its coins (the wallet's ``locked``; a sell needs them free when placed, else 170131); it fills at its own
+price, as a maker, once the last price reaches it (:meth:`FakeBybitExchange.set_price`, the ``/fake/prices``
+control, or :meth:`~FakeBybitExchange.trade_through` for a bar's path). A conditional order (``orderFilter=StopOrder``
+with ``triggerPrice``) rests as ``Untriggered`` without holding anything; when the last price crosses its trigger
+(from the side it was placed on) it becomes ``Triggered`` and is executed as a market (or limit) order then, or
+``Rejected`` if the coins are not free at that moment (a limit holding them). It is cancelled only with
+``orderFilter=StopOrder`` (170213 otherwise), as Bybit spot files conditional orders apart.
+
 A test driving the fake in another process uses the ``/fake/...`` control endpoints (never affected by an
 outage or a fault), most easily through :class:`FakeExchangeControl`.
 
@@ -147,7 +156,7 @@ MESSAGES = MappingProxyType({
     RET_ORDER_NOT_EXISTS: "Order does not exist.",
     RET_INVALID_SYMBOL: "Invalid symbol.",
 })
-OPEN_STATUSES = ("New", "PartiallyFilled")
+OPEN_STATUSES = ("New", "PartiallyFilled", "Untriggered")
 LINK_ID = re.compile(r"^[A-Za-z0-9_-]{1,36}$")
 SEVEN_DAYS_MS = 7 * 24 * 3600 * 1000
 #: The quota the rate-limit headers report when a test sets none.
@@ -248,6 +257,13 @@ class _Order:
     fee_coin: str = ""
     reject_reason: str = "EC_NoError"
     cancel_type: str = "UNKNOWN"
+    order_type: str = "Market"
+    #: A limit order's price (0: market).
+    price: Decimal = Decimal(0)
+    #: A conditional order's trigger (0: none) and whether it fires on a rise (1) or a fall (2), as Bybit says.
+    trigger_price: Decimal = Decimal(0)
+    trigger_direction: int = 0
+    order_filter: str = "Order"
 
     def done(self, instrument: _Instrument, price: Decimal) -> bool:
         """Nothing left to fill (in the unit the order was given in, to within one lot at ``price``)."""
@@ -275,7 +291,7 @@ class _Order:
             "orderLinkId": self.link_id,
             "blockTradeId": "",
             "symbol": self.symbol,
-            "price": "0",
+            "price": _text(self.price) if self.price else "0",
             "qty": _text(self.qty),
             "side": self.side,
             "isLeverage": "0",
@@ -290,11 +306,13 @@ class _Order:
             "cumExecValue": _text(self.cum_value),
             "cumExecFee": _text(self.fee),
             "cumFeeDetail": {self.fee_coin: _text(self.fee)} if self.fee else {},
-            "timeInForce": "IOC",
-            "orderType": "Market",
+            "timeInForce": "GTC" if self.order_type == "Limit" else "IOC",
+            "orderType": self.order_type,
             "marketUnit": self.market_unit,
-            "stopOrderType": "",
-            "triggerPrice": "0",
+            "stopOrderType": "Stop" if self.trigger_price else "",
+            "triggerPrice": _text(self.trigger_price) if self.trigger_price else "0",
+            "triggerDirection": self.trigger_direction,
+            "orderFilter": self.order_filter,
             "takeProfit": "0",
             "stopLoss": "0",
             "reduceOnly": False,
@@ -440,8 +458,73 @@ class FakeBybitExchange:
         )
 
     def set_price(self, symbol: str, price: float | str) -> None:
-        """The last traded price: market orders on ``symbol`` fill there."""
-        self._prices[symbol] = _dec(price)
+        """The last traded price: market orders on ``symbol`` fill there, resting orders it reaches fill."""
+        with self._lock:
+            self._prices[symbol] = _dec(price)
+            self._match(symbol)
+
+    def trade_through(self, symbol: str, *prices: float | str) -> None:
+        """The market trades at each price in turn (a bar's path, e.g. open, low, high, close)."""
+        for price in prices:
+            self.set_price(symbol, price)
+
+    def cancel_all(self) -> None:
+        """Someone cancels every open order on the account (Bybit's app, another client)."""
+        with self._lock:
+            for order in self._orders.values():
+                if order.status in OPEN_STATUSES:
+                    order.status = "Deactivated" if order.status == "Untriggered" else (
+                        "PartiallyFilledCanceled" if order.cum_qty else "Cancelled")
+                    order.cancel_type, order.updated_ms = "CancelByUser", self._now_ms()
+
+    def locked(self, coin: str) -> Decimal:
+        """What open limit orders hold of ``coin`` (a sell its base coin, a buy its quote coin)."""
+        held = Decimal(0)
+        for order in self._orders.values():
+            if order.order_type != "Limit" or order.status not in ("New", "PartiallyFilled"):
+                continue
+            instrument = self._instruments[order.symbol]
+            if order.side == "Sell" and instrument.base_coin == coin:
+                held += order.qty - order.cum_qty
+            elif order.side == "Buy" and instrument.quote_coin == coin:
+                held += (order.qty - order.cum_qty) * order.price
+        return held
+
+    def _free(self, coin: str) -> Decimal:
+        return self._balances.get(coin, Decimal(0)) - self.locked(coin)
+
+    def _match(self, symbol: str) -> None:
+        """Resting orders the last price reaches: conditional orders trigger, then limits fill at their price."""
+        last = self._prices[symbol]
+        for order in [o for o in self._orders.values() if o.symbol == symbol and o.status == "Untriggered"]:
+            rose = order.trigger_direction == 1 and last >= order.trigger_price
+            fell = order.trigger_direction == 2 and last <= order.trigger_price
+            if rose or fell:
+                self._trigger(order, last)
+        for order in [o for o in self._orders.values() if o.symbol == symbol and o.order_type == "Limit"
+                      and o.status in ("New", "PartiallyFilled")]:
+            reached = last >= order.price if order.side == "Sell" else last <= order.price
+            if reached:
+                instrument = self._instruments[symbol]
+                qty = order.qty - order.cum_qty
+                if order.side == "Sell":
+                    qty = min(qty, self._balances.get(instrument.base_coin, Decimal(0)))
+                self._fill(order, instrument, order.price, qty, rest=True, maker=True)
+
+    def _trigger(self, order: _Order, last: Decimal) -> None:
+        """A conditional order's trigger is reached: it is placed now, if the coins it spends are free."""
+        instrument = self._instruments[order.symbol]
+        order.updated_ms = self._now_ms()
+        spend_coin = instrument.base_coin if order.side == "Sell" else instrument.quote_coin
+        need = order.qty if order.side == "Sell" else order.qty * (order.price or last)
+        if self._free(spend_coin) < need:
+            order.status, order.reject_reason = "Rejected", "EC_InsufficientBalance"
+            return
+        order.status = "Triggered"
+        if order.order_type == "Market":
+            self._fill(order, instrument, last, order.qty)
+        else:
+            order.status = "New"
 
     def set_balance(self, coin: str, amount: float | str) -> None:
         self._balances[coin] = _dec(amount)
@@ -493,8 +576,8 @@ class FakeBybitExchange:
         (default: the last price), as one more execution each; returns the ``orderLinkId`` s filled.
         A buy fills only what the quote balance still pays for, as the exchange had it locked."""
         with self._lock:
-            orders = [o for o in self._orders.values() if o.status in OPEN_STATUSES
-                      and (link_id is None or o.link_id == link_id)]
+            orders = [o for o in self._orders.values() if o.status in ("New", "PartiallyFilled")
+                      and (o.link_id == link_id if link_id is not None else o.order_type == "Market")]
             if link_id is not None and not orders:
                 raise KeyError(f"fake Bybit: no open order with orderLinkId {link_id!r}")
             for order in orders:
@@ -749,8 +832,17 @@ class FakeBybitExchange:
         side, unit = params.get("side"), params.get("marketUnit")
         if side not in ("Buy", "Sell"):
             raise _Refused(RET_PARAMS, "params error: side invalid")
-        if params.get("orderType") != "Market":
-            raise _Refused(RET_PARAMS, "params error: this fake takes Market orders only")
+        order_type, order_filter = params.get("orderType"), str(params.get("orderFilter") or "Order")
+        if order_type not in ("Market", "Limit"):
+            raise _Refused(RET_PARAMS, "params error: orderType invalid")
+        if order_filter not in ("Order", "StopOrder"):
+            raise _Refused(RET_PARAMS, "params error: this fake takes orderFilter Order or StopOrder only")
+        limit_price = _parse(params.get("price")) if order_type == "Limit" else None
+        trigger = _parse(params.get("triggerPrice")) if order_filter == "StopOrder" else None
+        if order_type == "Limit" and (limit_price is None or limit_price <= 0):
+            raise _Refused(RET_PARAMS, "params error: price invalid")
+        if order_filter == "StopOrder" and (trigger is None or trigger <= 0):
+            raise _Refused(RET_PARAMS, "params error: triggerPrice invalid")
         link_id = str(params.get("orderLinkId") or f"fake-{len(self._orders) + 1}")
         if not LINK_ID.match(link_id):
             raise _Refused(RET_PARAMS, "params error: orderLinkId invalid")
@@ -758,7 +850,9 @@ class FakeBybitExchange:
             self.unique_link_ids or self._orders[self._by_link[link_id]].status in OPEN_STATUSES
         ):
             raise _Refused(RET_DUPLICATE_LINK_ID_UNIFIED if self.unified_account else RET_DUPLICATE_LINK_ID)
-        unit = unit or ("quoteCoin" if side == "Buy" else "baseCoin")  # Bybit's default for spot market orders
+        unit = unit or ("quoteCoin" if side == "Buy" and order_type == "Market" else "baseCoin")  # Bybit's defaults
+        if order_type == "Limit":
+            unit = "baseCoin"  # a limit order's qty is always in base coin
         if unit not in ("quoteCoin", "baseCoin"):
             raise _Refused(RET_PARAMS, "params error: marketUnit invalid")
         qty = _parse(params.get("qty"))
@@ -770,30 +864,42 @@ class FakeBybitExchange:
         step = instrument.quote_precision if unit == "quoteCoin" else instrument.base_precision
         if qty % step:
             raise _Refused(RET_AMOUNT_DECIMALS if unit == "quoteCoin" else RET_QTY_DECIMALS)
-        base_qty = qty if unit == "baseCoin" else qty / price
-        value = qty if unit == "quoteCoin" else qty * price
+        for level in (limit_price, trigger):
+            if level is not None and level % instrument.tick_size:
+                raise _Refused(RET_PARAMS, "params error: price or triggerPrice is not a multiple of tickSize")
+        at = limit_price or trigger or price  # what the order is valued at
+        base_qty = qty if unit == "baseCoin" else qty / at
+        value = qty if unit == "quoteCoin" else qty * at
         if unit == "baseCoin" and instrument.min_order_qty is not None and qty < instrument.min_order_qty:
             raise _Refused(RET_QTY_TOO_SMALL)
         if value < instrument.min_order_amt:
             raise _Refused(RET_VALUE_TOO_SMALL)
         spend_coin, spend = (instrument.quote_coin, value) if side == "Buy" else (instrument.base_coin, base_qty)
-        if self._balances.get(spend_coin, Decimal(0)) < spend:
+        if trigger is None and self._free(spend_coin) < spend:  # a conditional order holds nothing until it triggers
             raise _Refused(RET_INSUFFICIENT_BALANCE)
 
         now_ms = self._now_ms()
         order = _Order(f"{1_900_000_000_000_000_000 + len(self._orders) + 1}", link_id, instrument.symbol,
-                       side, qty, unit, now_ms)
+                       side, qty, unit, now_ms, order_type=str(order_type), price=limit_price or Decimal(0),
+                       order_filter=order_filter)
         self._orders[order.order_id] = order
         self._by_link[link_id] = order.order_id
         if fault is not None and fault.kind == "reject":
             order.status, order.reject_reason = "Rejected", fault.message
+        elif trigger is not None:
+            order.status, order.trigger_price = "Untriggered", trigger
+            order.trigger_direction = 1 if trigger > price else 2
+        elif order_type == "Limit":
+            reached = price >= limit_price if side == "Sell" else price <= limit_price
+            if reached:  # marketable: fills now (at the last price, better than or at its limit)
+                self._fill(order, instrument, price, base_qty, rest=True)
         else:
             self._fill(order, instrument, price, base_qty * _dec(self.fill_fraction))
         self.created.append(order.to_json())
         return {"orderId": order.order_id, "orderLinkId": link_id}
 
     def _fill(self, order: _Order, instrument: _Instrument, price: Decimal, base_qty: Decimal, *,
-              rest: bool = False) -> None:
+              rest: bool = False, maker: bool = False) -> None:
         """One execution of ``base_qty`` (down to the lot size) at ``price``; fees in the coin received.
         ``rest``: a later fill of an order already partly filled (nothing to fill leaves it as it is)."""
         qty = _floor(base_qty, instrument.base_precision)
@@ -816,19 +922,20 @@ class FakeBybitExchange:
         order.fee += fee
         order.fee_coin = fee_coin
         order.updated_ms = self._now_ms()
-        order.status = "Filled" if order.done(instrument, price) or (not rest and self.fill_fraction >= 1) else "PartiallyFilled"
+        whole = order.order_type == "Market" and not rest and self.fill_fraction >= 1
+        order.status = "Filled" if order.done(instrument, price) or whole else "PartiallyFilled"
         self._executions.append(
             {
                 "symbol": order.symbol,
                 "orderId": order.order_id,
                 "orderLinkId": order.link_id,
                 "side": order.side,
-                "orderPrice": "0",
+                "orderPrice": _text(order.price) if order.price else "0",
                 "orderQty": _text(order.qty),
                 "leavesQty": _text(max(order.leaves_base(price), Decimal(0)) if order.status in OPEN_STATUSES
                                    else Decimal(0)),
-                "orderType": "Market",
-                "stopOrderType": "",
+                "orderType": order.order_type,
+                "stopOrderType": "Stop" if order.trigger_price else "",
                 "execFee": _text(fee),
                 "feeCurrency": fee_coin,
                 "execId": f"fake-exec-{len(self._executions) + 1:06d}",
@@ -837,7 +944,7 @@ class FakeBybitExchange:
                 "execType": "Trade",
                 "execValue": _text(value),
                 "execTime": str(order.updated_ms),
-                "isMaker": False,
+                "isMaker": maker,
                 "feeRate": _text(rate),
                 "markPrice": "",
                 "closedSize": "",
@@ -850,7 +957,10 @@ class FakeBybitExchange:
         order = self._find(params)
         if order is None or order.status not in OPEN_STATUSES or order.symbol != params.get("symbol"):
             raise _Refused(RET_ORDER_NOT_EXISTS)
-        order.status = "PartiallyFilledCanceled" if order.cum_qty else "Cancelled"
+        if (order.status == "Untriggered") != (params.get("orderFilter") == "StopOrder"):
+            raise _Refused(RET_ORDER_NOT_EXISTS)  # Bybit spot: a conditional order is found under StopOrder only
+        order.status = "PartiallyFilledCanceled" if order.cum_qty else ("Deactivated" if order.status == "Untriggered"
+                                                                          else "Cancelled")
         order.cancel_type = "CancelByUser"
         order.updated_ms = self._now_ms()
         return {"orderId": order.order_id, "orderLinkId": order.link_id}
@@ -865,6 +975,8 @@ class FakeBybitExchange:
         if params.get("category") != "spot":
             raise _Refused(RET_PARAMS, "params error: category invalid")
         orders = [o for o in reversed(self._orders.values()) if (o.status in OPEN_STATUSES) == open_]
+        if params.get("orderFilter"):  # a unified account lists every kind unless asked for one
+            orders = [o for o in orders if o.order_filter == params["orderFilter"]]
         for key, attr in (("symbol", "symbol"), ("orderId", "order_id"), ("orderLinkId", "link_id")):
             if params.get(key):
                 orders = [o for o in orders if getattr(o, attr) == params[key]]
@@ -905,7 +1017,7 @@ class FakeBybitExchange:
                     "equity": _text(amount),
                     "usdValue": _text(usd) if usd is not None else "",
                     "walletBalance": _text(amount),
-                    "locked": "0",
+                    "locked": _text(self.locked(coin)),
                     "spotHedgingQty": "0",
                     "borrowAmount": "0",
                     "accruedInterest": "0",
