@@ -106,7 +106,7 @@ def test_a_take_profit_filling_between_closes_reaches_the_books_and_the_stop_is_
     fake.trade_through("ETHUSDT", 3_050, 3_090, 3_125)  # between closes: up through the take-profit
     (trade,) = broker.watch_exits(CLOCK, "1")
     assert trade.exit_reason == "take_profit" and trade.exit_price == pytest.approx(3_120.0), "filled at its price"
-    assert trade.size == pytest.approx(held, abs=1e-4) and trade.exit_time == CLOCK
+    assert trade.size == pytest.approx(held, abs=1e-4) and trade.exit_time == CLOCK.floor("h"), "dated by its bar"
     assert _held(broker) == 0.0 and fake.balance("ETH") == pytest.approx(0.0, abs=1e-4), "books equal the wallet"
     assert _resting(fake)["stop_loss"]["orderStatus"] == "Deactivated", "the other exit is cancelled"
     assert _market_sells(fake) == [], "nothing sold at market"

@@ -244,6 +244,8 @@ class ExchangeBroker:
         self.fills = fills
         #: Put each position's take-profit and stop-loss on the exchange (``trader.resting_exits``).
         self.resting_exits, self.clock = resting_exits, clock
+        #: The bar being stepped: a resting exit's fill seen during its step happened inside it.
+        self._stepping: pd.Timestamp | None = None
         if fills is not None:
             fills.recover(self._record)  # pushed and stored just before a crash, never applied
 
@@ -264,12 +266,22 @@ class ExchangeBroker:
         exit signals), then the approved entries, each a market order now. Cash released by an exit can fund an
         entry of this bar. Closed trades include those applied since the last step (a fill found at start-up)."""
         self._begin_step()
+        self._stepping = pd.Timestamp(bar_time)
+        try:
+            return self._step(bar_time, ohlc, entries, exits, model_version)
+        finally:
+            self._stepping = None
+
+    def _step(self, bar_time: pd.Timestamp, ohlc: Mapping[str, tuple[float, float, float, float]],
+              entries: Mapping[str, bool], exits: Mapping[str, bool], model_version: str) -> BarOutcome:
         self._watch_resting()
         fills: list[Fill] = []
         for symbol in list(self.open):
             if symbol not in self.open:  # a resting exit's fill, found just now, closed it
                 continue
             position = self.open[symbol]
+            if as_utc(position.entry_time) >= as_utc(bar_time):
+                continue  # entered at this close (a bar redone after a restart): its stops start with the next bar
             if symbol in ohlc:
                 _open, high, low, close = ohlc[symbol]
                 position.bars_held = self._bars_held(position, bar_time)
@@ -923,7 +935,7 @@ class ExchangeBroker:
             dust = 0.0
         resting = row["intent"] in RESTING
         reason = row["intent"] if resting else (position.exiting or "exit")
-        exit_time = self.clock() if resting else as_utc(row["bar_time"])  # a resting exit fills between closes
+        exit_time = self._resting_exit_time() if resting else as_utc(row["bar_time"])
         remainder, trade = sold(position, delta, symbol, exit_time, reason, dust)
         if remainder is None:
             self.open.pop(symbol)
@@ -933,6 +945,14 @@ class ExchangeBroker:
             self.open[symbol] = remainder
         self.unreported.append(asdict_trade(trade))
         return trade
+
+    def _resting_exit_time(self) -> pd.Timestamp:
+        """The bar a resting exit filled in, as the backtest dates an exit (the bar's open time): the bar being
+        stepped when its fill is seen at that bar's close, else the bar the clock is in (seen between bars)."""
+        if self._stepping is not None:
+            return self._stepping
+        now = as_utc(self.clock())
+        return now.floor(self.bar) if self.bar is not None else now
 
     def _book(self) -> dict[str, Any]:
         return {"last_cash": self.last_cash, "unreported": self.unreported, "down_since": self.down_since,
