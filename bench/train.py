@@ -69,7 +69,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=8)
     args = parser.parse_args()
-    seed = ModelConfig()
+    # The searchable keys are null in ModelConfig (chosen by the tuner): the seed-sized architecture, written out.
+    seed = ModelConfig(hidden_size=128, num_layers=3, dropout=0.2, learning_rate=1e-3, batch_size=256)
     demo = seed.model_copy(update={"hidden_size": 32, "num_layers": 1})
     config = load_project_config()
     n_features = len(feature_columns(config.features, config.dataset.timeframe))  # the configured set at 1h

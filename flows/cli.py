@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from flows.commands import cluster, data, models, project, research, trading
+from flows.commands import cluster, data, models, project, research, rolling, trading
 from flows.commands.common import Session, UsageError
 from pricelevel.core.config import ConfigError
 from pricelevel.core.runtime import bootstrap
@@ -42,6 +42,7 @@ for command in (data.ingest, data.validate, research.backtest, research.levels, 
     app.command()(command)
 app.add_typer(data.data_app, name="data")
 app.add_typer(research.check_app, name="check")
+app.add_typer(rolling.research_app, name="research")
 app.add_typer(project.config_app, name="config")
 app.add_typer(trading.trader_app, name="trader")
 app.add_typer(cluster.cluster_app, name="cluster")

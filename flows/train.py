@@ -16,6 +16,9 @@ from __future__ import annotations
 from prefect import flow
 
 from flows.ingest import ingest
+from tasks.budget import size_to_budget
+from tasks.deflated import deflated_sharpe
+from tasks.gbm import gbm_baseline
 from tasks.notify import notify_failure
 from tasks.runtime import fan_out, load_run_config, routes_to_gpu, training_resources
 from tasks.train import (
@@ -46,6 +49,9 @@ def train(config_file: str | None = None, overrides: list[str] | None = None, sk
         tables, levels = [f.result() for f in tables], [f.result() for f in levels]
     checked = lookahead(config, tables) if config.lookahead.enabled else None
     plan = build_dataset(config, tables, levels)
+    config = size_to_budget(config, plan)  # training.budget_hours: trials, epochs, folds sized to this machine
+    if config.evaluation.folds != len(plan.folds):
+        plan = build_dataset(config, tables, levels)
     started = start_run(config, plan, checked)
     try:
         study = tune(config, plan, started)
@@ -56,6 +62,8 @@ def train(config_file: str | None = None, overrides: list[str] | None = None, sk
         else:
             trained = fit_final(config, plan, study, started)
         report = evaluate(config, plan, trained, started)
+        report = gbm_baseline(config, plan, trained, started, report)  # LightGBM beside the LSTM in the report
+        deflated = deflated_sharpe(config, plan, trained, study, started)
         traded = backtest(config, plan, trained, started)
         registered = register(config, started, trained, plan, report["scores"])
     except BaseException:
@@ -63,4 +71,5 @@ def train(config_file: str | None = None, overrides: list[str] | None = None, sk
         raise
     return {"version": registered.version, "run_id": started.run.run_id, "scores": report["scores"],
             "walk_forward": report["summary"], "walk_forward_markdown": report["markdown"], "rules": traded["rules"],
-            "backtest": traded["metrics"], "report": traded["report"], "reused": not started.created}
+            "backtest": traded["metrics"], "report": traded["report"], "reused": not started.created,
+            "deflated_sharpe": deflated}

@@ -32,7 +32,14 @@ from pricelevel.data.catalogue import DataCatalogue
 from pricelevel.data.config import BybitConfig, DataConfig, ValidationConfig
 from pricelevel.features.config import FeaturesConfig, LabelsConfig, LookaheadConfig
 from pricelevel.levels.config import LevelsConfig
-from pricelevel.ml.config import DatasetConfig, EvaluationConfig, ModelConfig, TuningConfig
+from pricelevel.ml.config import (
+    DatasetConfig,
+    EvaluationConfig,
+    GbmConfig,
+    ModelConfig,
+    TrainingConfig,
+    TuningConfig,
+)
 from pricelevel.registry.config import PromotionConfig, TrackingConfig
 from pricelevel.strategy.config import SelectionConfig
 from pricelevel.telegram.config import TelegramConfig
@@ -67,6 +74,8 @@ class _TrainingSections(Frozen):
     tuning: TuningConfig = TuningConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     selection: SelectionConfig = SelectionConfig()
+    training: TrainingConfig = TrainingConfig()
+    gbm: GbmConfig = GbmConfig()
 
 
 class _RunSections(Frozen):

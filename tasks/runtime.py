@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext
+from prefect.futures import PrefectFuture
 from prefect.settings import get_current_settings
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 
@@ -58,6 +61,45 @@ def fan_out(flow: FlowConfig) -> TaskRunner:
         cluster_kwargs={"n_workers": min(flow.max_workers, os.cpu_count() or 1), "threads_per_worker": 1,
                         "processes": True, "dashboard_address": None, "env": env, "preload": [__name__]},
     )
+
+
+def wait_all(futures: Sequence[PrefectFuture], poll_s: float = 0.2) -> list[Any]:
+    """Every future's result, in order, raising the first failure as soon as it is known (not after the futures
+    before it). Call it inside the runner's ``with``: a Dask runner's client closes on exit, and a result asked
+    for after that fails with ``IOLoop is closed``."""
+    pending = list(futures)
+    while pending:
+        done = [future for future in pending if _done(future)]
+        for future in done:
+            future.result()
+        pending = [future for future in pending if future not in done]
+        if pending:
+            time.sleep(poll_s)  # interruptible: a signal's exception reaches the caller here
+    return [future.result() for future in futures]
+
+
+def cancel_all(futures: Sequence[PrefectFuture], grace_s: float, poll_s: float = 0.1) -> bool:
+    """Give the futures ``grace_s`` to end (the caller has asked them to stop), then cancel what is left.
+    Returns whether all had ended. A Dask task already running is not interrupted by a cancel: only a task
+    that stops itself (see ``tasks.tuning``) is really gone."""
+    deadline = time.monotonic() + grace_s
+    with contextlib.suppress(Exception):
+        while not all(_done(future) for future in futures) and time.monotonic() < deadline:
+            time.sleep(poll_s)
+    ended = all(_done(future) for future in futures)
+    for future in futures:
+        wrapped = getattr(future, "wrapped_future", None)
+        if wrapped is not None and not _done(future):
+            with contextlib.suppress(Exception):
+                wrapped.cancel()
+    return ended
+
+
+def _done(future: PrefectFuture) -> bool:
+    wrapped = getattr(future, "wrapped_future", None)
+    if wrapped is not None and hasattr(wrapped, "done"):
+        return bool(wrapped.done())
+    return future.state.is_final()
 
 
 def worker_environment() -> dict[str, str]:

@@ -1,7 +1,21 @@
 """Prefect tasks of the tuning step: the Optuna study, and its trial workers when ``tuning.workers`` > 1 (each
-one library call and a log line)."""
+one library call and a log line).
+
+Trial workers never outlive the flow that started them. ``tune`` waits for them inside its runner, and when it
+stops for any reason (a failed worker, SIGTERM/SIGINT, a cancelled run) it writes a stop file that every
+worker watches: a worker ends its trial at the next epoch (its thread is interrupted if it has not stopped
+within :data:`INTERRUPT_AFTER_S`), and ``tune`` waits :data:`STOP_GRACE_S` for them before it cancels the
+rest. A Dask ``cancel`` alone would leave a running trial computing, and finishing the study, in the background.
+"""
 
 from __future__ import annotations
+
+import ctypes
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -10,7 +24,78 @@ from pricelevel.config import Config
 from pricelevel.ml.dataset import DatasetPlan
 from pricelevel.ml.tuning import StudySummary, trial_worker_step, tune_step
 from pricelevel.registry.experiment import StartedRun
-from tasks.runtime import fan_out, training_resources
+from tasks.runtime import cancel_all, fan_out, training_resources, wait_all
+
+#: How long ``tune`` waits for its trial workers to stop before it cancels them and goes on failing.
+STOP_GRACE_S = 6.0
+#: A trial worker still running this long after the stop (a long epoch) has its thread interrupted.
+INTERRUPT_AFTER_S = 2.0
+#: Interrupts sent at most (a second apart), so that one landing outside the trial cannot repeat for ever.
+INTERRUPT_TRIES = 3
+
+
+class TrialsStopped(RuntimeError):
+    """The flow that started this trial worker has stopped: the trial is abandoned (failed, not counted)."""
+
+
+@dataclass(frozen=True)
+class StopFile:
+    """The stop request of one ``tune`` call to its trial workers: a file in the tuning folder, which every
+    worker sees (workers share ``data.root``, README "Scaling out")."""
+
+    path: Path
+
+    @classmethod
+    def new(cls, work_dir: Path) -> StopFile:
+        return cls(work_dir / "stop" / uuid.uuid4().hex)
+
+    def request(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+
+    def requested(self) -> bool:
+        return self.path.exists()
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+class StoppingObserver:
+    """A trial observer that ends the trial (:class:`TrialsStopped`) at its start or next epoch once a stop is
+    requested; forwards to ``inner`` (the MLflow trial runs) otherwise."""
+
+    def __init__(self, inner: Any | None, stop: StopFile) -> None:
+        self.inner, self.stop, self.started = inner, stop, set()
+
+    def _check(self, number: int) -> None:
+        if self.stop.requested():
+            raise TrialsStopped(f"trial {number}: the flow that started this trial worker has stopped")
+
+    def trial_started(self, number: int, params: dict[str, Any]) -> None:
+        self._check(number)
+        if self.inner is not None:
+            self.inner.trial_started(number, params)
+            self.started.add(number)
+
+    def epoch_ended(self, number: int, epoch: int, metrics: dict[str, float]) -> None:
+        if number in self.started:
+            self.inner.epoch_ended(number, epoch, metrics)
+        self._check(number)
+
+    def trial_ended(self, number: int, state: str, value: float | None) -> None:
+        if number in self.started:
+            self.started.discard(number)
+            self.inner.trial_ended(number, state, value)
+
+
+class StoppingRun:
+    """What a trial worker logs to: ``run``'s trial runs (``None``: nothing), stopped by ``stop``."""
+
+    def __init__(self, run: Any | None, stop: StopFile) -> None:
+        self.run, self.stop = run, stop
+
+    def trials(self, study_name: str) -> StoppingObserver:
+        return StoppingObserver(self.run.trials(study_name) if self.run is not None else None, self.stop)
 
 
 @task(name="tune", cache_policy=NO_CACHE)
@@ -20,10 +105,20 @@ def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary
     places = config.catalogue.tuning_places(config.tuning.storage)
 
     def run_workers() -> None:
+        stop = StopFile.new(Path(places[1]))
         with fan_out(config.flow) as runner, training_resources(config.flow, config.model):
-            workers = [runner.submit(tune_trials, {"config": config, "plan": plan, "started": started, "worker": k})
+            workers = [runner.submit(tune_trials, {"config": config, "plan": plan, "started": started, "worker": k,
+                                                   "stop_file": str(stop.path)})
                        for k in range(config.tuning.workers)]
-        get_run_logger().info("trial workers finished %s trials", [w.result() for w in workers])
+            try:
+                finished = wait_all(workers)
+            except BaseException:  # a worker failed, SIGTERM/SIGINT, cancellation: no trial may outlive the flow
+                stop.request()
+                if not cancel_all(workers, STOP_GRACE_S):
+                    get_run_logger().warning("trial workers did not stop within %g s; cancelled", STOP_GRACE_S)
+                raise  # the stop file stays: a worker that has not started yet stops at its first trial
+        stop.clear()
+        get_run_logger().info("trial workers finished %s trials", finished)
 
     study = tune_step(plan, config.model_inputs, config.tuning, config.strategy, *places, started.log,
                       run_workers if config.tuning.workers > 1 else None)
@@ -32,9 +127,54 @@ def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary
 
 
 @task(name="tune-trials", task_run_name="tune-trials {worker}", cache_policy=NO_CACHE)
-def tune_trials(config: Config, plan: DatasetPlan, started: StartedRun, worker: int) -> int:
-    """One trial worker of the shared study (``tuning.workers`` of them): trials until ``n_trials`` in total."""
+def tune_trials(config: Config, plan: DatasetPlan, started: StartedRun, worker: int, stop_file: str | None = None) -> int:
+    """One trial worker of the shared study (``tuning.workers`` of them): trials until ``n_trials`` in total, or
+    until the flow's ``stop_file`` appears."""
     places = config.catalogue.tuning_places(config.tuning.storage)
-    done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, started.log)
+    run: Any = started.log
+    if stop_file is not None:
+        stop = StopFile(Path(stop_file))
+        run = StoppingRun(started.log, stop)
+        with interrupt_when_stopped(stop):
+            done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run)
+    else:
+        done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run)
     get_run_logger().info("trial worker %d finished %d trials", worker, done)
     return done
+
+
+class interrupt_when_stopped:  # noqa: N801 - used as a context manager
+    """Raise :class:`TrialsStopped` in this thread if it is still inside the block :data:`INTERRUPT_AFTER_S`
+    after ``stop`` was requested (an epoch longer than that); the epoch check normally ends it sooner."""
+
+    def __init__(self, stop: StopFile, poll_s: float = 0.5) -> None:
+        self.stop, self.poll_s = stop, poll_s
+        self.thread_id = threading.get_ident()
+        self.left = threading.Event()
+        self.lock = threading.Lock()  # no interrupt once the block is left
+        self.watcher = threading.Thread(target=self._watch, name="trial-stop-watcher", daemon=True)
+
+    def _watch(self) -> None:
+        while not self.stop.requested():
+            if self.left.wait(self.poll_s):
+                return
+        if self.left.wait(INTERRUPT_AFTER_S):
+            return
+        for _ in range(INTERRUPT_TRIES):  # again each second, in case a handler swallowed it
+            with self.lock:
+                if self.left.is_set():
+                    return
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id),
+                                                           ctypes.py_object(TrialsStopped))
+            if self.left.wait(1.0):
+                return
+
+    def __enter__(self) -> interrupt_when_stopped:
+        self.watcher.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.left.set()
+        with self.lock:  # an interrupt in flight lands here, inside the block's caller
+            pass
+        self.watcher.join()

@@ -39,6 +39,7 @@ SMALL = [
     "tuning.space.batch_size=[128]",
     "tuning.space.seq_len=[12,16]",
     "promotion.window_days=60",
+    "training.budget_hours=null",  # fixed-size, as the demo: tests/test_budget.py covers the sizing
 ]
 
 
@@ -143,13 +144,17 @@ def _register_constant_model(config, client, like: str, probability: float) -> s
 
 def _rule_says_promote(tags: dict[str, str]) -> bool:
     """The first-promotion rule recomputed from the numbers the flow recorded: the strategy (sharpe after
-    costs) strictly above cash and the level rule, and the tuned metric strictly above every classifier."""
+    costs) strictly above cash and the level rule, the deflated Sharpe at least its minimum, and the tuned metric
+    strictly above every classifier."""
     strategy = float(tags["promotion.metric.challenger_backtest"])
-    hurdle = [float(tags[f"promotion.metric.hurdle.{name}"]) for name in ("cash", "level_rule")]
+    hurdle = [float(tags[f"promotion.metric.hurdle.{name}"]) for name in ("cash", "level_rule", "volatility")]
     challenger = float(tags["promotion.metric.challenger"])
     baselines = [float(v) for k, v in tags.items() if k.startswith("promotion.metric.baseline.")]
     clears = not np.isnan(strategy) and all(strategy > h or np.isnan(h) for h in hurdle)
-    return clears and bool(baselines) and all(challenger > b or np.isnan(b) for b in baselines) and not np.isnan(challenger)
+    deflated = float(tags.get("promotion.metric.deflated_sharpe", "nan"))
+    lucky = not deflated >= float(tags.get("promotion.metric.min_deflated_sharpe", "0"))  # NaN: not measured, fails
+    return (clears and not lucky and bool(baselines) and all(challenger > b or np.isnan(b) for b in baselines)
+            and not np.isnan(challenger))
 
 
 def test_promotion_follows_the_rule_a_constant_model_never_wins_and_rollback(trained, tmp_path):
@@ -280,3 +285,35 @@ def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_ha
     client = mlflow_client(load_project_config(None, overrides).tracking)
     runs = client.search_runs([client.get_experiment_by_name("pricelevel").experiment_id])
     assert [run.info.status for run in runs] == ["FAILED"]
+
+
+def test_the_training_flow_trains_it_beside_the_lstm_on_the_same_rows_and_logs_it(trained):
+    root, first = trained
+    config, client = _client(root)
+    run = client.get_run(first["run_id"])
+    metrics = run.data.metrics
+    for name in ("gbm_test_pr_auc", "gbm_test_roc_auc", "gbm_test_direction_auc", "gbm_val_sharpe", "gbm_fold0_sharpe",
+                 "gbm_fold0_pr_auc", "gbm_wf_mean_sharpe", "gbm_wf_worst_sharpe", "gbm_wf_mean_pr_auc"):
+        assert name in metrics, name
+        assert first["scores"][name] == pytest.approx(metrics[name], nan_ok=True)
+    assert 0.0 <= metrics["gbm_test_pr_auc"] <= 1.0
+
+    # Beside the LSTM in the report: a row in every fold's table and in the mean/worst table.
+    markdown = first["walk_forward_markdown"]
+    folds = config.evaluation.folds
+    assert markdown.count("\n| gbm |") == folds + 1 and "## LightGBM baseline (`gbm`)" in markdown
+    assert "gbm in " in markdown.split("beat:")[-1]
+    logged = Path(client.download_artifacts(run.info.run_id, "walk_forward.md")).read_text()
+    assert logged == markdown
+    report = json.loads(Path(client.download_artifacts(run.info.run_id, "gbm_baseline.json")).read_text())
+    assert len(report["folds"]) == folds
+
+    # The same rows as the LSTM, fold by fold: same bars, same targets.
+    (gbm_folder,) = (root / "data" / "derived" / "gbm").iterdir()
+    (lstm_folder,) = (root / "data" / "derived" / "models").iterdir()
+    for k in range(folds):
+        for segment in ("val", "test"):
+            ours = pd.read_parquet(gbm_folder / f"fold-{k}" / f"{segment}_predictions.parquet")
+            theirs = pd.read_parquet(lstm_folder / f"fold-{k}" / f"{segment}_predictions.parquet")
+            pd.testing.assert_frame_equal(ours[["symbol", "timestamp", "target"]], theirs[["symbol", "timestamp", "target"]])
+            assert not np.allclose(ours["probability"], theirs["probability"])

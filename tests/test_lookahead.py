@@ -20,6 +20,8 @@ from tests.conftest import SAMPLE
 
 LEVELS = LevelsConfig.model_validate({"lookback_days": 120, "refit_every": 6, "filters": {"volume": {"factor": 0.8}}})
 FORWARD = LabelsConfig(kind="forward_move", move_frac=0.02, horizon=6)
+BARRIER = LabelsConfig(kind="triple_barrier", upper=0.03, lower=0.02, horizon=6)
+BARRIER_ATR = LabelsConfig(kind="triple_barrier", barrier_unit="atr", upper=2.0, lower=1.0, horizon=6)
 RICH = FeaturesConfig()
 TF = Timeframe.H4
 ROWS = 2500
@@ -52,8 +54,9 @@ def test_cut_frames_keep_only_candles_closed_by_then(frames) -> None:
     assert cut_rows(1, 3) == []
 
 
-@pytest.mark.parametrize("labels", [FORWARD, LabelsConfig(kind="level_label", threshold_frac=0.005, horizon=2)],
-                         ids=["forward_move", "level_label"])
+@pytest.mark.parametrize("labels", [FORWARD, LabelsConfig(kind="level_label", threshold_frac=0.005, horizon=2),
+                                    BARRIER, BARRIER_ATR],
+                         ids=["forward_move", "level_label", "triple_barrier", "triple_barrier_atr"])
 def test_the_real_pipeline_has_no_look_ahead(frames, labels: LabelsConfig) -> None:
     report = check_lookahead(frames, TF, real_build(labels), labels.horizon, cuts=2)
     assert report.ok, report_lines(report)
@@ -94,8 +97,21 @@ def test_a_daily_candle_joined_at_its_open_is_caught(frames) -> None:
     assert all(d.timestamp.floor("1D") == d.cut.floor("1D") for d in report.differences)
 
 
-def test_a_label_horizon_understated_is_caught(frames) -> None:
-    report = check_lookahead({"SOLUSDT": frames["SOLUSDT"]}, TF, real_build(), FORWARD.horizon - 1, cuts=2)
+@pytest.mark.parametrize("labels", [FORWARD, BARRIER, BARRIER_ATR], ids=["forward_move", "triple_barrier", "atr"])
+def test_a_label_horizon_understated_is_caught(frames, labels: LabelsConfig) -> None:
+    report = check_lookahead({"SOLUSDT": frames["SOLUSDT"]}, TF, real_build(labels), labels.horizon - 1, cuts=2)
+    assert not report.ok and {d.column for d in report.differences} == {"target"}
+
+
+def test_a_triple_barrier_looking_one_bar_past_its_horizon_is_caught(frames) -> None:
+    """The label of bar t may read bars up to t + horizon: one that also reads the bar after is a leak."""
+    def leaky(f: Mapping[Timeframe, pd.DataFrame | None]) -> pd.DataFrame:
+        table = real_build(BARRIER)(f)
+        longer = BARRIER.model_copy(update={"horizon": BARRIER.horizon + 1})
+        table["target"] = training.targets(f[TF], table["near_level"].to_numpy(), longer)
+        return table
+
+    report = check_lookahead({"BTCUSDT": frames["BTCUSDT"]}, TF, leaky, BARRIER.horizon, cuts=3)
     assert not report.ok and {d.column for d in report.differences} == {"target"}
 
 

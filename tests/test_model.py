@@ -51,6 +51,7 @@ def tiny_config(**overrides: object) -> ModelConfig:
         "hidden_size": 8,
         "num_layers": 2,
         "embedding_dim": 2,
+        "dropout": 0.2,
         "learning_rate": 1e-2,
         "batch_size": 32,
         "patience": 2,

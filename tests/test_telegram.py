@@ -10,6 +10,7 @@ import contextlib
 import datetime as dtm
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -66,7 +67,7 @@ from pricelevel.trading.risk import RiskState
 from pricelevel.trading.service import open_replay
 from pricelevel.trading.state import EQUITY, OUTBOX, TRADES, StateStore
 from tests.conftest import SAMPLE
-from tests.fakes.telegram_api import FakeBotAPI, Sent
+from tests.fakes.telegram_api import FakeBotAPI, Sent, visible
 
 TOKEN = "123456789:AAFakeTokenForTestsOnly_abcdefghijk"
 ENV = {"TELEGRAM_BOT_TOKEN": TOKEN}
@@ -90,6 +91,10 @@ def fake():
 
 @pytest.fixture
 def store(tmp_path: Path) -> StateStore:
+    return trader_store(tmp_path)
+
+
+def trader_store(tmp_path: Path) -> StateStore:
     """A trader's state after four daily bars: two closed trades, one open BTCUSDT position."""
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
     with store.transaction() as tx:
@@ -135,11 +140,33 @@ async def ask(fake: FakeBotAPI, text: str, chat: int = ALICE, **user) -> Sent:
     return fake.sent[seen]
 
 
-async def press(fake: FakeBotAPI, data: str, chat: int = ALICE, **user) -> Sent:
-    seen = len(fake.sent)
-    fake.press(chat, data, **user)
-    await until(lambda: len(fake.sent) > seen)
-    return fake.sent[seen]
+async def press(fake: FakeBotAPI, question: Sent, label: str, chat: int = ALICE, **user) -> str:
+    """Press ``label`` under ``question``; returns what the presser sees: the question edited to its outcome (the
+    edit must be of ``question`` and remove its buttons), or a short notice when nothing was done."""
+    sent, edited, noticed = len(fake.sent), len(fake.edited), len(fake.notices)
+    fake.press(chat, question.buttons()[label], message_id=question.message_id, **user)
+    await until(lambda: len(fake.edited) > edited or len(fake.sent) > sent
+                or any(n not in (None, "expired") for n in fake.notices[noticed:]))
+    if len(fake.edited) > edited:
+        edit = fake.edited[edited]
+        assert (edit.chat_id, edit.message_id) == (chat, question.message_id) and not edit.reply_markup
+        return edit.text
+    if len(fake.sent) > sent:
+        return fake.sent[sent].text
+    return next(n for n in fake.notices[noticed:] if n not in (None, "expired"))
+
+
+STAMP = r"at \d\d:\d\d UTC by @"
+
+
+def pairs(messages) -> list[tuple[str, str]]:
+    """A recorder's messages as ``(kind, text)``: tuples, or notices with ``.kind`` and ``.text``."""
+    return [(m.kind, m.text) if hasattr(m, "kind") else tuple(m) for m in messages]
+
+
+def shown(kind: str, text: str) -> str:
+    """A notification as the person sees it (the HTML Telegram renders)."""
+    return visible(message_text(kind, text), "HTML")
 
 
 def pending(store: StateStore) -> list[tuple[str, list[str], str]]:
@@ -154,7 +181,8 @@ def test_every_command_from_an_authorised_chat_answers_and_acts(fake: FakeBotAPI
         answers = {}
         async with session(fake, store, tg_config(fake)):
             for text in ("/help", "/status", "/positions", "/balance", "/profit", "/profit 1", "/profit abc", "/trades 1",
-                         "/stop", "/start", "/forceexit BTCUSDT", "/forceexit all", "/forceexit", "/frobnicate"):
+                         "/stop", "/start", "/forceexit BTCUSDT", "/forceexit all", "/forceexit NEARUSDT",
+                         "/forceexit a b", "/frobnicate"):
                 answers[text] = (await ask(fake, text)).text
             answers["group /status"] = (await ask(fake, "/status", chat=DESK, user_id=BOB, chat_type="group",
                                                   username="bob")).text
@@ -177,7 +205,8 @@ def test_every_command_from_an_authorised_chat_answers_and_acts(fake: FakeBotAPI
     assert answers["/start"].startswith("Allow new entries again")  # asks first: Telegram's Start button sends it too
     assert answers["/forceexit BTCUSDT"].startswith("queued forceexit BTCUSDT")
     assert answers["/forceexit all"].startswith("queued forceexit all")
-    assert answers["/forceexit"].startswith("usage: /forceexit SYMBOL|all")
+    assert answers["/forceexit NEARUSDT"] == "no open position in NEARUSDT: nothing queued (open: BTCUSDT)"
+    assert answers["/forceexit a b"].startswith("usage: /forceexit SYMBOL|all")
     assert answers["/frobnicate"] == "unknown command /frobnicate; /help lists them"
     assert "mode: paper" in answers["group /status"] and fake.sent[-1].chat_id == DESK
     # The effect: exactly what `pricelevel trader stop|start|forceexit` queue, by whom.
@@ -303,36 +332,37 @@ def test_kill_rearm_and_rollback_act_only_after_their_button(fake: FakeBotAPI, s
                            mlflow=lambda tracking: registry):
             question = await ask(fake, "/kill")
             seen["question"], seen["after question"] = question, pending(store)
-            seen["cancel"] = (await press(fake, question.buttons()["Cancel"])).text
+            seen["cancel"] = await press(fake, question, "Cancel")
             seen["after cancel"] = pending(store)
             question = await ask(fake, "/kill")
-            seen["yes"] = (await press(fake, question.buttons()["Yes, kill"])).text
-            seen["again"] = (await press(fake, question.buttons()["Yes, kill"])).text
+            seen["yes"] = await press(fake, question, "Yes, kill")
+            seen["again"] = await press(fake, question, "Yes, kill")
             group = dict(chat=DESK, chat_type="group")
             question = await ask(fake, "/rearm", user_id=BOB, username="bob", **group)
-            seen["carol"] = (await press(fake, question.buttons()["Yes, re-arm"], user_id=CAROL, username="carol", **group)).text
-            seen["bob"] = (await press(fake, question.buttons()["Yes, re-arm"], user_id=BOB, username="bob", **group)).text
+            seen["carol"] = await press(fake, question, "Yes, re-arm", user_id=CAROL, username="carol", **group)
+            seen["bob"] = await press(fake, question, "Yes, re-arm", user_id=BOB, username="bob", **group)
             question = await ask(fake, "/start")  # also what Telegram's Start button sends
             seen["start asked"] = pending(store)
-            seen["start"] = (await press(fake, question.buttons()["Yes, allow entries"])).text
+            seen["start"] = await press(fake, question, "Yes, allow entries")
             seen["model"] = (await ask(fake, "/model")).text
             question = await ask(fake, "/rollback")
             seen["champion asked"] = champion()
-            seen["rollback"] = (await press(fake, question.buttons()["Yes, roll back"])).text
+            seen["rollback"] = await press(fake, question, "Yes, roll back")
             question = await ask(fake, "/rollback")
-            seen["rollback again"] = (await press(fake, question.buttons()["Yes, roll back"])).text
+            seen["rollback again"] = await press(fake, question, "Yes, roll back")
 
     asyncio.run(conversation())
     question = seen["question"]
     assert "KILL SWITCH" in question.text and set(question.buttons()) == {"Yes, kill", "Cancel"}
     assert seen["after question"] == [] and seen["after cancel"] == []
-    assert seen["cancel"] == "/kill cancelled: nothing done."
-    assert seen["yes"].startswith("queued kill: kill switch: every position is closed")
-    assert seen["again"].startswith("That confirmation has expired or was used already")
-    assert seen["carol"] == "Only the person who sent /rearm can confirm it."
-    assert seen["bob"].startswith("queued rearm")
+    # Each answered question is edited to its outcome (its buttons gone): when, by whom, what was done.
+    assert re.fullmatch(f"/kill: cancelled {STAMP}alice: nothing done.", seen["cancel"])
+    assert re.match(f"killed {STAMP}alice\nqueued kill: kill switch: every position is closed", seen["yes"])
+    assert seen["again"] == "That question has expired or was answered already; send the command again."
+    assert seen["carol"] == "Only the person who sent /rearm can answer it."  # a notice to Carol; the buttons stay
+    assert re.match(f"re-armed {STAMP}bob\nqueued rearm", seen["bob"])
     assert seen["start asked"] == [("kill", [], "telegram:alice"), ("rearm", [], "telegram:bob")]
-    assert seen["start"].startswith("queued start: entries allowed again")
+    assert re.match(f"entries allowed {STAMP}alice\nqueued start: entries allowed again", seen["start"])
     assert pending(store) == [("kill", [], "telegram:alice"), ("rearm", [], "telegram:bob"), ("start", [], "telegram:alice")]
     model = seen["model"]
     assert "trading now: version 2" in model
@@ -340,8 +370,8 @@ def test_kill_rearm_and_rollback_act_only_after_their_button(fake: FakeBotAPI, s
     assert "@challenger: version 3" in model
     assert "last promotion decision (2024-06-03 10:00 UTC): rejected: challenger sharpe 0.80" in model
     assert seen["champion asked"] == "2"
-    assert seen["rollback"].startswith("rolled back tg-model@champion: version 2 -> 1")
-    assert seen["rollback again"].startswith("nothing rolled back: model 'tg-model' has no former champion")
+    assert re.match(f"rolled back {STAMP}alice\nrolled back tg-model@champion: version 2 -> 1", seen["rollback"])
+    assert "\nnothing rolled back: model 'tg-model' has no former champion" in seen["rollback again"]
     assert champion() == "1" and locks == ["2", "1"]  # each rollback ran under the lock
     assert len(fake.answered) == 8  # every authorised press was answered (the button's spinner stops)
 
@@ -351,9 +381,9 @@ def test_a_confirmation_expires(fake: FakeBotAPI, store: StateStore) -> None:
         async with session(fake, store, tg_config(fake, confirm_timeout_s=0.2)):
             question = await ask(fake, "/kill")
             await asyncio.sleep(0.3)
-            return (await press(fake, question.buttons()["Yes, kill"])).text
+            return await press(fake, question, "Yes, kill")
 
-    assert asyncio.run(conversation()).startswith("That confirmation has expired")
+    assert asyncio.run(conversation()) == "/kill: expired, nothing done; send /kill again."
     assert pending(store) == []
 
 
@@ -426,8 +456,8 @@ def _same_trading(store: StateStore, reference: dict) -> None:
 def test_a_replay_tells_every_authorised_chat_the_expected_messages_in_order(fake: FakeBotAPI, history, tmp_path: Path) -> None:
     candles, reference = history
     store = StateStore(f"sqlite:///{tmp_path / 'state.db'}")
-    expected = [message_text(kind, text) for kind, text in reference["messages"]]
-    assert len(expected) >= 10 and {"order", "exit"} <= {kind for kind, _ in reference["messages"]}
+    expected = [shown(kind, text) for kind, text in pairs(reference["messages"])]
+    assert len(expected) >= 10 and {"order", "exit"} <= {kind for kind, _ in pairs(reference["messages"])}
 
     async def run() -> dict[str, int]:
         async with session(fake, store, tg_config(fake, per_chat_interval_s=0.01)) as notifier:
@@ -467,7 +497,7 @@ def test_a_telegram_outage_during_a_replay_changes_no_trade(fake: FakeBotAPI, hi
             await until(lambda: notifier.stats()["retried"] > 2)  # more timeouts than send_attempts: none given up
             fake.hang_s = 0.0
             notifier.notify("risk", "back")
-            await until(lambda: "[risk] back" in fake.texts(ALICE), timeout=30)
+            await until(lambda: "\u26a0\ufe0f [risk] back" in fake.texts(ALICE), timeout=30)
         return notifier.stats(), timed.slowest
 
     stats, slowest = asyncio.run(run())
@@ -475,7 +505,7 @@ def test_a_telegram_outage_during_a_replay_changes_no_trade(fake: FakeBotAPI, hi
     assert slowest < 0.25  # a send would take request_timeout_s (0.5 s) at least: notify waited for none
     assert stats["failed"] == 0 and stats["sent"] == stats["queued"]  # a timeout never uses up a message
     texts = fake.texts(ALICE)  # a request that timed out may still have arrived (as with the real Telegram)
-    expected = [message_text(kind, text) for kind, text in reference["messages"]] + ["[risk] back"]
+    expected = [shown(kind, text) for kind, text in pairs(reference["messages"])] + ["\u26a0\ufe0f [risk] back"]
     assert list(dict.fromkeys(texts)) == expected  # every message, in order
 
 
@@ -532,7 +562,7 @@ def test_messages_queued_while_telegram_is_away_arrive_in_order_once_it_answers(
     expected = ["[order] entry 0", "[order] entry 1", "[order] entry 2", "[exit] take profit 0"]
     assert fake.texts() == expected
     assert (stats["sent"], stats["failed"], stats["unsent"]) == (4, 0, 0) and stats["retried"] >= 9
-    assert outbox_rows(store) == [(t.split("] ")[0][1:], t, "sent") for t in expected]
+    assert outbox_rows(store) == [(t.split("] ")[0][1:], message_text(*t[1:].split("] ")), "sent") for t in expected]
 
 
 def test_queued_messages_survive_a_restart(fake: FakeBotAPI, store: StateStore, tmp_path: Path) -> None:
@@ -599,7 +629,8 @@ def test_a_late_message_says_when_it_was_queued() -> None:
 def _service_config(fake: FakeBotAPI, tmp_path: Path) -> SimpleNamespace:
     return SimpleNamespace(
         trader=TraderConfig(state_url=f"sqlite:///{tmp_path / 'state.db'}"), tracking=TrackingConfig(),
-        telegram=tg_config(fake, chat_ids=(ALICE,)), data=SimpleNamespace(root=tmp_path),
+        telegram=tg_config(fake, chat_ids=(ALICE,)), data=SimpleNamespace(root=tmp_path), risk=RiskConfig(),
+        backtest=BacktestConfig(),
         catalogue=SimpleNamespace(lock=lambda *names: contextlib.nullcontext()))
 
 
@@ -758,7 +789,7 @@ def test_a_long_message_arrives_in_parts_and_a_429_is_waited_out(fake: FakeBotAP
         return notifier.stats()
 
     stats = asyncio.run(run())
-    assert [len(t) for t in fake.texts()] == [4096, 4096, 9000 + len("[summary] ") - 2 * 4096]
+    assert [len(s.html) for s in fake.sent] == [4096, 4096, 9000 + len("<b>[summary]</b> ") - 2 * 4096]
     assert stats["rate_limited"] == 1 and stats["sent"] == 3
 
 
@@ -910,7 +941,7 @@ def test_a_failed_run_is_told_by_the_flow_hook(fake: FakeBotAPI, project: Path, 
     run = SimpleNamespace(name="brave-fox", parameters={"config_file": None, "overrides": overrides})
     state = SimpleNamespace(message=f"Flow run encountered an exception: ValueError: boom {TOKEN}\ntraceback...")
     notify_failure(SimpleNamespace(name="train"), run, state)
-    assert fake.texts() == ["[pipeline] FAILED: flow train (run brave-fox): Flow run encountered an exception: "
+    assert fake.texts() == ["\u274c [pipeline] FAILED: flow train (run brave-fox): Flow run encountered an exception: "
                             "ValueError: boom ***"]
     notify_failure(SimpleNamespace(name="train"), SimpleNamespace(name="x", parameters={"overrides": ["nope"]}), state)
     subflow = SimpleNamespace(name="inner", parameters=run.parameters, parent_task_run_id="some-task-run")

@@ -298,7 +298,7 @@ def test_the_champion_moves_during_a_replay_and_the_next_bar_uses_it(tiny: TinyM
     try:
         report = replay.trader.on_bar_close(replay.bars[5])
         assert report.model_version == new
-        assert {d["model_version"] for d in report.decisions} == {new}
+        assert {d.model_version for d in report.decisions} == {new}
         assert ("model", f"model switch: version {tiny.version} -> {new} (@champion moved: version {tiny.version} -> {new})") in notes.messages
         wrong = dataclasses.replace(spec, timeframe="1h")
         refused = log_version(tiny.tracking, module, wrong, alias=ALIAS_CHAMPION)
@@ -356,6 +356,7 @@ def _exchange(fake: FakeBybitExchange, endpoint: str) -> BybitBroker:
 def _broker(fake, httpserver, store, **options) -> ExchangeBroker:
     rules_ = StrategyRules(threshold=0.5, sl_stop=0.02, tp_stop=0.04, sizing="risk", risk=0.02, fraction=0.1)
     exchange = _exchange(fake, httpserver.url_for("").rstrip("/"))
+    options.setdefault("resting_exits", False)  # market orders only here (tests/test_resting_exits.py has them on)
     return ExchangeBroker(exchange, store, SYMBOLS, rules_, sleep=lambda s: None, **options)
 
 
@@ -398,7 +399,8 @@ def test_a_lost_answer_is_found_by_client_id_and_never_sent_again(fake, httpserv
     # answer), the order is not placed again.
     with store.transaction() as tx:
         saved = store.get(tx, "execution")
-    restarted = ExchangeBroker.from_state(saved, broker.exchange, store, SYMBOLS, broker.rules, sleep=lambda s: None)
+    restarted = ExchangeBroker.from_state(saved, broker.exchange, store, SYMBOLS, broker.rules, sleep=lambda s: None,
+                                          resting_exits=False)
     again = restarted.on_bar(BAR, OHLC, {"BTCUSDT": True}, {}, model_version="7")
     assert len(fake.sent(ORDER_CREATE)) == 1 and again.fills == []
     assert restarted.positions()["BTCUSDT"]["size"] == pytest.approx(outcome.fills[0].size)
@@ -665,7 +667,7 @@ def test_a_bad_candle_for_one_symbol_is_named_refetched_and_the_others_keep_trad
     bad = models.symbols[1]
     market.serve_bad_candle(bad, timeframe, bars[0])
     report = trader.on_bar_close(bars[0])
-    verdicts = {d["symbol"]: d["signal"] for d in report.decisions}
+    verdicts = {d.symbol: d.signal for d in report.decisions}
     assert verdicts[bad] == "stale" and all(verdicts[s] != "stale" for s in models.symbols if s != bad)
     (named,) = [text for kind, text in notes.messages if kind == "stale"]
     assert bad in named and "high >= low" in named and f"{bad}_{timeframe}.parquet" in named and "row" in named
@@ -674,7 +676,7 @@ def test_a_bad_candle_for_one_symbol_is_named_refetched_and_the_others_keep_trad
     market.correct_candle(bad, timeframe, bars[0])  # the exchange corrects it; the next bar fetches it again
     now["t"] = bars[1] + timeframe.delta
     report = trader.on_bar_close(bars[1])
-    assert all(d["signal"] != "stale" for d in report.decisions)
+    assert all(d.signal != "stale" for d in report.decisions)
     assert any("candles good again" in text for _, text in notes.messages)
     frames = feed.closed_by(bars[1] + timeframe.delta)
     served = folder.read(bad, timeframe)

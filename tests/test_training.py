@@ -376,7 +376,7 @@ def test_a_step_key_follows_every_module_the_step_imports(tmp_path: Path) -> Non
     (package / "registry" / "promotion.py").write_text("# an edit outside the closure\n", "utf-8")
     assert code_fingerprint("pricelevel.levels.history", package_dir=package) == before
     indicators = package / "ta" / "indicators.py"
-    indicators.write_text(indicators.read_text() + "\n# an engine fix\n")
+    indicators.write_text(indicators.read_text() + "\nENGINE_FIX = 1  # an engine fix (a comment alone keeps the key)\n")
     assert code_fingerprint("pricelevel.levels.history", package_dir=package) != before
     # The run key's closure reaches the backtest engine: an engine fix makes a new run, not a reused one.
     assert "pricelevel.backtest.engine" in module_closure(["pricelevel.registry.experiment"], package)

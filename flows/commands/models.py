@@ -42,7 +42,8 @@ def train(
     console().print(
         f"best {metric} {scores[f'best_{metric}']:.4f} · rules chosen on validation: {_rules(outcome['rules'])}\n"
         f"newest fold's test segment: total return {bt.get('backtest_total_return', float('nan')):+.2%}, "
-        f"sharpe {bt.get('backtest_sharpe', float('nan')):.2f}, trades {bt.get('backtest_n_trades', 0):.0f}"
+        f"sharpe {bt.get('backtest_sharpe', float('nan')):.2f}, trades {bt.get('backtest_n_trades', 0):.0f}; "
+        f"buy-and-hold {bt.get('backtest_buy_and_hold_return', float('nan')):+.2%}"
     )
     console().print(f"report: {relative(outcome['report'])}")
     console().print("next: `pricelevel promote` (challenger vs champion) · `pricelevel models` · `pricelevel ui`")
@@ -61,7 +62,7 @@ def _print_walk_forward(summary: dict, metric: str) -> None:
         [name, number(summary["mean"][name][metric]), number(summary["worst"][name][metric]),
          number(summary["mean"][name]["total_return"], pct=True), number(summary["worst"][name]["total_return"], pct=True),
          number(summary["worst"][name]["max_drawdown"], pct=True), f"{summary['mean'][name]['n_trades']:.0f}"]
-        for name in ("model", "cash", "buy_and_hold", "level_rule")
+        for name in ("model", "cash", "buy_and_hold", "level_rule", "volatility") if name in summary["mean"]
     )
     console().print(table("walk-forward test segments (after costs)", ["strategy", *columns], rows, "right"))
 
@@ -88,24 +89,27 @@ def models(
     """Registered model versions, their aliases and key metrics."""
     from pricelevel.core.files import write_text
     from pricelevel.registry.tracking import mlflow_client
-    from pricelevel.registry.versions import list_versions
+    from pricelevel.registry.versions import champion_status, list_versions
 
     cfg = session(ctx).config()
     name, metric = cfg.tracking.registered_model, f"best_{cfg.tuning.metric}"
     versions = list_versions(mlflow_client(cfg.tracking), name, metric=metric)
     if json_out:
         write_text(json_out, json.dumps(versions, indent=2, default=str))
-    columns = ("version", "aliases", "created", metric, "test PR-AUC", "backtest return", "sharpe", "promotion")
+    columns = ("version", "aliases", "created", metric, "test PR-AUC", "backtest return", "sharpe", "buy & hold",
+               "promotion")
     rows = (
         [v["version"], ",".join(v.get("aliases", [])) or "-", short(v.get("created")), number(m.get(metric)),
          number(m.get("test_pr_auc")), number(m.get("backtest_total_return"), pct=True), number(m.get("backtest_sharpe")),
-         v.get("tags", {}).get("promotion.decision", "-")]
+         number(m.get("backtest_buy_and_hold_return"), pct=True), v.get("tags", {}).get("promotion.decision", "-")]
         for v in versions for m in [v.get("metrics", {})]
     )
     console().print(table(f"registered model {name} ({cfg.tracking.tracking_uri})", columns, rows))
     if not versions:
         console().print("no versions yet: run `pricelevel train`")
-    elif not any("champion" in v.get("aliases", []) for v in versions):
+    if versions and champion_status(versions):  # the champion judged again at the last promotion run
+        console().print(champion_status(versions))
+    if versions and not any("champion" in v.get("aliases", []) for v in versions):
         latest = versions[0].get("tags", {}).get("promotion.reason", "not judged yet: run `pricelevel promote`")
         console().print(f"no champion: no version has earned it (latest decision: {latest})")
     if json_out:

@@ -223,3 +223,124 @@ def trader_forceexit(
 ) -> None:
     """Close these positions (all when none is named) at market."""
     _command(ctx, "forceexit", mode, tuple(symbols or ()))
+
+
+# ---------------------------------------------------------------------------------------------- trader reports
+# The same typed answers as Telegram's /daily, /performance, ... (pricelevel.trading.reports), laid out once by
+# the answer itself and printed here as a table.
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")]
+
+
+def _show(answer, json_out: bool) -> None:
+    """A report answer: its fields as JSON, or its layout (title, table, facts, notes) on the console."""
+    import dataclasses
+
+    if json_out:
+        typer.echo(json.dumps(dataclasses.asdict(answer), indent=2, default=str))
+        return
+    report, out = answer.report(), console()
+    if report.columns:
+        out.print(table(report.title, report.columns, report.rows))
+    else:
+        out.print(report.title)
+        for row in report.rows:
+            out.print(" ".join(row), markup=False)
+    for label, value in report.facts:
+        out.print(f"{label}: {value}", markup=False)
+    for note in report.notes:
+        out.print(note, markup=False)
+
+
+def _period(ctx: typer.Context, unit: str, n: int, mode: str | None, json_out: bool) -> None:
+    from pricelevel.trading.control import period_profit
+
+    if n < 1:
+        raise UsageError("n must be at least 1")
+    _, store = _store(ctx, mode)
+    _show(period_profit(store, unit, n), json_out)
+
+
+@trader_app.command("daily")
+def trader_daily(ctx: typer.Context, n: Annotated[int, typer.Argument(help="Days.")] = 7, mode: ModeOption = None,
+                 json_out: JsonOption = False) -> None:
+    """P&L and equity change per UTC day, the last n days (Telegram: /daily)."""
+    _period(ctx, "day", n, mode, json_out)
+
+
+@trader_app.command("weekly")
+def trader_weekly(ctx: typer.Context, n: Annotated[int, typer.Argument(help="Weeks.")] = 8, mode: ModeOption = None,
+                  json_out: JsonOption = False) -> None:
+    """P&L and equity change per week (from Monday), the last n weeks (Telegram: /weekly)."""
+    _period(ctx, "week", n, mode, json_out)
+
+
+@trader_app.command("monthly")
+def trader_monthly(ctx: typer.Context, n: Annotated[int, typer.Argument(help="Months.")] = 6, mode: ModeOption = None,
+                   json_out: JsonOption = False) -> None:
+    """P&L and equity change per month, the last n months (Telegram: /monthly)."""
+    _period(ctx, "month", n, mode, json_out)
+
+
+@trader_app.command("performance")
+def trader_performance(ctx: typer.Context, mode: ModeOption = None, json_out: JsonOption = False) -> None:
+    """Realised P&L per symbol (Telegram: /performance)."""
+    from pricelevel.trading.control import performance
+
+    _, store = _store(ctx, mode)
+    _show(performance(store), json_out)
+
+
+@trader_app.command("stats")
+def trader_stats(ctx: typer.Context, mode: ModeOption = None, json_out: JsonOption = False) -> None:
+    """Trades per exit reason, wins and losses, how long winners and losers were held (Telegram: /stats)."""
+    from pricelevel.trading.control import trade_stats
+
+    _, store = _store(ctx, mode)
+    _show(trade_stats(store), json_out)
+
+
+@trader_app.command("count")
+def trader_count(ctx: typer.Context, mode: ModeOption = None, json_out: JsonOption = False) -> None:
+    """Positions open and allowed (risk.max_positions) (Telegram: /count)."""
+    from pricelevel.trading.control import count
+
+    cfg, store = _store(ctx, mode)
+    _show(count(store, cfg.risk), json_out)
+
+
+@trader_app.command("locks")
+def trader_locks(ctx: typer.Context, mode: ModeOption = None, json_out: JsonOption = False) -> None:
+    """Halts, stops and cool-downs in force and what ends them (Telegram: /locks)."""
+    from pricelevel.trading.control import locks
+
+    cfg, store = _store(ctx, mode)
+    _show(locks(store, cfg.risk), json_out)
+
+
+@trader_app.command("health")
+def trader_health(ctx: typer.Context, mode: ModeOption = None, json_out: JsonOption = False) -> None:
+    """Last bar processed, the service's heartbeat, the exchange (Telegram: /health)."""
+    from pricelevel.trading.control import health
+
+    _, store = _store(ctx, mode)
+    _show(health(store), json_out)
+
+
+@trader_app.command("version")
+def trader_version(ctx: typer.Context, mode: ModeOption = None, json_out: JsonOption = False) -> None:
+    """pricelevel's and Python's versions and the model the trader runs (Telegram: /version)."""
+    from pricelevel.trading.control import versions
+
+    _, store = _store(ctx, mode)
+    _show(versions(store), json_out)
+
+
+@trader_app.command("show-config")
+def trader_show_config(ctx: typer.Context, mode: ModeOption = None, json_out: JsonOption = False) -> None:
+    """The effective trader, risk, backtest and telegram configuration, secrets masked (Telegram: /show_config)."""
+    from pricelevel.trading.reports import config_view
+
+    cfg = session(ctx).config(*_mode_overrides(mode))
+    _show(config_view({"trader": cfg.trader, "risk": cfg.risk, "backtest": cfg.backtest, "telegram": cfg.telegram}),
+          json_out)

@@ -4,7 +4,12 @@
 - **buy-and-hold**: equal weight across the symbols, bought on the first bar, held to the end, same fees;
 - **level rule** (no model): buy a close within ``proximity_atr`` ATR(14) above a support level in force, take
   profit at the nearest resistance in force above (none: no take-profit), stop ``stop_atr`` ATR below the
-  support, optionally a time stop; its parameters are chosen on validation, like the model's rules.
+  support, optionally a time stop; its parameters are chosen on validation, like the model's rules;
+- **volatility control** (no model): the bars ranked by ATR(14)/close, traded as if that were a model's
+  probability: its entry threshold (a quantile of the validation values), exits and time stop are chosen on
+  validation by the model's own rule search (:func:`pricelevel.backtest.selection.choose_rules`) with the same
+  exits. A model that only finds the volatile bars (where a +move is most likely to be touched, and so is a
+  -move) does no better than this; one that knows the direction does.
 
 Levels are the walk-forward ones in force at each bar, so the rule uses nothing after the bar it trades on.
 Stops are fractions of the signal bar's close, applied to the entry's reference price (with fill
@@ -21,16 +26,18 @@ import pandas as pd
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import Market
 from pricelevel.backtest.run import BacktestResult
-from pricelevel.backtest.selection import Selection, best_of, resolve
-from pricelevel.backtest.trading import TradingScore, score_result, trade
+from pricelevel.backtest.selection import Selection, StrategyContext, best_of, choose_rules, resolve
+from pricelevel.backtest.trading import TradingScore, score_result, trade, trade_probabilities
 from pricelevel.core.config import Frozen
 from pricelevel.levels.walkforward import LevelHistory, bracketing_levels
 from pricelevel.strategy.config import SelectionConfig
 from pricelevel.strategy.rules import StrategyRules
 from pricelevel.ta.indicators import atr
 
-BASELINE_NAMES = ("cash", "buy_and_hold", "level_rule")
+BASELINE_NAMES = ("cash", "buy_and_hold", "level_rule", "volatility")
 ATR_PERIOD = 14
+#: Where a model's spec keeps the volatility control's rules chosen on its validation segment (``spec.extra``).
+VOLATILITY_KEY = "volatility_rules"
 
 
 class LevelRule(Frozen):
@@ -103,13 +110,57 @@ def choose_level_rule(
                    selection.metric, selection.min_trades)
 
 
+def volatility_matrix(market: Market, candles: Mapping[str, pd.DataFrame]) -> np.ndarray:
+    """ATR(14)/close at each of ``market``'s bars and symbols (NaN where ATR is not defined yet): the volatility
+    control's "probability". ATR is computed on each symbol's whole history, so a segment's first bars have it."""
+    out = np.full(market.close.shape, np.nan)
+    for col, symbol in enumerate(market.symbols):
+        bars = candles[symbol]
+        close = bars["close"].to_numpy(dtype=np.float64)
+        width = atr(bars["high"].to_numpy(np.float64), bars["low"].to_numpy(np.float64), close, ATR_PERIOD)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ratio = width / close
+        rows = market.timestamps.get_indexer(pd.DatetimeIndex(bars["timestamp"]))
+        keep = rows >= 0
+        out[rows[keep], col] = ratio[keep]
+    return out
+
+
+def choose_volatility_rules(
+    market: Market, candles: Mapping[str, pd.DataFrame], exits: StrategyContext
+) -> Selection[StrategyRules]:
+    """The volatility control's rules on this validation market: the model's rule search (entry quantiles x exit
+    quantiles x stops x time stops, ``min_trades``, ``selection.metric`` after costs) on ATR/close, with the exits
+    ``exits`` resolves ``move`` / ``down`` / ``horizon`` to (pass the model's own, so both trade the same exits)."""
+    return choose_rules(market, volatility_matrix(market, candles), exits.costs, exits.selection, exits.base, exits.move,
+                        exits.horizon, exits.down)
+
+
+def trade_volatility(
+    market: Market, candles: Mapping[str, pd.DataFrame], rules: StrategyRules, costs: BacktestConfig
+) -> BacktestResult:
+    """The volatility control traded with its rules (chosen on validation) through the one engine."""
+    return trade_probabilities(market, volatility_matrix(market, candles), costs, rules)
+
+
+def volatility_rules_of(extra: Mapping[str, object]) -> StrategyRules | None:
+    """The volatility control's rules a model's spec stores (``None``: trained before the control existed)."""
+    stored = extra.get(VOLATILITY_KEY)
+    return StrategyRules.model_validate(stored) if stored else None
+
+
 def strategy_baselines(
     market: Market, candles: Mapping[str, pd.DataFrame], history: Mapping[str, LevelHistory], rule: LevelRule,
-    costs: BacktestConfig, sizing: StrategyRules,
+    costs: BacktestConfig, sizing: StrategyRules, volatility: StrategyRules | None = None,
 ) -> dict[str, TradingScore]:
-    """The three baselines' scores on ``market`` (the level rule with ``rule``, chosen on validation)."""
-    return {
+    """The baselines' scores on ``market``: cash, buy-and-hold, the level rule with ``rule`` and the volatility
+    control with ``volatility`` (both chosen on validation; no ``volatility`` rules: the control is left out, and
+    a hurdle that names it is then failed, never skipped)."""
+    scores = {
         "cash": TradingScore.cash(),
         "buy_and_hold": score_result(buy_and_hold(market, costs)),
         "level_rule": score_result(trade_level_rule(market, candles, history, rule, costs, sizing)),
     }
+    if volatility is not None:
+        scores["volatility"] = score_result(trade_volatility(market, candles, volatility, costs))
+    return scores

@@ -41,6 +41,9 @@ Long only. Within one bar, for every symbol:
    Fill ``close``: the order fills now at ``close``; ``next_open``: it is queued for the next open.
 5. **Valuation**: ``equity = cash + sum(position * last close)``; a symbol with no bar keeps its last close.
 
+The sizing, the stop prices, the exits inside a bar and the time stop's due bar are the compiled functions of
+:mod:`pricelevel.backtest.plan` (the position plan the brokers use too), inlined into this loop.
+
 Fills and costs (the same arithmetic as vectorbt's ``buy_nb``/``sell_nb``, so results agree to rounding):
 
 - slippage applies to signal fills only, against us: buy at ``price * (1 + slippage)``, sell at
@@ -78,11 +81,24 @@ unless ``cash_sharing=True``, whereas ours share one cash balance across symbols
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import IntEnum
 
 import numpy as np
 from numba import njit
 
+from pricelevel.backtest.plan import (
+    DUST,
+    FILLED,
+    NO_CASH,
+    NO_EXIT,
+    ExitReason,
+    Sizing,
+    entry_fill,
+    intrabar_exit,
+    is_zero,
+    order_value,
+    stop_prices,
+    time_stop_bar,
+)
 from pricelevel.backtest.protections import (
     ADMITTED,
     COOLDOWN_UNTIL,
@@ -98,33 +114,14 @@ from pricelevel.backtest.protections import (
     trade_closed,
 )
 
-
-class ExitReason(IntEnum):
-    SIGNAL = 0
-    STOP_LOSS = 1
-    TAKE_PROFIT = 2
-    OPEN = 3  # still open at the end of the data
-    TIME_STOP = 4  # held max_hold_bars bars (codes are stored in trade records: append, never renumber)
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-
-class Sizing(IntEnum):
-    ALL_IN = 0
-    FRACTION = 1
-    RISK = 2
-
-
 # Integer codes the compiled loop uses (numba freezes module-level ints as constants).
 _NONE, _BUY, _SELL = 0, 1, 2  # EngineState.pending
-_BY_SIGNAL, _BY_STOP_LOSS, _BY_TAKE_PROFIT = int(ExitReason.SIGNAL), int(ExitReason.STOP_LOSS), int(ExitReason.TAKE_PROFIT)
+_BY_SIGNAL = int(ExitReason.SIGNAL)
 _BY_TIME_STOP = int(ExitReason.TIME_STOP)
 #: Longest time stop the loop represents (due bars are int64); any longer one never fires anyway.
 _MAX_HOLD_CAP = 2**62
 # Rejection counters (EngineState.rejected).
-REJECT_NO_CASH, REJECT_DUST, REJECT_MAX_POSITIONS = 0, 1, 2
+REJECT_NO_CASH, REJECT_DUST, REJECT_MAX_POSITIONS = NO_CASH, DUST, 2
 REJECT_LABELS = ("no_cash", "dust", "max_positions")
 
 
@@ -356,54 +353,27 @@ def open_trades(state: EngineState) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------------------ compiled core
 # The functions below are compiled by numba (cached on disk next to this file, so the compile cost is paid
 # once per machine). They touch only numbers and preallocated arrays: no Python objects per bar or trade.
-
-
-@njit(cache=True, inline="always")
-def _is_zero(x):
-    return abs(x) <= 1e-12
+# The sizing, stop and exit arithmetic is :mod:`pricelevel.backtest.plan`'s (inlined here; numba's cache does
+# not see a change there: after editing plan.py or protections.py, touch this file or clear its cache).
 
 
 @njit(cache=True)
 def _buy(s, price, g, equity_now, sl_stop, tp_stop, floats, ints, cash, position, entry_price, entry_fees,
          entry_bar, sl_price, tp_price, rejected):
     """Open a position at ``price`` (unslipped reference price) with these stop fractions. True if filled."""
-    fees, slippage = floats[0], floats[1]
-    fraction, risk, min_value = floats[4], floats[5], floats[6]
-    sizing = ints[1]
     cash_now = cash[0]
-    if _is_zero(cash_now) or cash_now <= 0.0:
-        rejected[REJECT_NO_CASH] += 1
-        return False
-    adj_price = price * (1.0 + slippage)
-    if sizing == 0:
-        target = np.inf
-    elif sizing == 1:
-        target = fraction * equity_now
-    else:
-        target = min(risk * equity_now / sl_stop, fraction * equity_now)
-    req_cash = target * (1.0 + fees)
-    if req_cash <= cash_now or (
-        req_cash < np.inf and abs(req_cash - cash_now) <= max(1e-9 * max(req_cash, cash_now), 1e-12)
-    ):
-        size = target / adj_price
-        paid = target * fees
-        spent = target + paid
-    else:  # the cash does not cover the target: buy what it covers, fees included (vectorbt's partial fill)
-        max_value = cash_now / (1.0 + fees)
-        size = max_value / adj_price
-        paid = cash_now - max_value
-        spent = cash_now
-    if size * adj_price < min_value or size <= 0.0:
-        rejected[REJECT_DUST] += 1
+    value = order_value(ints[1], floats[4], floats[5], sl_stop, equity_now)
+    verdict, size, adj_price, paid, spent = entry_fill(value, cash_now, price, floats[0], floats[1], floats[6])
+    if verdict != FILLED:
+        rejected[verdict] += 1
         return False
     rest = cash_now - spent
-    cash[0] = 0.0 if _is_zero(rest) else rest
+    cash[0] = 0.0 if is_zero(rest) else rest
     position[s] = size
     entry_price[s] = adj_price
     entry_fees[s] = paid
     entry_bar[s] = g
-    sl_price[s] = price * (1.0 - sl_stop)  # NaN when sl_stop is NaN
-    tp_price[s] = price * (1.0 + tp_stop)
+    sl_price[s], tp_price[s] = stop_prices(price, sl_stop, tp_stop)
     return True
 
 
@@ -473,8 +443,8 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
     day, losses, cooldown_until, halted = guard_i[DAY], guard_i[LOSSES], guard_i[COOLDOWN_UNTIL], guard_i[HALTED] != 0
     next_open = ints[0] == 1
     max_positions = ints[2]
-    time_stop = ints[3] > 0
-    hold = ints[3] - ints[0]  # due bar - entry bar: the entry bar is bar 0 with close, bar 1 with next_open
+    max_hold = ints[3]
+    time_stop = max_hold > 0
     has_sl, has_tp = flags[0], flags[1]
     n_bars, n_sym = close.shape
     n = 0
@@ -540,7 +510,7 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                                 entry_fees, entry_bar, sl_price, tp_price, rejected):
                             n_open += 1
                             if full is not None:
-                                due_bar[s] = g + hold if time_stop else -1
+                                due_bar[s] = time_stop_bar(g, max_hold, True)
 
         # 2. stops, the time stop at the close, then exit signals at the close, for each open position
         if n_open > 0:
@@ -550,22 +520,8 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                 o = open_[t, s]
                 if o != o:  # no bar for this symbol: no stop, no signal, valued at its last close
                     continue
-                reason = _BY_SIGNAL  # i.e. no stop has triggered
-                fill = o
-                sl = sl_price[s]
-                if o <= sl:  # False when sl is NaN (no stop-loss)
-                    reason = _BY_STOP_LOSS
-                elif low[t, s] <= sl:
-                    fill = sl
-                    reason = _BY_STOP_LOSS
-                else:
-                    tp = tp_price[s]
-                    if o >= tp:
-                        reason = _BY_TAKE_PROFIT
-                    elif high[t, s] >= tp:
-                        fill = tp
-                        reason = _BY_TAKE_PROFIT
-                if reason != _BY_SIGNAL:
+                reason, fill = intrabar_exit(o, high[t, s], low[t, s], sl_price[s], tp_price[s])
+                if reason != NO_EXIT:
                     n = _sell(s, fill, 0.0, g, reason, fees, cash, position, entry_price, entry_fees,
                               entry_bar, sl_price, tp_price, out_i, out_f, n)
                     n_open -= 1
@@ -618,7 +574,7 @@ def _simulate(open_, high, low, close, entries, exits, entry_sl, entry_tp, flags
                         last_close[s] = c
                         n_open += 1
                         if full is not None:
-                            due_bar[s] = g + hold if time_stop else -1
+                            due_bar[s] = time_stop_bar(g, max_hold, False)
 
         # 4. mark to market (last_close is current for every open position)
         if n_open == 0:

@@ -2,9 +2,10 @@
 
 The search is a small grid: entry thresholds at quantiles of the model's validation probabilities (the share
 of bars that may enter: a threshold in probability units would mean something else for every model), and
-stop-loss, take-profit and time stop values, where ``move`` and ``horizon`` stand for the label's own move and
-horizon (the label asks "does price rise ``move`` within ``horizon`` bars", so take-profit = move and time
-stop = horizon is the strategy the model was trained for). Every candidate is traded with the same costs and
+stop-loss, take-profit and time stop values, where ``move``, ``down`` and ``horizon`` stand for the label's own
+barriers and horizon (the label asks "does price rise ``move`` within ``horizon`` bars" (before it falls
+``down``, for a triple barrier), so take-profit = move, stop-loss = down and time stop = horizon is the strategy
+the model was trained for). Every candidate is traded with the same costs and
 scored by ``selection.metric`` after fees, so the search sees turnover; one with fewer than
 ``selection.min_trades`` trades cannot be chosen (a lucky handful of trades is not evidence). Every candidate
 also trades under the trader's account protections, ``costs.protections`` (the ``risk:`` defaults unless the
@@ -35,13 +36,15 @@ from pricelevel.strategy.rules import StrategyRules
 class StrategyContext:
     """What choosing and trading rules needs besides the model: costs (with the account protections every
     backtest simulates, ``costs.protections``), the search, the rules' defaults, and the label's move and
-    horizon (what ``"move"`` / ``"horizon"`` stand for in the grid)."""
+    horizon (what ``"move"`` / ``"horizon"`` stand for in the grid), and its lower barrier (``"down"``: none for a
+    label without one)."""
 
     costs: BacktestConfig
     selection: SelectionConfig
     base: StrategyRules
     move: float
     horizon: int
+    down: float | None = None
 
 
 #: What a search chooses among: a model's decision rules, or a baseline's parameters (frozen config models).
@@ -79,13 +82,14 @@ class Selection(Generic[Choice]):
         }
 
 
-def resolve(value: object, move: float, horizon: int) -> object:
-    """``"move"`` / ``"horizon"`` to the label's numbers; anything else as it is."""
-    return move if value == "move" else horizon if value == "horizon" else value
+def resolve(value: object, move: float, horizon: int, down: float | None = None) -> object:
+    """``"move"`` / ``"horizon"`` / ``"down"`` to the label's numbers; anything else as it is."""
+    return move if value == "move" else horizon if value == "horizon" else down if value == "down" else value
 
 
 def rule_grid(
-    probability: np.ndarray, selection: SelectionConfig, base: StrategyRules, move: float, horizon: int
+    probability: np.ndarray, selection: SelectionConfig, base: StrategyRules, move: float, horizon: int,
+    down: float | None = None,
 ) -> list[StrategyRules]:
     """Every rule set to try: entry quantiles of the finite validation probabilities x exit quantiles x stops x
     time stops; sizing stays ``base``'s. An exit threshold at or above the entry threshold is skipped."""
@@ -94,7 +98,8 @@ def rule_grid(
         return []
     thresholds = sorted({float(np.quantile(finite, 1.0 - q)) for q in selection.entry_quantiles})
     exits = [None if q is None else float(np.quantile(finite, q)) for q in selection.exit_quantiles]
-    grid = itertools.product(thresholds, exits, selection.sl_stop, selection.tp_stop, selection.max_hold_bars)
+    stops = list(dict.fromkeys(resolve(sl, move, horizon, down) for sl in selection.sl_stop))
+    grid = itertools.product(thresholds, exits, stops, selection.tp_stop, selection.max_hold_bars)
     rules = []
     for threshold, exit_threshold, sl, tp, hold in grid:
         if (base.sizing == "risk" and sl is None) or (exit_threshold is not None and exit_threshold >= threshold):
@@ -133,9 +138,10 @@ def choose_rules(
     base: StrategyRules,
     move: float,
     horizon: int,
+    down: float | None = None,
 ) -> Selection[StrategyRules]:
     """The model's rules for this validation market: the grid of :func:`rule_grid`, each traded on it."""
-    grid = rule_grid(probability, selection, base, move, horizon)
+    grid = rule_grid(probability, selection, base, move, horizon, down)
     return best_of(grid, lambda rules: trade_probabilities(market, probability, costs, rules), selection.metric,
                    selection.min_trades)
 

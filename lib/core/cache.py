@@ -2,9 +2,10 @@
 
 A step key hashes the step's real inputs: the fingerprint of the data files it reads, its config section,
 the keys of the steps it depends on, and the code that computes it. The code part is derived, never listed
-by hand: :func:`code_fingerprint` hashes the source of every ``pricelevel`` module the step's entry points
+by hand: :func:`code_fingerprint` hashes the code of every ``pricelevel`` module the step's entry points
 import, directly or through others, so any edit in that closure (an engine fix, an indicator change) gives
-new keys and the step runs again. The output goes to ``<data.root>/derived/<step>/<key>/``; if that folder
+new keys and the step runs again. It hashes what runs, the syntax tree without docstrings and comments, so
+a documentation fix does not re-run every step downstream of it. The output goes to ``<data.root>/derived/<step>/<key>/``; if that folder
 is complete, re-running the step is a no-op.
 
 Builds are safe with several writers, on one machine or many: each writer fills its own uniquely named
@@ -97,8 +98,23 @@ def module_closure(entry_modules: Iterable[str], package_dir: Path | None = None
     return closure
 
 
+def code_text(path: Path) -> bytes:
+    """What of a source file runs: its syntax tree without docstrings (comments never reach the tree), dumped
+    without line numbers, so a comment, docstring or layout edit gives the same text and a behaviour edit does
+    not. (A docstring is text a user may read, e.g. in ``--help``, but no step's output depends on it.)"""
+    with _PARSE_LOCK:
+        tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) and isinstance(first.value.value, str):
+                node.body = node.body[1:] or [ast.Pass()]
+    return ast.dump(tree, include_attributes=False).encode()
+
+
 def code_fingerprint(*entry_points: ModuleType | Callable | type | str, package_dir: Path | None = None) -> str:
-    """sha256 over the source of the entry points' modules and everything they import from ``pricelevel``.
+    """sha256 over the code (:func:`code_text`) of the entry points' modules and everything they import from
+    ``pricelevel``.
 
     Entry points are modules, functions, classes or module names; ``package_dir`` (tests) reads the sources
     from another copy of the package. A module outside ``pricelevel`` counts with its own file only.
@@ -114,7 +130,7 @@ def code_fingerprint(*entry_points: ModuleType | Callable | type | str, package_
     digest = hashlib.sha256()
     for name, path in sorted({**module_closure(names, package_dir), **outside}.items()):
         digest.update(name.encode() + b"\0")
-        digest.update(path.read_bytes())
+        digest.update(code_text(path) + b"\0")
     return digest.hexdigest()
 
 

@@ -15,15 +15,44 @@ class LabelsConfig(Frozen):
     """What the model learns to predict (README "Labels"): the target of bar t is known at the close of t + horizon."""
 
     #: ``forward_move``: 1 when the highest high of bars t+1..t+horizon reaches ``open[t+1] x (1 + move_frac)``
-    #: (entry at the next open, as the backtest fills); ``level_label``: 1 when bar t+horizon closes within
-    #: ``threshold_frac`` of a level in force.
-    kind: Literal["level_label", "forward_move"] = "forward_move"
+    #: (entry at the next open, as the backtest fills); ``triple_barrier``: 1 when, from the next open, the upper
+    #: barrier is touched before the lower one within ``horizon`` bars (down-first and timeout are 0);
+    #: ``level_label``: 1 when bar t+horizon closes within ``threshold_frac`` of a level in force.
+    kind: Literal["level_label", "forward_move", "triple_barrier"] = "forward_move"
     #: ``level_label``'s distance, and the "near a level now" baseline of every label.
     threshold_frac: float = Field(0.001, gt=0, lt=1)
-    #: ``forward_move``'s x: the rise from the next open that counts as a move.
+    #: ``forward_move``'s x: the rise from the next open that counts as a move (and the +/- barriers of the
+    #: direction classes that every label kind reports its direction skill on).
     move_frac: float = Field(0.03, gt=0, lt=1)
     #: Bars ahead the target looks (H); rows whose horizon runs past the data have no target.
     horizon: int = Field(24, ge=1)
+    #: ``triple_barrier``'s barrier unit: ``fraction`` of the entry price, or ``atr``: multiples of ATR(``atr_window``)
+    #: at the decision bar (volatility-scaled; NaN target while the ATR is warming up).
+    barrier_unit: Literal["fraction", "atr"] = "fraction"
+    #: ``triple_barrier``'s upper barrier u (in ``barrier_unit``); null: ``move_frac`` (fraction only).
+    upper: float | None = Field(None, gt=0)
+    #: ``triple_barrier``'s lower barrier d (in ``barrier_unit``); null: the same as the upper one.
+    lower: float | None = Field(None, gt=0)
+    #: The ATR's window when ``barrier_unit`` is ``atr``.
+    atr_window: int = Field(14, ge=1)
+
+    @model_validator(mode="after")
+    def _barriers(self) -> LabelsConfig:
+        if self.barrier_unit == "atr" and self.upper is None:
+            raise ValueError("labels.barrier_unit=atr needs labels.upper (and optionally labels.lower) in ATR multiples")
+        if self.barrier_unit == "fraction" and self.down_barrier >= 1:
+            raise ValueError(f"labels.lower must be below 1 as a fraction of the entry price, got {self.down_barrier}")
+        return self
+
+    @property
+    def up_barrier(self) -> float:
+        """u: the upper barrier in ``barrier_unit`` (``move_frac`` unless ``upper`` is given)."""
+        return self.move_frac if self.upper is None else self.upper
+
+    @property
+    def down_barrier(self) -> float:
+        """d: the lower barrier in ``barrier_unit`` (the upper one unless ``lower`` is given)."""
+        return self.up_barrier if self.lower is None else self.lower
 
 
 class FeaturesConfig(Frozen):

@@ -213,10 +213,27 @@ def _read(frames: Mapping[Timeframe, pd.DataFrame | None], plan: _Plan) -> dict[
         frame = frames.get(tf)
         if frame is None:
             return None
-        stamps = frame["timestamp"]
+        stamps = _stored(frame, "timestamp")
         names = _CANDLE_COLUMNS if tf == plan.spec.timeframe else _CANDLE_COLUMNS[1:]
-        out[tf] = _Candles(column_ns(stamps), stamps.array, {c: frame[c].to_numpy(dtype=np.float64) for c in names})
+        out[tf] = _Candles(_stored_ns(stamps), stamps, {c: np.asarray(_stored(frame, c), dtype=np.float64) for c in names})
     return out
+
+
+def _stored(frame: pd.DataFrame, name: str) -> pd.api.extensions.ExtensionArray | np.ndarray:
+    """A column's values as the frame stores them, to be read only, without building a Series: ``frame[name]``
+    costs ~40 us in pandas 3, which made reading the candles of every bar a fifth of an update. Through the
+    Series where pandas lacks the accessor."""
+    stored = getattr(frame, "_get_column_array", None)
+    if stored is None:
+        return frame[name].array
+    return stored(frame.columns.get_loc(name))
+
+
+def _stored_ns(stamps: pd.api.extensions.ExtensionArray | np.ndarray) -> np.ndarray:
+    """:func:`~pricelevel.levels.walkforward.column_ns` of a timestamp column's stored values."""
+    if isinstance(stamps, pd.arrays.DatetimeArray):
+        return (stamps if stamps.unit == "ns" else stamps.as_unit("ns")).asi8
+    return column_ns(pd.Series(stamps))
 
 
 def _appends(plan: _Plan, state: _State, candles: dict[Timeframe, _Candles]) -> bool:

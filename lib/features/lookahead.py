@@ -5,7 +5,9 @@ to those closed by the close of bar t, which is exactly the data that existed th
 cut data must equal the table built from all the data on every row up to t; a ``target`` (which looks
 ``horizon`` bars ahead) only on the rows up to t - horizon bars. A feature that peeks at a later bar, a
 longer-timeframe candle joined before it closed, or a level found with later extrema all show up as a
-differing value, reported with its column and timestamp.
+differing value, reported with its column and timestamp. Every label kind goes through the same ``target``
+column: a triple-barrier label (and its ATR-scaled barriers, taken at the decision bar) may read bars up to
+``t + horizon`` and no further.
 
 The comparison allows a relative difference of 1e-9 (``RTOL``): recomputing on a prefix is exact for every
 computation here, and a leak moves values by far more.

@@ -5,7 +5,8 @@ target, each trading with its own rules, beside the strategy baselines on the sa
   start, labelled by the challenger's label.
 - **Same target**: the classification scores of both models (and of the no-model classifiers) are computed
   against the challenger's label definition, so the two numbers measure the same thing even when the champion
-  was trained on another label.
+  was trained on another label. Beside them, each model's direction skill (``direction_auc``: up-first against
+  down-first bars by the challenger's label's barriers, :mod:`pricelevel.ml.evaluation`).
 - **Own rules**: each model trades with the decision rules frozen in its spec; the level rule with the
   parameters the challenger's training chose on validation; cash and buy-and-hold need none.
 """
@@ -19,13 +20,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pricelevel.backtest.baselines import LevelRule, strategy_baselines
+from pricelevel.backtest.baselines import LevelRule, strategy_baselines, volatility_rules_of
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import market_from_candles
 from pricelevel.backtest.trading import TradingScore, probability_matrix, score_result, trade_probabilities
 from pricelevel.data.folder import CandleFolder
 from pricelevel.inference.scoring import Predict, newest_window, predict_tables, tables_for_spec
-from pricelevel.ml.evaluation import baseline_scores, classification_scores, metric_value
+from pricelevel.ml.evaluation import baseline_scores, direction_at, metric_value, model_scores
 from pricelevel.ml.spec import ModelSpec
 from pricelevel.strategy.rules import StrategyRules
 
@@ -45,7 +46,7 @@ class Contender:
 class ContenderScore:
     version: str | None
     rules: dict[str, Any]
-    #: Against the challenger's target on the common rows.
+    #: Against the challenger's target on the common rows (``direction_auc`` included).
     classification: dict[str, float]
     #: The tuned classification metric (e.g. PR-AUC) from ``classification``.
     metric: float
@@ -70,7 +71,9 @@ class Contest:
         def line(role: str, score: ContenderScore | None) -> str:
             if score is None:
                 return ""
-            return (f"{role} v{score.version}: {metric} {score.metric:.4f}, sharpe {score.trading.sharpe:.2f}, "
+            direction = score.classification.get("direction_auc", float("nan"))
+            return (f"{role} v{score.version}: {metric} {score.metric:.4f}, direction AUC {direction:.3f}, "
+                    f"sharpe {score.trading.sharpe:.2f}, "
                     f"return {score.trading.total_return:+.2%}, {score.trading.n_trades} trades; ")
         baselines = ", ".join(f"{k} sharpe {v.sharpe:.2f}" for k, v in self.strategy_baselines.items())
         return (f"{self.start:%Y-%m-%d} .. {self.end:%Y-%m-%d}, {self.rows} rows: " + line("challenger", self.challenger)
@@ -99,18 +102,20 @@ def score_contest(
     if rows.empty:
         raise ValueError(f"no bar from {start} on that both models can score and the challenger's label defines")
     target = rows["target"].to_numpy()
+    direction = direction_at(tables, rows, challenger.spec.table_spec().labels)
     candles = pd.concat([t.candles.assign(symbol=s) for s, t in tables.items()], ignore_index=True)
     market = market_from_candles(candles[candles["timestamp"] >= start], timeframe=costs.timeframe)
 
     def contender(role: str, model: Contender) -> ContenderScore:
-        classification = classification_scores(target, rows[f"probability_{role}"].to_numpy())
+        classification = model_scores(target, rows[f"probability_{role}"].to_numpy(), direction)
         mine = scored[role][scored[role]["timestamp"] >= start]
         rules = model.spec.strategy_rules()
         traded = trade_probabilities(market, probability_matrix(market, mine), costs, rules)
         return ContenderScore(model.version, rules.model_dump(), classification, metric_value(classification, tuned_metric),
                               score_result(traded))
 
-    classifiers = baseline_scores(target, rows["near_level"].to_numpy(), float(challenger.spec.extra["train_positive_rate"]))
+    classifiers = baseline_scores(target, rows["near_level"].to_numpy(), float(challenger.spec.extra["train_positive_rate"]),
+                                  direction)
     level = LevelRule.model_validate(challenger.spec.extra["level_rule"])
     history = {s: t.history for s, t in tables.items()}
     bars = {s: t.candles for s, t in tables.items()}
@@ -119,7 +124,8 @@ def score_contest(
         challenger=contender("challenger", challenger),
         champion=contender("champion", champion) if champion is not None else None,
         classifier_baselines={name: metric_value(s, tuned_metric) for name, s in classifiers.items()},
-        strategy_baselines=strategy_baselines(market, bars, history, level, costs, sizing),
+        strategy_baselines=strategy_baselines(market, bars, history, level, costs, sizing,
+                                              volatility_rules_of(challenger.spec.extra)),
     )
 
 

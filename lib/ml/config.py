@@ -28,17 +28,24 @@ class EvaluationConfig(Frozen):
     folds: int = Field(3, ge=1, le=20)
 
 
+#: The model keys Optuna can search (``tuning.space``). Each is ``null`` by default: the search chooses it. A
+#: value given for one (in a config file, ``PRICELEVEL_MODEL__*`` or ``--set model.hidden_size=64``) fixes it:
+#: the tuner takes it out of the search and every trial and the final model use that value. Never ignored.
+SEARCHABLE_MODEL_KEYS = ("hidden_size", "num_layers", "dropout", "learning_rate", "batch_size")
+
+
 class ModelConfig(Frozen):
-    """MultiSymbolLSTM and its training loop (the tuner overrides the searched keys)."""
+    """MultiSymbolLSTM and its training loop. A searchable key (:data:`SEARCHABLE_MODEL_KEYS`) left ``null``
+    is chosen by the tuner; one given a value is fixed at it and not searched."""
 
     #: Size of the learned symbol embedding (0 when the feature set leaves out ``symbol``).
     embedding_dim: int = Field(8, ge=0)
-    hidden_size: int = Field(128, ge=1)
-    num_layers: int = Field(3, ge=1)
-    dropout: float = Field(0.2, ge=0, lt=1)
-    learning_rate: float = Field(1e-3, gt=0)
+    hidden_size: int | None = Field(None, ge=1)
+    num_layers: int | None = Field(None, ge=1)
+    dropout: float | None = Field(None, ge=0, lt=1)
+    learning_rate: float | None = Field(None, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
-    batch_size: int = Field(256, ge=1)
+    batch_size: int | None = Field(None, ge=1)
     max_epochs: int = Field(30, ge=1)
     #: Early stopping: epochs without improvement of the tuned metric.
     patience: int = Field(4, ge=1)
@@ -54,12 +61,21 @@ class ModelConfig(Frozen):
     #: torch CPU threads; ``null`` leaves torch's default.
     num_threads: int | None = Field(None, ge=1)
 
+    def fixed_params(self) -> dict[str, int | float]:
+        """The searchable keys this config gives a value: the tuner keeps them and searches only the rest."""
+        return {key: getattr(self, key) for key in SEARCHABLE_MODEL_KEYS if getattr(self, key) is not None}
+
+    def unset_params(self) -> tuple[str, ...]:
+        """The searchable keys left to the search (``null``): a model cannot be built until they are chosen."""
+        return tuple(key for key in SEARCHABLE_MODEL_KEYS if getattr(self, key) is None)
+
 
 TunedMetric = Literal["val_pr_auc", "val_roc_auc", "val_f1", "val_loss"]
 
 
 class SearchSpace(Frozen):
-    """Optuna's space: choices are lists, ranges are ``[low, high]``."""
+    """Optuna's space: choices are lists, ranges are ``[low, high]``. A model key fixed in ``model:`` is not
+    searched, whatever its entry here (the tuner says so in its log)."""
 
     hidden_size: tuple[int, ...] = (64, 128, 256)
     num_layers: tuple[int, int] = (1, 3)
@@ -84,7 +100,8 @@ class TuningConfig(Frozen):
 
     metric: TunedMetric = "val_pr_auc"
     n_trials: int = Field(20, ge=1)
-    #: Seconds for the whole study; ``null`` = no limit.
+    #: Seconds for the whole study; ``null`` = no limit (only ``n_trials`` counts: the same trials on any machine,
+    #: as the demo runs).
     timeout_s: float | None = Field(3600.0, gt=0)
     #: Any SQLAlchemy URL; ``null`` = SQLite in the project (``<data.root>/optuna/optuna.db``).
     storage: str | None = None
@@ -123,3 +140,40 @@ class TuningConfig(Frozen):
         if self.grace_s <= self.heartbeat_s:
             raise ValueError(f"grace_s ({self.grace_s:g}) must exceed heartbeat_s ({self.heartbeat_s:g})")
         return self
+
+
+class TrainingConfig(Frozen):
+    """The training run's compute budget (:mod:`pricelevel.ml.budget`): the run times a few training batches on
+    this machine and shrinks ``tuning.n_trials``, ``tuning.max_epochs``, ``evaluation.folds`` and
+    ``model.max_epochs`` (configured values are the ceilings) until the estimate fits. ``budget_hours: null``
+    keeps the configured sizes and measures nothing (the demo: the same trials on any machine)."""
+
+    #: Hours for the study and the final fits together; ``null`` = no budget, the configured sizes as they are.
+    budget_hours: float | None = Field(3.0, gt=0)
+    #: The least the budget shrinks to (each at most its configured value); a run whose least is estimated
+    #: over the budget still runs, and says so.
+    min_trials: int = Field(2, ge=1)
+    min_epochs: int = Field(2, ge=1)
+    min_folds: int = Field(1, ge=1)
+    #: Training batches timed by the calibration (the first included).
+    calibration_batches: int = Field(20, ge=2)
+
+
+class GbmConfig(Frozen):
+    """The LightGBM baseline (README "Walk-forward evaluation"). Small on purpose: it must cost seconds."""
+
+    #: Bars back from a window's last bar whose features form the row (0 = the last bar); a lag outside the
+    #: window (``>= seq_len``) is dropped.
+    lags: tuple[int, ...] = (0, 1, 2, 4, 8)
+    #: Boosting rounds at most; early stopping on the validation PR-AUC (the LSTM's ``tuning.metric``) keeps fewer.
+    n_estimators: int = Field(300, ge=1)
+    early_stopping_rounds: int = Field(30, ge=1)
+    learning_rate: float = Field(0.05, gt=0)
+    num_leaves: int = Field(15, ge=2)
+    min_child_samples: int = Field(50, ge=1)
+    #: Row and column subsampling per tree (seeded).
+    subsample: float = Field(0.8, gt=0, le=1)
+    colsample: float = Field(0.8, gt=0, le=1)
+    seed: int = 42
+    #: One thread: deterministic and light beside the LSTM; the demo's fits take about a second each.
+    num_threads: int = Field(1, ge=1)

@@ -3,6 +3,12 @@
 The baselines answer "is the model worth anything?": always predicting the majority class, and the rule
 "the price is near a level now, so it will be next bar" (the label of the last bar in the window, which is
 known when the prediction is made).
+
+Beside PR-AUC every classifier gets its **direction skill** (``direction_auc``,
+:func:`pricelevel.ml.metrics.direction_scores`): the ROC-AUC of its probability on the bars where exactly one of
+the label's barriers was touched first (:func:`pricelevel.features.labels.direction_classes`: the triple
+barrier's own, +/- ``move_frac`` for the other labels), up-first against down-first. A model that ranks
+volatile bars well but cannot tell up from down has a PR-AUC above the base rate and a direction AUC of 0.5.
 """
 
 from __future__ import annotations
@@ -13,23 +19,29 @@ from collections.abc import Mapping
 import numpy as np
 import pandas as pd
 
-from pricelevel.backtest.baselines import LevelRule, strategy_baselines
+from pricelevel.backtest.baselines import BASELINE_NAMES, LevelRule, strategy_baselines, volatility_rules_of
 from pricelevel.backtest.selection import StrategyContext
 from pricelevel.backtest.trading import probability_matrix, score_result, trade_probabilities
 from pricelevel.core.runlog import RunLog
+from pricelevel.features.config import LabelsConfig
+from pricelevel.features.labels import direction_classes
 from pricelevel.ml.artifacts import FoldModel, TrainedModel
 from pricelevel.ml.dataset import DatasetPlan, SymbolTable
-from pricelevel.ml.metrics import METRICS, classification_scores, metric_value
+from pricelevel.ml.metrics import METRICS, classification_scores, direction_scores, metric_value
 from pricelevel.ml.walkforward import segment_market
 
-__all__ = ["BASELINES", "METRICS", "baseline_scores", "classification_scores", "evaluate_step", "metric_value", "scores_table"]
+__all__ = [
+    "BASELINES", "METRICS", "baseline_scores", "classification_scores", "direction_at", "direction_scores", "evaluate_step",
+    "metric_value", "scores_table",
+]
 BASELINES = ("majority", "near_level_now")
 
 
 def baseline_scores(
-    target: np.ndarray, label_now: np.ndarray, train_positive_rate: float
+    target: np.ndarray, label_now: np.ndarray, train_positive_rate: float, direction: np.ndarray | None = None
 ) -> dict[str, dict[str, float]]:
-    """Scores of the two baselines on the same rows as the model.
+    """Scores of the two baselines on the same rows as the model (with their direction skill when the rows'
+    ``direction`` classes are given).
 
     ``majority`` predicts the training segment's majority class with its base rate as the probability (a
     constant score: PR-AUC equals the positive rate, ROC-AUC 0.5). ``near_level_now`` predicts the label of
@@ -38,10 +50,35 @@ def baseline_scores(
     target = np.asarray(target)
     majority = np.full(target.shape, train_positive_rate, dtype=np.float64)
     majority_threshold = 0.5 if train_positive_rate < 0.5 else train_positive_rate
+    near = np.asarray(label_now, dtype=np.float64)
     return {
-        "majority": classification_scores(target, majority, threshold=majority_threshold),
-        "near_level_now": classification_scores(target, np.asarray(label_now, dtype=np.float64)),
+        "majority": model_scores(target, majority, direction, threshold=majority_threshold),
+        "near_level_now": model_scores(target, near, direction),
     }
+
+
+def model_scores(
+    target: np.ndarray, probability: np.ndarray, direction: np.ndarray | None, threshold: float = 0.5
+) -> dict[str, float]:
+    """:func:`classification_scores`, plus :func:`direction_scores` when ``direction`` is given."""
+    scores = classification_scores(target, probability, threshold=threshold)
+    return scores if direction is None else scores | direction_scores(direction, probability)
+
+
+def direction_at(tables: Mapping[str, SymbolTable], rows: pd.DataFrame, labels: LabelsConfig) -> np.ndarray:
+    """The first-touch class (+1 up, -1 down, 0 timeout, NaN unknown) of each ``(symbol, timestamp)`` row, from
+    each symbol's candles by ``labels`` (:func:`pricelevel.features.labels.direction_classes`)."""
+    out = np.full(len(rows), np.nan)
+    symbols = rows["symbol"].to_numpy()
+    timestamps = pd.DatetimeIndex(rows["timestamp"])
+    for symbol in pd.unique(symbols):
+        at = np.flatnonzero(symbols == symbol)
+        candles = tables[symbol].candles
+        position = pd.DatetimeIndex(candles["timestamp"]).get_indexer(timestamps[at])
+        if (position < 0).any():
+            raise KeyError(f"{symbol}: rows not in its candles")
+        out[at] = direction_classes(candles, labels)[position]
+    return out
 
 
 def flat_scores(prefix: str, scores: Mapping[str, float]) -> dict[str, float]:
@@ -51,11 +88,13 @@ def flat_scores(prefix: str, scores: Mapping[str, float]) -> dict[str, float]:
 
 #: Rows of the scores table: label and the prefix of its scores.
 SCORE_ROWS = (("LSTM (test)", "test"), ("majority", "baseline_majority"), ("near level now", "baseline_near_level_now"))
-TABLE_METRICS = ("pr_auc", "roc_auc", "f1", "precision", "recall", "accuracy")
+TABLE_METRICS = ("pr_auc", "roc_auc", "direction_auc", "f1", "precision", "recall", "accuracy")
+#: The classification numbers of each fold logged to MLflow (``fold<k>_<classifier>_<name>``) and summarised.
+FOLD_CLASSIFICATION = ("pr_auc", "roc_auc", "direction_auc", "direction_rows")
 
 
 #: Strategies of the walk-forward report, the model first.
-STRATEGIES = ("model", "cash", "buy_and_hold", "level_rule")
+STRATEGIES = ("model", *BASELINE_NAMES)
 REPORT_TRADING = ("sharpe", "sortino", "calmar", "total_return", "max_drawdown", "n_trades", "fee_share")
 
 
@@ -66,8 +105,9 @@ def fold_report(
     strategy (its own rules, chosen on the fold's validation) beside cash, buy-and-hold and the level rule."""
     spec, test = model.spec, model.predictions("test")
     target, probability = test["target"].to_numpy(), test["probability"].to_numpy()
-    classification = {"model": classification_scores(target, probability)}
-    classification |= baseline_scores(target, test["near_level"].to_numpy(), spec.extra["train_positive_rate"])
+    direction = direction_at(tables, test, LabelsConfig.model_validate(spec.labels))
+    classification = {"model": model_scores(target, probability, direction)}
+    classification |= baseline_scores(target, test["near_level"].to_numpy(), spec.extra["train_positive_rate"], direction)
     start = pd.Timestamp(spec.extra["test_start"])
     end = pd.Timestamp(spec.extra["test_end"]) if spec.extra.get("test_end") else None
     market = segment_market(tables, start, end, strategy.costs)
@@ -76,7 +116,8 @@ def fold_report(
     history = {s: t.history for s, t in tables.items()}
     level = LevelRule.model_validate(spec.extra["level_rule"])
     trading = {"model": score_result(traded).to_dict()}
-    trading |= {k: v.to_dict() for k, v in strategy_baselines(market, candles, history, level, strategy.costs, strategy.base).items()}
+    trading |= {k: v.to_dict() for k, v in strategy_baselines(market, candles, history, level, strategy.costs, strategy.base,
+                                                              volatility_rules_of(spec.extra)).items()}
     return {
         "fold": fold, "test_start": str(start), "test_end": str(end or market.timestamps[-1]), "bars": market.n_bars,
         "rules": spec.rules, "level_rule": spec.extra["level_rule"], "classification": classification, "trading": trading,
@@ -87,15 +128,20 @@ def summarize_folds(folds: list[dict[str, object]], metric: str) -> dict[str, di
     """Mean and worst over the folds of every strategy's trading numbers (worst: lowest, or for drawdown the
     deepest), plus how often the model beat each baseline on ``metric``."""
     out: dict[str, dict[str, dict[str, float]]] = {"mean": {}, "worst": {}}
-    for name in STRATEGIES:
+    names = [name for name in STRATEGIES if all(name in f["trading"] for f in folds)]  # a model trained before a control
+    for name in names:
         for key in REPORT_TRADING:
             values = np.array([f["trading"][name][key] for f in folds], dtype=np.float64)
             out["mean"].setdefault(name, {})[key] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
             out["worst"].setdefault(name, {})[key] = float(np.nanmin(values)) if np.isfinite(values).any() else math.nan
+    for key in FOLD_CLASSIFICATION:  # the model's classification numbers beside its trading ones
+        values = np.array([f["classification"]["model"].get(key, math.nan) for f in folds], dtype=np.float64)
+        out["mean"]["model"][key] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
+        out["worst"]["model"][key] = float(np.nanmin(values)) if np.isfinite(values).any() else math.nan
     model = [f["trading"]["model"][metric] for f in folds]
     out["model_beats"] = {
         name: {"folds": float(sum(_beats(m, f["trading"][name][metric]) for m, f in zip(model, folds, strict=True)))}
-        for name in STRATEGIES[1:]
+        for name in names[1:]
     }
     return out
 
@@ -125,6 +171,8 @@ def evaluate_step(
     for fold in folds:
         for name, values in fold["trading"].items():
             scores |= {f"fold{fold['fold']}_{name}_{k}": v for k, v in values.items() if k in REPORT_TRADING}
+        for name, values in fold["classification"].items():
+            scores |= {f"fold{fold['fold']}_{name}_{k}": v for k, v in values.items() if k in FOLD_CLASSIFICATION}
     for how in ("mean", "worst"):
         for name, values in report["summary"][how].items():
             scores |= {f"wf_{how}_{name}_{k}": v for k, v in values.items()}
@@ -137,6 +185,16 @@ def evaluate_step(
     return report
 
 
+#: Model baselines a report may carry (:mod:`pricelevel.ml.gbm` adds ``gbm``), shown right after the model.
+MODEL_BASELINES = ("gbm",)
+
+
+def report_rows(present: Mapping[str, object]) -> list[str]:
+    """The report's rows: the model, the model baselines in ``present``, then the no-model strategies."""
+    return [STRATEGIES[0], *(name for name in MODEL_BASELINES if name in present),
+            *(name for name in STRATEGIES[1:] if name in present)]
+
+
 def walk_forward_markdown(report: Mapping[str, object]) -> str:
     """The report as people read it: one table per fold, model beside the baselines, and the summary."""
     metric = report["metric"]
@@ -147,20 +205,25 @@ def walk_forward_markdown(report: Mapping[str, object]) -> str:
         return f"{value:+.1%}" if pct else (f"{value:.0f}" if isinstance(value, int) else f"{value:.3f}")
 
     lines = [f"# Walk-forward evaluation ({len(report['folds'])} folds; strategies ranked by {metric} after costs)", ""]
-    header = "| strategy | PR-AUC | ROC-AUC | Sharpe | total return | max drawdown | trades | fees / profit |"
+    header = ("| strategy | PR-AUC | ROC-AUC | direction AUC | Sharpe | total return | max drawdown | trades | "
+              "fees / profit |")
     for fold in report["folds"]:
         lines += [f"## Fold {fold['fold']}: test {fold['test_start'][:10]} .. {fold['test_end'][:10]} ({fold['bars']} bars)",
-                  "", header, "|---|---|---|---|---|---|---|---|"]
+                  "", header, "|---|---|---|---|---|---|---|---|---|"]
         cls = fold["classification"]
-        for name in STRATEGIES:
+        for name in report_rows(fold["trading"]):
             t = fold["trading"][name]
-            c = cls.get("model" if name == "model" else "", {})
-            lines.append(f"| {name} | {num(c.get('pr_auc'))} | {num(c.get('roc_auc'))} | {num(t['sharpe'])} | "
-                         f"{num(t['total_return'], True)} | {num(t['max_drawdown'], True)} | {t['n_trades']} | "
-                         f"{num(t['fee_share'], True)} |")
+            c = cls.get(name, {})  # the models' classification (LSTM, gbm); none for the no-model strategies
+            lines.append(f"| {name} | {num(c.get('pr_auc'))} | {num(c.get('roc_auc'))} | {num(c.get('direction_auc'))} | "
+                         f"{num(t['sharpe'])} | {num(t['total_return'], True)} | {num(t['max_drawdown'], True)} | "
+                         f"{t['n_trades']} | {num(t['fee_share'], True)} |")
         for name in BASELINES:
             lines.append(f"| {name.replace('_', ' ')} (classifier) | {num(cls[name]['pr_auc'])} | {num(cls[name]['roc_auc'])} "
-                         "| | | | | |")
+                         f"| {num(cls[name].get('direction_auc'))} | | | | | |")
+        rows = cls["model"].get("direction_rows")
+        if rows is not None:
+            lines += ["", f"Direction AUC: up-first against down-first on the {int(rows)} test bars where exactly one "
+                          "barrier was touched first."]
         rules = fold["rules"]
         lines += ["", f"Rules chosen on validation: threshold {rules['threshold']:.4f}, stop-loss {rules['sl_stop']}, "
                       f"take-profit {rules['tp_stop']}, time stop {rules['max_hold_bars']} bars; level rule "
@@ -168,10 +231,13 @@ def walk_forward_markdown(report: Mapping[str, object]) -> str:
     summary = report["summary"]
     lines += ["## Mean and worst fold", "", "| strategy | mean Sharpe | worst Sharpe | mean return | worst return | "
               "worst drawdown | mean trades |", "|---|---|---|---|---|---|---|"]
-    for name in STRATEGIES:
+    for name in report_rows(summary["mean"]):
         mean, worst = summary["mean"][name], summary["worst"][name]
         lines.append(f"| {name} | {num(mean['sharpe'])} | {num(worst['sharpe'])} | {num(mean['total_return'], True)} | "
                      f"{num(worst['total_return'], True)} | {num(worst['max_drawdown'], True)} | {num(mean['n_trades'])} |")
+    lines += ["", f"Model classification over the folds: PR-AUC mean {num(summary['mean']['model'].get('pr_auc'))}, "
+                  f"worst {num(summary['worst']['model'].get('pr_auc'))}; direction AUC mean "
+                  f"{num(summary['mean']['model'].get('direction_auc'))}, worst {num(summary['worst']['model'].get('direction_auc'))}."]
     beats = ", ".join(f"{name} in {int(v['folds'])} of {len(report['folds'])}" for name, v in summary["model_beats"].items())
     return "\n".join([*lines, "", f"The model's {metric} beat: {beats} folds.", ""])
 

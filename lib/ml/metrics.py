@@ -4,6 +4,10 @@ stopping, checkpoints, Optuna's pruning), the test scores and baselines of evalu
 One-class targets have no ranking to score. By one convention everywhere: PR-AUC (average precision) is 0
 when there is no positive to find and 1 when everything is positive; ROC-AUC is 0.5 (chance). A model can then
 never beat a baseline on such a window (they tie), and early stopping still sees "higher is better".
+
+**Direction skill** (:func:`direction_scores`) is the ROC-AUC of the same probability on the bars where exactly one
+barrier was touched first (up-first = 1, down-first = 0; timeouts and unknown bars left out): a model that only
+ranks volatile bars high scores PR-AUC above the base rate and direction AUC 0.5.
 """
 
 from __future__ import annotations
@@ -47,6 +51,20 @@ def classification_scores(target: np.ndarray, probability: np.ndarray, threshold
         "pr_auc": pr_auc,
         "loss": float(loss),
     }
+
+
+def direction_scores(direction: np.ndarray, probability: np.ndarray) -> dict[str, float]:
+    """``direction_auc``: the ROC-AUC of ``probability`` for separating up-first from down-first bars, by the
+    classes of :func:`pricelevel.features.labels.first_touch` (+1 up first, -1 down first; 0 and NaN are left
+    out), 0.5 when either class is missing; ``direction_rows``: how many bars it was measured on."""
+    direction = np.asarray(direction, dtype=np.float64)
+    probability = np.asarray(probability, dtype=np.float64)
+    if direction.shape != probability.shape:
+        raise ValueError(f"need equal direction and probability arrays, got {direction.shape} and {probability.shape}")
+    decided = (np.abs(direction) == 1.0) & np.isfinite(probability)
+    up = direction[decided] > 0
+    auc = float(roc_auc_score(up, probability[decided])) if 0 < up.sum() < up.size else 0.5
+    return {"direction_auc": auc, "direction_rows": float(up.size)}
 
 
 def metric_value(scores: dict[str, float], tuned_metric: str) -> float:

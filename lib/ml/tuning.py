@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,7 +33,7 @@ from optuna_integration import PyTorchLightningPruningCallback
 from pricelevel.backtest.selection import StrategyContext
 from pricelevel.core.cache import code_fingerprint, step_key
 from pricelevel.core.runlog import RunLog, TrialObserver
-from pricelevel.ml.config import ModelConfig, SearchSpace, TuningConfig
+from pricelevel.ml.config import SEARCHABLE_MODEL_KEYS, ModelConfig, SearchSpace, TuningConfig
 from pricelevel.ml.dataset import DatasetPlan, SymbolTable, TrainingData
 from pricelevel.ml.fit import train, with_params
 from pricelevel.ml.walkforward import fit_fold, folds_value
@@ -41,8 +41,9 @@ from pricelevel.ml.walkforward import fit_fold, folds_value
 #: How the study is run, not what it computes: left out of its key, so 4 workers on PostgreSQL resume the study
 #: one worker began (within one storage).
 ORCHESTRATION_KEYS = frozenset({"storage", "workers", "heartbeat_s", "grace_s", "trial_retries"})
-#: The model keys the search sets; everything else comes from ``model:``.
-SEARCHED = ("hidden_size", "num_layers", "dropout", "learning_rate", "batch_size", "seq_len")
+#: The keys a trial's parameters hold: the model's searchable keys and the window length. A model key fixed in
+#: ``model:`` (:meth:`ModelConfig.fixed_params`) keeps its value and is not searched; the rest come from the space.
+SEARCHED = (*SEARCHABLE_MODEL_KEYS, "seq_len")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 #: User attribute of a trial dropped because ``n_trials`` were already finished or running when it began.
 SURPLUS = "pricelevel.surplus"
@@ -52,15 +53,22 @@ class SurplusTrial(Exception):
     """This trial would exceed ``n_trials``: ended as FAIL before anything is computed, and not counted."""
 
 
-def suggest(trial: optuna.Trial, space: SearchSpace) -> dict[str, Any]:
-    return {
-        "hidden_size": trial.suggest_categorical("hidden_size", list(space.hidden_size)),
-        "num_layers": trial.suggest_int("num_layers", *space.num_layers),
-        "dropout": trial.suggest_float("dropout", *space.dropout),
-        "learning_rate": trial.suggest_float("learning_rate", *space.learning_rate, log=True),
-        "batch_size": trial.suggest_categorical("batch_size", list(space.batch_size)),
-        "seq_len": trial.suggest_categorical("seq_len", list(space.seq_len)),
+def suggest(trial: optuna.Trial, space: SearchSpace, fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """A trial's parameters: every key of :data:`SEARCHED`, the ``fixed`` ones as given (Optuna never sees
+    them, so they are not in ``trial.params``), the others suggested from ``space``."""
+    fixed = fixed or {}
+    unknown = set(fixed) - set(SEARCHED)
+    if unknown:
+        raise ValueError(f"fixed parameters {sorted(unknown)} are not searched keys {SEARCHED}")
+    suggesters: dict[str, Callable[[], Any]] = {
+        "hidden_size": lambda: trial.suggest_categorical("hidden_size", list(space.hidden_size)),
+        "num_layers": lambda: trial.suggest_int("num_layers", *space.num_layers),
+        "dropout": lambda: trial.suggest_float("dropout", *space.dropout),
+        "learning_rate": lambda: trial.suggest_float("learning_rate", *space.learning_rate, log=True),
+        "batch_size": lambda: trial.suggest_categorical("batch_size", list(space.batch_size)),
+        "seq_len": lambda: trial.suggest_categorical("seq_len", list(space.seq_len)),
     }
+    return {key: fixed[key] if key in fixed else suggesters[key]() for key in SEARCHED}
 
 
 def open_study(
@@ -106,13 +114,27 @@ class StudySummary:
     trials_pruned: int
     trials_run_now: int
     trials: list[dict[str, Any]]
+    #: Model keys fixed by the configuration (``model:``), not searched; they are in ``best_params`` too.
+    fixed: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 
     def describe(self) -> str:
+        fixed = (f"; fixed by model: {', '.join(f'{k}={v}' for k, v in self.fixed.items())} (not searched)"
+                 if self.fixed else "")
         return (f"study {self.study_name}: {self.trials_run_now} trials now, {self.trials_complete} complete, "
-                f"{self.trials_pruned} pruned; best {self.metric} = {self.best_value:.4f} with {self.best_params}")
+                f"{self.trials_pruned} pruned; best {self.metric} = {self.best_value:.4f} with {self.best_params}{fixed}")
+
+
+def check_fixed(model: ModelConfig, params: Mapping[str, Any]) -> None:
+    """Refuse a trial whose parameters would overwrite a key ``model`` fixes (a study run without
+    ``fixed=model.fixed_params()``): a configured value is used or refused, never silently replaced."""
+    clash = {k: (v, params[k]) for k, v in model.fixed_params().items() if k in params and params[k] != v}
+    if clash:
+        key, (given, searched) = next(iter(clash.items()))
+        raise ValueError(f"model.{key}={given} is fixed by the configuration but the trial searched {key}={searched}: "
+                         "run the study with fixed=model.fixed_params()")
 
 
 #: What one trial computes: ``objective(params, trial_dir, pruning_callbacks, on_epoch) -> value``. The pruning
@@ -125,6 +147,7 @@ def fit_objective(data_for: Callable[[int], TrainingData], model: ModelConfig, t
     length; all of them share one split)."""
 
     def objective(params, trial_dir, callbacks, on_epoch) -> float:
+        check_fixed(model, params)
         result = train(data_for(params["seq_len"]), with_params(model, params), tuning, tuning.max_epochs, trial_dir,
                        extra_callbacks=callbacks, epoch_callback=on_epoch)
         return result.best_score
@@ -134,26 +157,27 @@ def fit_objective(data_for: Callable[[int], TrainingData], model: ModelConfig, t
 
 def run_study(
     study: optuna.Study, objective: Objective, tuning: TuningConfig, work_dir: Path, observer: TrialObserver | None = None,
-    run_workers: Callable[[], None] | None = None,
+    run_workers: Callable[[], None] | None = None, fixed: Mapping[str, Any] | None = None,
 ) -> StudySummary:
     """Run the trials the study still lacks (``n_trials`` in total), then summarise it. ``run_workers`` runs
     ``tuning.workers`` calls of :func:`run_trials` elsewhere and returns when they are done; ``None``: this
-    process is the only worker."""
+    process is the only worker. ``fixed``: parameters not searched (:func:`suggest`)."""
     done = _count(study, FINISHED)
     if run_workers is not None and done < tuning.n_trials:
         run_workers()
     else:
-        run_trials(study, objective, tuning, work_dir, observer)
-    return summarize(study, tuning, _count(study, FINISHED) - done, key=study.user_attrs.get("pricelevel.key", ""))
+        run_trials(study, objective, tuning, work_dir, observer, fixed=fixed)
+    return summarize(study, tuning, _count(study, FINISHED) - done, key=study.user_attrs.get("pricelevel.key", ""),
+                     fixed=fixed)
 
 
 def run_trials(
     study: optuna.Study, objective: Objective, tuning: TuningConfig, work_dir: Path, observer: TrialObserver | None = None,
-    poll_s: float = 1.0,
+    poll_s: float = 1.0, fixed: Mapping[str, Any] | None = None,
 ) -> int:
     """One worker: run trials until ``n_trials`` have finished in the whole study (or ``timeout_s``); returns
     how many this worker finished. Each trial gets the pruning callback on ``tuning.metric`` when the tuned
-    metric and the study point the same way.
+    metric and the study point the same way; its parameters are ``fixed`` plus the searched rest.
 
     With heartbeats (a server database) the running trials of other workers count towards ``n_trials``: this
     worker waits while they run, and picks up the re-queued copy of one whose worker died. Without (SQLite,
@@ -168,7 +192,7 @@ def run_trials(
         if beats and _ahead_of(study, trial) >= tuning.n_trials:
             trial.set_user_attr(SURPLUS, True)
             raise SurplusTrial(f"trial {trial.number}: {tuning.n_trials} trials finished or running already")
-        params = suggest(trial, tuning.space)
+        params = suggest(trial, tuning.space, fixed)
         if observer:
             observer.trial_started(trial.number, params)
         state, value = "fail", None
@@ -213,7 +237,10 @@ def _ahead_of(study: optuna.Study, trial: optuna.Trial) -> int:
     return _count(study, FINISHED) + sum(1 for t in running if t.number < trial.number)
 
 
-def summarize(study: optuna.Study, tuning: TuningConfig, run_now: int, key: str = "") -> StudySummary:
+def summarize(
+    study: optuna.Study, tuning: TuningConfig, run_now: int, key: str = "", fixed: Mapping[str, Any] | None = None,
+) -> StudySummary:
+    """The study's outcome; ``best_params`` holds the ``fixed`` parameters too (what the final model uses)."""
     trials = study.get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if not complete:
@@ -225,7 +252,7 @@ def summarize(study: optuna.Study, tuning: TuningConfig, run_now: int, key: str 
         metric=tuning.metric,
         direction=tuning.direction,
         best_value=float(best.value),
-        best_params=dict(best.params),
+        best_params={**(fixed or {}), **best.params},
         best_trial=best.number,
         trials_complete=len(complete),
         trials_pruned=sum(1 for t in trials if t.state == TrialState.PRUNED),
@@ -235,6 +262,7 @@ def summarize(study: optuna.Study, tuning: TuningConfig, run_now: int, key: str 
              "epochs": len(t.intermediate_values)}
             for t in trials if not t.user_attrs.get(SURPLUS)
         ],
+        fixed=dict(fixed or {}),
     )
 
 
@@ -257,6 +285,7 @@ def walk_forward_objective(
     proxy. Test segments are never looked at. Pruning watches the first fold's epochs."""
 
     def objective(params, trial_dir, callbacks, on_epoch) -> float:
+        check_fixed(model, params)
         fits = [
             fit_fold(
                 plan, tables, k, int(params["seq_len"]), with_params(model, params), tuning, tuning.max_epochs,
@@ -280,7 +309,7 @@ def tune_step(
     study, study_name = _study(plan, model, tuning, strategy, storage)
     objective = walk_forward_objective(plan, plan.load(), model, tuning, strategy)
     summary = run_study(study, objective, tuning, work_dir / study.user_attrs["pricelevel.key"],
-                        run.trials(study_name) if run else None, run_workers)
+                        run.trials(study_name) if run else None, run_workers, fixed=model.fixed_params())
     summary = replace(summary, metric=objective_name(strategy, len(plan.folds)), direction="maximize")
     if run is not None:
         run.log_json(summary.to_dict(), "study_summary.json")
@@ -298,7 +327,7 @@ def trial_worker_step(
     study, study_name = _study(plan, model, tuning, strategy, storage)
     objective = walk_forward_objective(plan, plan.load(), model, tuning, strategy)
     return run_trials(study, objective, tuning, work_dir / study.user_attrs["pricelevel.key"],
-                      run.trials(study_name) if run else None)
+                      run.trials(study_name) if run else None, fixed=model.fixed_params())
 
 
 def _study(

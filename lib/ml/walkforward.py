@@ -5,24 +5,30 @@ is the number the report shows for the same fold and segment. Every fold trades 
 account protections included (``costs.protections``: the trader's max positions, drawdown halt, daily loss
 limit and cool-down, simulated by :mod:`pricelevel.backtest.protections`), so a fold's score is that of the
 strategy the trader runs.
+
+The rule grid's ``move`` / ``down`` / ``horizon`` are the label's own exits (:func:`label_exits`): for a
+``triple_barrier`` label, take-profit = u, stop-loss = d and time stop = horizon, the trade the label describes.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
-from pricelevel.backtest.baselines import choose_level_rule
+from pricelevel.backtest.baselines import VOLATILITY_KEY, choose_level_rule, choose_volatility_rules
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import Market, market_from_candles
 from pricelevel.backtest.selection import Selection, StrategyContext, aggregate, choose_rules
 from pricelevel.backtest.trading import probability_matrix
 from pricelevel.core.cache import DerivedStore, code_fingerprint, step_key
 from pricelevel.core.runlog import RunLog
+from pricelevel.features.config import LabelsConfig
+from pricelevel.features.labels import barrier_fractions
 from pricelevel.ml.artifacts import FoldModel, TrainedModel, build_spec, input_example, predictions
 from pricelevel.ml.config import ModelConfig, TuningConfig
 from pricelevel.ml.dataset import DatasetPlan, SymbolTable, TrainingData
@@ -39,6 +45,34 @@ def segment_market(
     if end is not None:
         keep &= candles["timestamp"] <= end
     return market_from_candles(candles[keep], timeframe=costs.timeframe)
+
+
+def label_exits(
+    strategy: StrategyContext, labels: LabelsConfig, tables: Mapping[str, SymbolTable], start: pd.Timestamp,
+    end: pd.Timestamp | None,
+) -> StrategyContext:
+    """``strategy`` with the label's own take-profit (``move``) and stop-loss (``down``) for the rule grid.
+
+    ``triple_barrier`` with fraction barriers: u and d. With ATR barriers the engine's stops are fractions fixed
+    in the model's rules, so they are the median of the barriers (as fractions of the entry price) over the
+    segment's bars from ``start`` to ``end`` (the validation segment: chosen on validation like every rule).
+    Other labels keep ``strategy.move`` (``move_frac``) and have no lower barrier.
+    """
+    if labels.kind != "triple_barrier":
+        return strategy
+    if labels.barrier_unit == "fraction":
+        return replace(strategy, move=labels.up_barrier, down=labels.down_barrier)
+    ups, downs = [], []
+    for table in tables.values():
+        stamps = pd.DatetimeIndex(table.candles["timestamp"])
+        keep = (stamps >= start) & ((stamps <= end) if end is not None else True)
+        up, down = barrier_fractions(table.candles, labels)
+        ups.append(up[keep])
+        downs.append(down[keep])
+    up, down = np.concatenate(ups), np.concatenate(downs)
+    if not np.isfinite(up).any():
+        raise ValueError(f"no ATR barrier defined between {start} and {end}: too few bars for ATR({labels.atr_window})")
+    return replace(strategy, move=float(np.nanmedian(up)), down=min(float(np.nanmedian(down)), 0.99))
 
 
 @dataclass(frozen=True)
@@ -77,8 +111,9 @@ def fit_fold(
     scored = {"val": predictions(result.module, data.val, tables), "test": predictions(result.module, data.test, tables)}
     market = segment_market(tables, data.bounds.val_start, data.bounds.val_end, strategy.costs)
     probability = probability_matrix(market, scored["val"])
-    rules = choose_rules(market, probability, strategy.costs, strategy.selection, strategy.base, strategy.move,
-                         strategy.horizon)
+    exits = label_exits(strategy, plan.spec.labels, tables, data.bounds.val_start, data.bounds.val_end)
+    rules = choose_rules(market, probability, strategy.costs, strategy.selection, strategy.base, exits.move,
+                         exits.horizon, exits.down)
     return FoldFit(fold, data, result, scored, rules)
 
 
@@ -127,8 +162,11 @@ def train_step(
             market = segment_market(tables, fit.data.bounds.val_start, fit.data.bounds.val_end, strategy.costs)
             level = choose_level_rule(market, candles, history, strategy.costs, strategy.selection, strategy.base,
                                       strategy.horizon)
+            volatility = choose_volatility_rules(market, candles, label_exits(
+                strategy, plan.spec.labels, tables, fit.data.bounds.val_start, fit.data.bounds.val_end))
             spec = build_spec(plan, fit.data, fit.result.module.hparams, fit.rules.chosen.model_dump(),
-                              {"fold": k, "level_rule": level.chosen.model_dump(), "validation_score": fit.rules.score.to_dict()})
+                              {"fold": k, "level_rule": level.chosen.model_dump(), "validation_score": fit.rules.score.to_dict(),
+                               VOLATILITY_KEY: volatility.chosen.model_dump()})
             summary = {
                 "best_score": fit.result.best_score, "best_epoch": fit.result.best_epoch, "epochs_run": fit.result.epochs_run,
                 "history": fit.result.history, "train_samples_per_second": fit.result.train_samples_per_second,
@@ -136,7 +174,8 @@ def train_step(
             }
             FoldModel(out / f"fold-{k}").save(
                 fit.result.module, spec, summary, fit.scored,
-                {"model": fit.rules.to_dict(), "level_rule": level.to_dict()}, input_example(fit.data),
+                {"model": fit.rules.to_dict(), "level_rule": level.to_dict(), "volatility": volatility.to_dict()},
+                input_example(fit.data),
             )
 
     out, built = derived.build("models", key, write)

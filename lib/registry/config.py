@@ -30,5 +30,13 @@ class PromotionConfig(Frozen):
     min_improvement: float = Field(0.0, ge=0)
     #: The strategy metric (``selection.metric``) on the same window may be worse than the champion's by at most this.
     backtest_tolerance: float = Field(0.0, ge=0)
-    #: Strategy baselines every champion, the first included, must beat on the window (``selection.metric``).
-    hurdle: tuple[Literal["cash", "level_rule", "buy_and_hold"], ...] = ("cash", "level_rule")
+    #: Strategy baselines every champion, the first included, must beat on the window (``selection.metric``):
+    #: ``volatility`` is the no-model control that ranks bars by ATR/close (a model must add direction to it).
+    #: ``gbm`` (not a default) asks the LSTM to beat the LightGBM baseline of its own training run (README "Promotion").
+    hurdle: tuple[Literal["cash", "level_rule", "volatility", "buy_and_hold", "gbm"], ...] = ("cash", "level_rule", "volatility")
+    #: The champion is judged against the same hurdle at every promotion run; after this many failures in a row
+    #: it is retired (``@champion`` removed: no new entries until a model earns it). 0: never retired.
+    retire_after: int = Field(2, ge=0)
+    #: The challenger's deflated Sharpe ratio (its training run's chosen strategy on validation, after every
+    #: configuration the run tried: trials x rule candidates) must be at least this; 0 turns the condition off.
+    min_deflated_sharpe: float = Field(0.9, ge=0, le=1)

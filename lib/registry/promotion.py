@@ -7,13 +7,20 @@ the trader runs.
 
 - **The hurdle, for every champion, the first included**: the challenger's strategy metric
   (``selection.metric``, after costs) must beat each strategy baseline listed in ``promotion.hurdle`` on the
-  window, strictly (default: cash, whose Sharpe is 0, and the level rule; buy-and-hold may be added).
+  window, strictly (default: cash, whose Sharpe is 0, the level rule and the volatility control, which ranks
+  bars by ATR/close; buy-and-hold may be added, and is reported either way).
+- **Not luck**: the challenger's deflated Sharpe ratio (the probability that the Sharpe its training run chose
+  on validation beats zero after every configuration the run tried) is at least ``min_deflated_sharpe``; an
+  unmeasured one (NaN) fails.
 - No champion yet: the challenger must also beat every no-model classifier on the tuned metric, strictly.
 - A champion: the challenger's tuned metric must beat the champion's by more than ``min_improvement``
   (in the metric's direction) AND its strategy metric may be worse by at most ``backtest_tolerance``.
 
 A NaN score (an undefined metric, a strategy that never traded) loses to any number and never wins: a NaN
 challenger is never promoted; a NaN champion or baseline is beaten by any finite challenger.
+
+**The champion is judged again** at every run, by the same hurdle on the same window (:func:`judge_champion`);
+``promotion.retire_after`` failures in a row (:func:`failures_after`) retire it (:func:`retires`).
 """
 
 from __future__ import annotations
@@ -54,9 +61,11 @@ def decide(
     direction: Direction,
     trading_metric: str = "sharpe",
     hurdle: Mapping[str, float] | None = None,
+    deflated_sharpe: float | None = None,
 ) -> Decision:
     """Apply the rule in the module docstring. ``hurdle`` holds the strategy baselines' ``trading_metric`` on the
-    window (``None``: no hurdle numbers, the hurdle is not applied)."""
+    window (``None``: no hurdle numbers, the hurdle is not applied); ``deflated_sharpe`` the challenger's
+    (``None``: not applied; NaN: not measured, which fails)."""
     if direction not in ("maximize", "minimize"):
         raise ValueError(f"direction must be 'maximize' or 'minimize', got {direction!r}")
     details: dict[str, float | str | None] = {
@@ -75,25 +84,91 @@ def decide(
     if hurdle is not None:
         failed = _hurdle_failures(challenger.backtest, hurdle, config.hurdle)
         if failed:
-            name, value = failed[0]
-            left, right = _pair(challenger.backtest, value, digits=2)
-            others = ", ".join(f"{n} {v:.2f}" for n, v in sorted(hurdle.items()) if n != name)
-            return Decision(False, f"challenger {trading_metric} {left} does not beat {name} {right} on the newest window "
-                                   f"(also: {others}; hurdle: {', '.join(config.hurdle)}); it stays @challenger", details)
+            return Decision(False, f"challenger {_not_beaten(challenger.backtest, failed, hurdle, trading_metric)} "
+                                   f"on the newest window (hurdle: {', '.join(config.hurdle)}); it stays @challenger", details)
+    if deflated_sharpe is not None:
+        details.update({"deflated_sharpe": deflated_sharpe, "min_deflated_sharpe": config.min_deflated_sharpe})
+        if not deflated_sharpe >= config.min_deflated_sharpe:  # NaN fails
+            found = "was not measured" if math.isnan(deflated_sharpe) else f"{deflated_sharpe:.3f} is below"
+            return Decision(False, f"challenger's deflated Sharpe {found} promotion.min_deflated_sharpe "
+                                   f"{config.min_deflated_sharpe:.2f}: its validation Sharpe is not told apart from the "
+                                   "best of the configurations its run tried by luck; it stays @challenger", details)
     if champion is None:
         promote, reason = _against_baselines(challenger, metric, direction)
     else:
         promote, reason = _against_champion(challenger, champion, config, metric, direction, trading_metric)
     if promote and hurdle is not None and config.hurdle:
         cleared = ", ".join(f"{n} {hurdle[n]:.2f}" for n in config.hurdle)
-        reason = f"{reason}; {trading_metric} {challenger.backtest:.2f} beats {cleared}"
+        reason = f"{reason}; {trading_metric} {challenger.backtest:.2f} beats {cleared}{_market(hurdle, config.hurdle)}"
     return Decision(promote, reason, details)
+
+
+def _market(hurdle: Mapping[str, float], names: tuple[str, ...]) -> str:
+    """Buy-and-hold beside a decision that does not require beating it (the market a user could simply hold)."""
+    if "buy_and_hold" in names or "buy_and_hold" not in hurdle:
+        return ""
+    return f" (buy_and_hold {hurdle['buy_and_hold']:.2f}, not in the hurdle)"
+
+
+@dataclass(frozen=True)
+class ChampionVerdict:
+    """The champion judged again on the newest window: did it clear the hurdle, and the sentence saying so."""
+
+    version: str
+    passed: bool
+    reason: str
+    #: Consecutive runs it has failed the hurdle, this one included (0 when it passed).
+    failures: int
+    #: ``promotion.retire_after`` reached: ``@champion`` is taken off it.
+    retired: bool
+
+
+def judge_champion(
+    version: str, backtest: float, hurdle: Mapping[str, float], config: PromotionConfig, previous_failures: int,
+    trading_metric: str = "sharpe", replaced_by: str | None = None,
+) -> ChampionVerdict:
+    """The hurdle of :func:`decide` applied to the champion's strategy metric on the same window; its failures in
+    a row and whether they retire it (never when ``replaced_by``, the challenger promoted over it in the same
+    run). A champion that passes starts again from 0."""
+    failed = _hurdle_failures(backtest, hurdle, config.hurdle)
+    failures = failures_after(previous_failures, passed=not failed)
+    retired = replaced_by is None and retires(failures, config.retire_after)
+    if not failed:
+        cleared = ", ".join(f"{n} {hurdle[n]:.2f}" for n in config.hurdle)
+        return ChampionVerdict(version, True, f"champion v{version} still clears the hurdle: {trading_metric} "
+                                              f"{backtest:.2f} beats {cleared}{_market(hurdle, config.hurdle)}", 0, False)
+    limit = "never retired (retire_after 0)" if config.retire_after == 0 else f"retired at {config.retire_after}"
+    outcome = (f"replaced by v{replaced_by}" if replaced_by is not None
+               else "RETIRED: @champion removed, no new entries until a model earns it" if retired
+               else f"{failures} failure(s) in a row, {limit}")
+    return ChampionVerdict(version, False, f"champion v{version} fails the hurdle on the newest window: "
+                                           f"{_not_beaten(backtest, failed, hurdle, trading_metric)}; {outcome}",
+                           failures, retired)
+
+
+def failures_after(previous: int, passed: bool) -> int:
+    """Consecutive hurdle failures after one more judgement."""
+    return 0 if passed else max(previous, 0) + 1
+
+
+def retires(failures: int, retire_after: int) -> bool:
+    """``retire_after`` failures in a row retire a champion; 0 never does."""
+    return retire_after > 0 and failures >= retire_after
 
 
 def _hurdle_failures(value: float, hurdle: Mapping[str, float], names: tuple[str, ...]) -> list[tuple[str, float]]:
     """The listed baselines the challenger's strategy metric does not strictly beat (a missing one fails)."""
     return [(name, hurdle.get(name, math.nan)) for name in names
             if name not in hurdle or not _beats(value, hurdle[name], 0.0, "maximize")]
+
+
+def _not_beaten(value: float, failed: list[tuple[str, float]], hurdle: Mapping[str, float], trading_metric: str) -> str:
+    """"sharpe 0.40 does not beat level_rule 0.50, volatility 0.90 (also: cash 0.00, ...)": every baseline of the
+    hurdle it failed, then the others on the window (buy-and-hold among them)."""
+    left, right = _pair(value, failed[0][1], digits=2)
+    beaten = ", ".join([f"{failed[0][0]} {right}", *(f"{n} {v:.2f}" for n, v in failed[1:])])
+    others = ", ".join(f"{n} {v:.2f}" for n, v in sorted(hurdle.items()) if n not in dict(failed))
+    return f"{trading_metric} {left} does not beat {beaten}" + (f" (also: {others})" if others else "")
 
 
 def _beats(value: float, reference: float, margin: float, direction: Direction) -> bool:

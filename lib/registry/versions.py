@@ -30,6 +30,12 @@ REPLACED_TAG = "pricelevel.replaced"
 CHAMPION_HISTORY_LIMIT = 100
 #: Version tags shown by :func:`list_versions`.
 PROMOTION_TAG_PREFIX = "promotion."
+#: Version tags of a champion judged again at a promotion run: its consecutive hurdle failures (the count that
+#: retires it), the verdict (``passed`` / ``failed`` / ``retired``), the sentence and when.
+CHAMPION_FAILURES_TAG = "promotion.champion.failures"
+CHAMPION_VERDICT_TAG = "promotion.champion.verdict"
+CHAMPION_REASON_TAG = "promotion.champion.reason"
+CHAMPION_JUDGED_AT_TAG = "promotion.champion.judged_at"
 _READY = "READY"
 _FAILED = "FAILED_REGISTRATION"
 
@@ -279,6 +285,54 @@ def rollback_champion(client: MlflowClient, name: str) -> tuple[str | None, str]
         f"model {name!r} has no former champion to roll back to "
         f"(champion: {'version ' + current_version if current_version else 'none'}; history empty)"
     )
+
+
+def champion_failures(client: MlflowClient, name: str, version: str) -> int:
+    """The version's consecutive hurdle failures as champion (0: never failed, or passed since)."""
+    raw = (client.get_model_version(name, version).tags or {}).get(CHAMPION_FAILURES_TAG, "0")
+    try:
+        return max(int(raw), 0)
+    except ValueError:
+        return 0
+
+
+def record_champion_verdict(
+    client: MlflowClient, name: str, version: str, verdict: str, failures: int, reason: str, judged_at: str
+) -> None:
+    """The champion's judgement as its version's tags (retried): what retires it at the next run, and what
+    ``pricelevel models`` shows."""
+    tags = {CHAMPION_FAILURES_TAG: str(failures), CHAMPION_VERDICT_TAG: verdict, CHAMPION_REASON_TAG: reason,
+            CHAMPION_JUDGED_AT_TAG: judged_at}
+    for key, value in tags.items():
+        retrying(lambda k=key, x=value: client.set_model_version_tag(name, version, k, x))
+
+
+def retire_champion(client: MlflowClient, name: str, version: str) -> bool:
+    """Take ``champion`` off ``version`` (it failed the hurdle too often): no version holds it until a model earns
+    it. The version goes onto the champion history first, so ``promote --rollback`` can put it back. False when
+    ``champion`` had already moved elsewhere (nothing is done)."""
+    if alias_version(client, name, ALIAS_CHAMPION) != str(version):
+        return False
+    history = champion_history(client, name)
+    if not history or history[-1] != str(version):
+        _write_history(client, name, [*history, str(version)])
+    retrying(lambda: client.delete_registered_model_alias(name, ALIAS_CHAMPION))
+    return True
+
+
+def champion_status(versions: list[dict[str, Any]]) -> str | None:
+    """One line on the champion's latest judgement from :func:`list_versions` rows (``None``: never judged): the
+    champion's own, or the retired version's when no version holds ``champion``."""
+    judged = [v for v in versions if v.get("tags", {}).get(CHAMPION_VERDICT_TAG)]
+    holder = next((v for v in versions if ALIAS_CHAMPION in v.get("aliases", [])), None)
+    row = holder if holder is not None and holder in judged else None
+    if row is None and holder is None:
+        retired = [v for v in judged if v["tags"][CHAMPION_VERDICT_TAG] == "retired"]
+        row = max(retired, key=lambda v: v["tags"].get(CHAMPION_JUDGED_AT_TAG, "")) if retired else None
+    if row is None:
+        return None
+    tags = row["tags"]
+    return f"{tags.get(CHAMPION_REASON_TAG, '')} (judged {tags.get(CHAMPION_JUDGED_AT_TAG, '?')})"
 
 
 def _version_exists(client: MlflowClient, name: str, version: str) -> bool:

@@ -12,6 +12,8 @@ from pricelevel.core.config import Frozen
 #: A stop given as the label's own move or horizon, resolved per model.
 LabelMove = Literal["move"]
 LabelHorizon = Literal["horizon"]
+#: A stop-loss given as the label's lower barrier (``triple_barrier``'s d; none for labels without one).
+LabelDown = Literal["down"]
 
 
 class LevelRuleGrid(Frozen):
@@ -36,9 +38,10 @@ class SelectionConfig(Frozen):
     entry_quantiles: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
     #: Exit when the probability falls below this quantile of the validation probabilities (null: no such exit).
     exit_quantiles: tuple[float | None, ...] = (None,)
-    #: The exits searched; the default is the label's own question (+move within horizon bars), which did best
-    #: out of sample (README "What was tried": stop-loss candidates won on validation and lost on test).
-    sl_stop: tuple[float | None, ...] = (None,)
+    #: The exits searched; the default is the label's own question (+move within horizon bars, before -down for a
+    #: triple barrier), which did best out of sample (README "What was tried": stop-loss candidates won on
+    #: validation and lost on test). ``down`` is the triple barrier's lower barrier, and no stop for other labels.
+    sl_stop: tuple[float | LabelDown | None, ...] = ("down",)
     tp_stop: tuple[float | LabelMove | None, ...] = ("move",)
     max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon",)
     level_rule: LevelRuleGrid = LevelRuleGrid()

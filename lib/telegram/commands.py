@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
-import pandas as pd
 from mlflow import MlflowClient
 
 from pricelevel.registry.config import TrackingConfig
@@ -24,24 +23,39 @@ from pricelevel.registry.versions import (
     rollback_champion,
 )
 from pricelevel.trading import control
+from pricelevel.trading.reports import money, pct, signed, when  # noqa: F401  (the answers' formats)
 from pricelevel.trading.state import StateStore
 
-#: ``/command``: what it does, for ``/help`` (the order of the README's table).
+#: ``/command``: what it does, for ``/help`` and Telegram's "/" menu (the order of the README's table).
 COMMANDS = {
     "status": "mode, model version, equity, risk state",
     "positions": "open positions",
     "balance": "equity, cash, in positions, return since the first bar",
     "profit": "[days] closed trades and P&L (all time, or the last N days)",
+    "daily": "[n] P&L per UTC day, the last n days (7)",
+    "weekly": "[n] P&L per week from Monday, the last n weeks (8)",
+    "monthly": "[n] P&L per month, the last n months (6)",
+    "performance": "P&L per symbol",
+    "stats": "trades per exit reason, win/loss, how long winners and losers were held",
     "trades": "[n] the last n closed trades (10)",
+    "count": "positions open and allowed",
+    "locks": "halts, stops and cool-downs in force, and when they end",
+    "health": "last bar processed, service heartbeat, last exchange contact",
     "stop": "no new entries (exits go on)",
     "start": "entries again after /stop (asks first: Telegram's Start button sends /start too)",
-    "forceexit": "SYMBOL|all close positions at the next bar",
+    "forceexit": "[SYMBOL|all] close a position at market (no symbol: pick one from the open positions)",
     "kill": "the kill switch: close everything, refuse entries (asks first)",
     "rearm": "clear the kill switch and halts (asks first)",
     "model": "champion and challenger with their metrics, the last promotion decision",
     "rollback": "put @champion back on the previous champion (asks first)",
+    "logs": "[n] the last n log lines (10), secrets masked",
+    "version": "pricelevel, Python and python-telegram-bot versions, the model traded",
+    "show_config": "the effective trading configuration, secrets masked",
+    "tg_info": "this chat's id and your user id (for telegram.chat_ids / user_ids)",
     "help": "this list",
 }
+#: Default and largest ``n`` of ``/daily``, ``/weekly``, ``/monthly``.
+PERIODS = {"daily": ("day", 7, 366), "weekly": ("week", 8, 104), "monthly": ("month", 6, 60)}
 #: Registry metrics shown by ``/model``, when the version's run has them.
 MODEL_METRICS = ("test_pr_auc", "backtest_total_return", "backtest_sharpe", "backtest_n_trades")
 _SYMBOL = re.compile(r"^[A-Z0-9]{2,20}(USDT|USDC|USD)$")
@@ -51,24 +65,8 @@ class UsageError(ValueError):
     """A command's arguments are wrong; ``str()`` is the answer to send."""
 
 
-def money(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:,.2f}"
-
-
-def signed(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:+,.2f}"
-
-
-def pct(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:+.2%}"
-
-
 def count(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
-
-
-def when(value: str | None) -> str:
-    return "-" if not value else f"{pd.Timestamp(value):%Y-%m-%d %H:%M} UTC"
 
 
 def help_text() -> str:
@@ -189,16 +187,26 @@ def queue_command(store: StateStore, kind: str, symbols: Sequence[str] = (), by:
     return f"queued {kind}{target}: {EFFECTS[kind]}. The trader applies it within seconds (or when it starts)."
 
 
-def parse_forceexit(args: Sequence[str], open_positions: Sequence[str] = ()) -> tuple[str, ...]:
-    """``SYMBOL`` or ``all`` -> the symbols to close (``()``: all)."""
+def parse_forceexit(args: Sequence[str], open_positions: Collection[str]) -> tuple[str, ...]:
+    """``SYMBOL`` or ``all`` -> the symbols to close (``()``: all), checked against the open positions: a symbol
+    without a position (a typo, one already closed) is refused, so nothing is queued that would close nothing."""
     if len(args) != 1:
-        raise UsageError("usage: /forceexit SYMBOL|all (e.g. /forceexit BTCUSDT)")
+        raise UsageError("usage: /forceexit SYMBOL|all (e.g. /forceexit BTCUSDT), or /forceexit to pick one")
     arg = args[0].strip().upper()
+    if not open_positions:
+        raise UsageError("no open positions: nothing to close")
     if arg == "ALL":
         return ()
     if not _SYMBOL.match(arg):
         raise UsageError(f"{args[0]!r} is not a symbol; usage: /forceexit SYMBOL|all")
+    if arg not in open_positions:
+        raise UsageError(f"no open position in {arg}: nothing queued (open: {', '.join(sorted(open_positions))})")
     return (arg,)
+
+
+def forceexit_text(store: StateStore, args: Sequence[str], by: str) -> str:
+    """``/forceexit SYMBOL|all``: checked against the open positions now, then queued as ``trader forceexit``."""
+    return queue_command(store, "forceexit", parse_forceexit(args, control.open_symbols(store)), by)
 
 
 def parse_number(args: Sequence[str], default: float | None, name: str, integer: bool = False,

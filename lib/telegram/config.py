@@ -22,6 +22,8 @@ class TelegramConfig(Frozen):
     user_ids: tuple[int, ...] = ()
     #: The kinds of notification sent (``pricelevel.trading.events.EVENT_KINDS``); remove one to silence it.
     notify: tuple[str, ...] = EVENT_KINDS
+    #: Kinds sent without a sound (Telegram's ``disable_notification``): they arrive, the phone stays quiet.
+    silent: tuple[str, ...] = ()
     #: Bot API server (a local fake in tests, a self-hosted Bot API server).
     base_url: str = "https://api.telegram.org"
     #: Telegram's limits: about one message a second per chat, 30 a second overall.
@@ -40,7 +42,10 @@ class TelegramConfig(Frozen):
     request_timeout_s: float = Field(10.0, gt=0)
     #: Long-poll timeout of ``getUpdates`` (the server holds the request this long when nothing is pending).
     poll_timeout_s: float = Field(10.0, ge=0)
-    #: Seconds a ``/kill``, ``/rearm``, ``/rollback`` or ``/start`` confirmation button stays valid.
+    #: Longest wait between two tries to reach Telegram while it is away (polling for commands, and connecting at
+    #: start): commands answer within about this long after an outage ends.
+    reconnect_max_s: float = Field(4.0, gt=0, le=60)
+    #: Seconds the buttons of a ``/kill``, ``/rearm``, ``/rollback``, ``/start`` or ``/forceexit`` question stay valid.
     confirm_timeout_s: float = Field(60.0, gt=0)
     #: UTC hour of an extra daily summary (equity, P&L, trades, positions) from the bot; ``null``: none (the trader
     #: itself sends one at the first bar of each UTC day).
@@ -51,7 +56,7 @@ class TelegramConfig(Frozen):
     #: A flow's lifecycle message (promotion, failed run) gives up after this long: a flow never waits on Telegram.
     lifecycle_timeout_s: float = Field(15.0, gt=0)
 
-    @field_validator("notify")
+    @field_validator("notify", "silent")
     @classmethod
     def _known_kinds(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         unknown = sorted(set(value) - set(EVENT_KINDS))

@@ -6,7 +6,7 @@ The queue outlives Telegram's outages and the process: in the service it is the 
 table (:class:`StoredQueue`), so a message is kept from the moment it is notified until Telegram has taken it,
 through an outage of any length and across a restart, and each is marked sent once. A network error (Telegram
 unreachable, a timeout, a 5xx or an HTML error page from a proxy) never uses up a message's tries: the head of
-the queue waits, with a growing wait capped at 30 s, until Telegram answers, and the rest wait behind it in
+the queue waits, with a growing wait capped at ``telegram.reconnect_max_s``, until Telegram answers, and the rest wait behind it in
 order. Only Telegram's refusals end a message (a bad request, a blocked bot: counted as failed). A flow's one-off
 message uses :class:`MemoryQueue`. Nothing here ever blocks the caller: :meth:`Outbox.put` only hands the
 message to the loop; the database writes run in worker threads."""
@@ -39,6 +39,7 @@ from telegram.error import (
 from telegram.warnings import PTBDeprecationWarning
 
 from pricelevel.telegram.config import TelegramConfig
+from pricelevel.telegram.transport import Reachability
 from pricelevel.trading.state import StateStore, as_utc
 
 LOG = logging.getLogger(__name__)
@@ -215,6 +216,9 @@ def split_message(text: str, limit: int = MAX_MESSAGE) -> list[str]:
             parts.append(text[:newline])
             text = text[newline + 1:]
         else:
+            amp = text.rfind("&", max(end - 10, 0), end)  # never cut an HTML entity (``&amp;``) in two
+            if amp > 0 and ";" not in text[amp:end]:
+                end = amp
             parts.append(text[:end])
             text = text[end:]
     return parts or [""]
@@ -246,8 +250,11 @@ class Outbox:
     def __init__(self, send: Send, config: TelegramConfig, counters: Counters | None = None,
                  mask: Callable[[str], str] = lambda text: text, clock: Callable[[], float] = time.monotonic,
                  queue: MessageQueue | None = None,
-                 now: Callable[[], dtm.datetime] = lambda: dtm.datetime.now(dtm.UTC)) -> None:
+                 now: Callable[[], dtm.datetime] = lambda: dtm.datetime.now(dtm.UTC),
+                 reachability: Reachability | None = None) -> None:
         self._send, self.config, self._mask, self._clock, self._now = send, config, mask, clock, now
+        #: Says once per outage that Telegram is unreachable, whoever notices first (polling, sending).
+        self.reachability = reachability or Reachability(clock)
         self.counters = counters or Counters()
         self.queue: MessageQueue = queue if queue is not None else MemoryQueue()
         self.ready = asyncio.Event()
@@ -428,6 +435,7 @@ class Outbox:
         item, attempts = message.item, message.attempts
         while not self._refused:
             await self._wait_turn(item.chat_id)
+            started = self.reachability.now()
             try:
                 await self._send(self._dated(message))
             except RetryAfter as exc:
@@ -456,34 +464,32 @@ class Outbox:
                         return
                     self._back_off()
             else:
-                await self._settle(message, "sent", attempts)
+                await self._settle(message, "sent", attempts, started=started)
                 return
             self.counters.add("retried")
 
     def _wait_for_telegram(self, exc: BaseException) -> None:
         if self._unreachable_since is None:
             self._unreachable_since = self._clock()
-            LOG.warning("telegram: cannot reach the Bot API (%s): %d messages wait and are sent in order when it "
-                        "answers%s", exc, self._waiting, " (kept in the state database)" if self.queue.blocking else "")
-        else:
-            LOG.debug("telegram: still unreachable (%s)", exc)
-        self._back_off()
+        self.reachability.failed(exc, "sending", f": {self._waiting} messages wait and are sent in order when it "
+                                 f"answers{' (kept in the state database)' if self.queue.blocking else ''}")
+        self._back_off(self.config.reconnect_max_s)  # tried often enough to go on within seconds of its return
 
-    def _back_off(self) -> None:
-        wait = min(self.config.retry_backoff_s * 2 ** self._backoff_streak, MAX_BACKOFF_S)
+    def _back_off(self, longest: float = MAX_BACKOFF_S) -> None:
+        wait = min(self.config.retry_backoff_s * 2 ** self._backoff_streak, longest)
         self._backoff_streak += 1
         self._paused_until = max(self._paused_until, self._clock() + wait)
 
-    async def _settle(self, message: Waiting, status: str, attempts: int, error: str = "") -> None:
+    async def _settle(self, message: Waiting, status: str, attempts: int, error: str = "",
+                      started: float | None = None) -> None:
         self.counters.add(status)
         self._waiting -= 1
         if status == "sent":
             self._dropping = False
             self._backoff_streak = 0
             if self._unreachable_since is not None:
-                LOG.info("telegram: the Bot API answers again after %.0f s; %d messages still wait",
-                         self._clock() - self._unreachable_since, self._waiting)
                 self._unreachable_since = None
+            self.reachability.answered(f"; {self._waiting} messages still wait", started)
         try:
             await self._call(self.queue.settle, message.id, status, attempts, error)
         except Exception as exc:  # never send it again: remember, and write it down later

@@ -21,29 +21,40 @@ from typing import Any
 
 import pandas as pd
 from mlflow import MlflowClient
-from telegram import Bot
+from pydantic import BaseModel
+from telegram import Bot, BotCommand
+from telegram.constants import ParseMode
 from telegram.error import InvalidToken, NetworkError, TelegramError
 from telegram.ext import Application
-from telegram.request import HTTPXRequest
 
 from pricelevel.core.secrets import Secrets
 from pricelevel.registry.config import TrackingConfig
 from pricelevel.registry.tracking import mlflow_client
-from pricelevel.telegram.bot import ControlBot, build_application
-from pricelevel.telegram.commands import Registry, summary_text
+from pricelevel.telegram.bot import ControlBot, Extras, build_application
+from pricelevel.telegram.commands import COMMANDS, Registry, summary_text
 from pricelevel.telegram.config import TelegramConfig
+from pricelevel.telegram.logtail import log_tail
 from pricelevel.telegram.outbox import Counters, Outbox, Outgoing, StoredQueue
 from pricelevel.telegram.redaction import Mask, masked_logs, masker
+from pricelevel.telegram.render import notice_html
+from pricelevel.telegram.transport import QuietRequest, Reachability, describe
+from pricelevel.trading.config import RiskConfig
 from pricelevel.trading.events import NoNotifier, Notifier
 from pricelevel.trading.state import StateStore
 
 LOG = logging.getLogger(__name__)
-#: The longest wait between two tries to reach Telegram at start.
-MAX_RECONNECT_S = 60.0
 
 
 def message_text(kind: str, text: str) -> str:
-    return f"[{kind}] {text}"
+    """A notification as sent (HTML; :func:`pricelevel.telegram.render.notice_html`)."""
+    return notice_html(kind, text)
+
+
+def notice_parts(notice: Any, text: str | None = None) -> tuple[str, str]:
+    """``(kind, text)`` of ``notify(kind, text)`` or of ``notify(notice)`` (an object with ``.kind`` and ``.text``)."""
+    if text is None and hasattr(notice, "kind"):
+        return str(notice.kind), str(notice.text)
+    return str(notice), str(text)
 
 
 class TelegramNotifier:
@@ -55,8 +66,9 @@ class TelegramNotifier:
         self._kinds = frozenset(config.notify)
         self._closed = False
 
-    def notify(self, kind: str, text: str) -> None:
+    def notify(self, kind: Any, text: str | None = None) -> None:
         try:
+            kind, text = notice_parts(kind, text)
             if kind not in self._kinds:  # not asked for, or not a kind at all: a typo must not page everyone
                 self.counters.add("filtered")
                 return
@@ -80,12 +92,14 @@ class TelegramNotifier:
 async def telegram_companion(
     config: TelegramConfig, store: StateStore, tracking: TrackingConfig,
     registry_lock: Callable[[], AbstractContextManager[Any]], env: Mapping[str, str], *,
-    mlflow: Callable[[TrackingConfig], MlflowClient] = mlflow_client,
+    mlflow: Callable[[TrackingConfig], MlflowClient] = mlflow_client, risk: RiskConfig | None = None,
+    sections: Mapping[str, BaseModel] | None = None,
 ) -> AsyncIterator[Notifier]:
     """The bot for the trader's loop; yields its notifier (``NoNotifier`` when ``telegram.enabled`` is false).
 
     ``registry_lock`` is the lock ``pricelevel promote --rollback`` takes (``config.catalogue.lock("registry",
-    name)``); ``mlflow`` makes the registry's client (tests hand in a fake). Raises
+    name)``); ``mlflow`` makes the registry's client (tests hand in a fake); ``risk`` the limits ``/count`` and
+    ``/locks`` report; ``sections`` the configuration ``/show_config`` shows (masked). Raises
     :class:`~pricelevel.core.secrets.MissingSecretError` when enabled without ``TELEGRAM_BOT_TOKEN``; Telegram
     being unreachable is never an error here.
     """
@@ -96,10 +110,13 @@ async def telegram_companion(
     token = secrets.require("telegram_bot_token")
     mask = masker(secrets)
     counters = Counters()
-    with masked_logs(mask):
-        app = build_application(config, token)
-        outbox = Outbox(lambda item: _send(app.bot, item), config, counters, mask, queue=StoredQueue(store))
-        ControlBot(config, store, Registry(tracking, registry_lock, mlflow), outbox, counters).install(app)
+    reachability = Reachability()
+    with masked_logs(mask), log_tail(mask) as logs:
+        app = build_application(config, token, reachability)
+        outbox = Outbox(lambda item: _send(app.bot, item, config), config, counters, mask, queue=StoredQueue(store),
+                        reachability=reachability)
+        extras = Extras(risk=risk, sections=dict(sections or {"telegram": config}), logs=logs, mask=mask)
+        ControlBot(config, store, Registry(tracking, registry_lock, mlflow), outbox, counters, extras=extras).install(app)
         loop = asyncio.get_running_loop()
         notifier = TelegramNotifier(loop, outbox, config, counters)
         worker = asyncio.create_task(outbox.run(), name="telegram-outbox")
@@ -120,13 +137,25 @@ async def telegram_companion(
             LOG.info("telegram: stopped; messages %s", counters.snapshot())
 
 
-async def _send(bot: Bot, item: Outgoing) -> None:
-    await bot.send_message(item.chat_id, item.text, reply_markup=item.markup)
+async def _send(bot: Bot, item: Outgoing, config: TelegramConfig) -> None:
+    """One message, as HTML; a kind listed in ``telegram.silent`` arrives without a sound."""
+    await bot.send_message(item.chat_id, item.text, parse_mode=ParseMode.HTML, reply_markup=item.markup,
+                           disable_notification=item.kind in config.silent)
+
+
+async def set_menu(bot: Bot) -> bool:
+    """Telegram's "/" menu: every command with its one-line description (``setMyCommands``); never raises."""
+    try:
+        await bot.set_my_commands([BotCommand(name, what[:256]) for name, what in COMMANDS.items()])
+    except TelegramError as exc:
+        LOG.warning("telegram: the command menu was not set (%s); the commands work without it", describe(exc))
+        return False
+    return True
 
 
 async def _connect(app: Application, outbox: Outbox, config: TelegramConfig) -> None:
-    """Start the bot, retrying (doubling waits, at most a minute) while Telegram is unreachable."""
-    delay = max(config.retry_backoff_s, 0.1)
+    """Start the bot, retrying (doubling waits, at most ``reconnect_max_s``) while Telegram is unreachable."""
+    delay = min(max(config.retry_backoff_s, 0.1), config.reconnect_max_s)
     while True:
         try:
             await app.initialize()
@@ -141,21 +170,24 @@ async def _connect(app: Application, outbox: Outbox, config: TelegramConfig) -> 
             return
         except NetworkError as exc:
             outbox.unreachable()
-            LOG.warning("telegram: cannot reach the Bot API (%s); trying again in %.0f s (trading goes on)", exc, delay)
+            outbox.reachability.failed(exc, "connecting", "; trying again (trading goes on)")
             await asyncio.sleep(delay)
-            delay = min(delay * 2, MAX_RECONNECT_S)
+            delay = min(delay * 2, config.reconnect_max_s)
         except Exception as exc:  # a bug or an unexpected answer: say so once, stay out of the trader's way
             LOG.error("telegram: the bot could not start: %r (trading goes on without it)", exc)
             outbox.refuse("bot not started")
             return
         else:
+            outbox.reachability.answered()
             LOG.info("telegram: connected as @%s; authorised chats: %d", app.bot.username, len(config.chat_ids))
             outbox.connected()
+            await set_menu(app.bot)
             return
 
 
 def _polling_error(exc: TelegramError) -> None:
-    LOG.warning("telegram: polling for updates failed (%s); the library retries", exc)
+    """A polling failure the request did not turn into a quick retry (a 409 conflict, say): one line."""
+    LOG.warning("telegram: polling for updates failed (%s); the library retries", describe(exc))
 
 
 async def _stop(app: Application, outbox: Outbox, worker: asyncio.Task[None], config: TelegramConfig,
@@ -228,8 +260,8 @@ async def _send_now(config: TelegramConfig, token: str, mask: Mask, kind: str, t
     timeout = config.request_timeout_s
     with masked_logs(mask):
         bot = Bot(token, base_url=f"{config.base_url}/bot", base_file_url=f"{config.base_url}/file/bot",
-                  request=HTTPXRequest(connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout))
-        outbox = Outbox(lambda item: _send(bot, item), config, counters, mask)
+                  request=QuietRequest(connect_timeout=timeout, read_timeout=timeout, write_timeout=timeout))
+        outbox = Outbox(lambda item: _send(bot, item, config), config, counters, mask)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + config.lifecycle_timeout_s
         try:
@@ -241,7 +273,7 @@ async def _send_now(config: TelegramConfig, token: str, mask: Mask, kind: str, t
             await outbox.close(max(deadline - loop.time(), 0.0), worker)
         except (TelegramError, TimeoutError) as exc:
             counters.add("failed", len(config.chat_ids))
-            LOG.warning("telegram: %s message not sent: %s", kind, mask(str(exc) or type(exc).__name__))
+            LOG.warning("telegram: %s message not sent: %s", kind, mask(describe(exc)))
         finally:
             with contextlib.suppress(Exception):
                 await bot.shutdown()

@@ -13,10 +13,10 @@ import contextlib
 import logging
 import signal
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from pricelevel.telegram.config import TelegramConfig
-from pricelevel.telegram.service import telegram_companion
+from pricelevel.telegram.service import notice_parts, telegram_companion
 from pricelevel.trading.events import FanOut, Notifier
 from pricelevel.trading.lifecycle import HEARTBEAT_S, RunMarker, unclean_stop_text
 from pricelevel.trading.risk import rule_changes_note
@@ -37,7 +37,8 @@ class EchoNotifier:
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.echo = echo
 
-    def notify(self, kind: str, text: str) -> None:
+    def notify(self, kind: Any, text: str | None = None) -> None:
+        kind, text = notice_parts(kind, text)
         self.echo(f"[{kind}] {text}")
 
 
@@ -49,7 +50,9 @@ async def trade_with_telegram(config: Sections, env: Mapping[str, str], echo: Ca
     def registry_lock():
         return config.catalogue.lock("registry", config.tracking.registered_model)
 
-    async with telegram_companion(config.telegram, store, config.tracking, registry_lock, env) as phone:
+    shown = {"trader": config.trader, "risk": config.risk, "backtest": config.backtest, "telegram": config.telegram}
+    async with telegram_companion(config.telegram, store, config.tracking, registry_lock, env, risk=config.risk,
+                                  sections=shown) as phone:
         notifier: Notifier = FanOut(EchoNotifier(echo), phone)
         marker = RunMarker(store)
         previous = await asyncio.to_thread(marker.start)

@@ -4,11 +4,16 @@ stopped one applies them when it starts. Reading the status needs no running tra
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterable
+from importlib import metadata
 from typing import Any
 
 import pandas as pd
 
+from pricelevel.backtest.config import ProtectionsConfig
+from pricelevel.trading import reports
+from pricelevel.trading.config import RiskConfig
 from pricelevel.trading.state import EQUITY, TRADES, StateStore
 
 COMMANDS = "commands"
@@ -130,3 +135,63 @@ def recent_trades(store: StateStore, n: int = 10) -> list[dict[str, Any]]:
     rows = trades.tail(max(n, 0)).iloc[::-1]
     return [{key: (str(value) if isinstance(value, pd.Timestamp) else value) for key, value in row.items()}
             for row in rows.to_dict("records")]
+
+
+# ------------------------------------------------------------------------------------------------ reports
+
+
+def open_symbols(store: StateStore) -> list[str]:
+    """The symbols with an open position, sorted (what ``forceexit`` may close)."""
+    return sorted(status(store)["positions"])
+
+
+def period_profit(store: StateStore, unit: reports.Unit, n: int) -> reports.PeriodProfit:
+    """``trader daily|weekly|monthly`` and ``/daily|/weekly|/monthly``."""
+    return reports.period_profit(store.frame(TRADES), store.frame(EQUITY), unit, n)
+
+
+def performance(store: StateStore) -> reports.Performance:
+    return reports.performance(store.frame(TRADES))
+
+
+def trade_stats(store: StateStore) -> reports.Stats:
+    return reports.stats(store.frame(TRADES))
+
+
+def count(store: StateStore, risk: ProtectionsConfig | None = None) -> reports.Count:
+    return reports.Count(tuple(open_symbols(store)), risk.max_positions if risk is not None else None)
+
+
+def locks(store: StateStore, risk: RiskConfig | None = None) -> reports.Locks:
+    s = status(store)
+    return reports.locks(s["risk"] or {}, s["last_bar"], s["equity"], len(s["positions"]),
+                         max_positions=risk.max_positions if risk is not None else None,
+                         daily_loss_limit=risk.daily_loss_limit if risk is not None else None,
+                         breaker_reset_bars=risk.breaker_reset_bars if risk is not None else None)
+
+
+def health(store: StateStore, now: pd.Timestamp | None = None) -> reports.Health:
+    """The trader's liveness from its database: the newest bar, the service's heartbeat, the exchange."""
+    s = status(store)
+    with store.transaction() as tx:
+        marker = store.get(tx, "service") or {}
+        execution = store.get(tx, "execution") or {}
+    now = pd.Timestamp.now(tz="UTC") if now is None else now
+    age = now - pd.Timestamp(s["last_bar"]) if s["last_bar"] else None
+    return reports.Health(
+        mode=s["mode"], last_bar=s["last_bar"], bar_age=age, running=marker.get("running") if marker else None,
+        heartbeat=marker.get("heartbeat"), stopped_reason=marker.get("reason"),
+        exchange_down_since=s["exchange_down_since"], exchange_error=s["exchange_error"],
+        last_exchange_contact=execution.get("last_contact"), reconciled_at=s["reconciled_at"],
+        pending_commands=len(s["pending_commands"]))
+
+
+def versions(store: StateStore, extra: Iterable[tuple[str, str]] = ()) -> reports.Versions:
+    """pricelevel's and Python's versions and the model the trader runs (``extra``: the caller's own)."""
+    try:
+        package = metadata.version("pricelevel")
+    except metadata.PackageNotFoundError:
+        package = "unknown (not installed)"
+    model = status(store)["model"] or {}
+    return reports.Versions((("pricelevel", package), ("python", platform.python_version()), *extra,
+                             ("model", f"{model.get('uri', '-')} version {model.get('version', '-')}")))

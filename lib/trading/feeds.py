@@ -24,7 +24,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import pandas as pd
 
-from pricelevel.core.candles import PRICE_COLUMNS, to_canonical
+from pricelevel.core.candles import CANDLE_COLUMNS, PRICE_COLUMNS
 from pricelevel.core.timeframes import Timeframe, utc_ns
 from pricelevel.data.catalogue import DataCatalogue
 from pricelevel.data.config import ValidationConfig
@@ -200,9 +200,13 @@ class StreamFeed:
         self.problems: tuple[FeedProblem, ...] = ()
         #: Datasets fetched over REST at the last :meth:`closed_by` (empty when the stream brought everything).
         self.fetched: tuple[Dataset, ...] = ()
+        #: Seconds the last :meth:`closed_by` spent on each part: ``wait`` (for pushes), ``append`` (checking and
+        #: appending pushed candles), ``rest`` (fetching and validating over REST), ``cut`` (the frames handed out).
+        self.timings: dict[str, float] = {}
+        self._append_s = 0.0
         self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
-        self._frames: dict[Dataset, pd.DataFrame | None] = dict.fromkeys(self.datasets)
-        self._pending: dict[Dataset, dict[pd.Timestamp, PushedCandle]] = {key: {} for key in self.datasets}
+        self._series: dict[Dataset, CandleSeries | None] = dict.fromkeys(self.datasets)
+        self._pending: dict[Dataset, dict[int, PushedCandle]] = {key: {} for key in self.datasets}  # by open ns
         self._stale: dict[Dataset, str] = dict.fromkeys(self.datasets, "not seeded yet")  # why REST is needed
         self._refused: list[FeedProblem] = []
         self._down: StreamDown | None = StreamDown(None, "not connected yet")
@@ -216,9 +220,11 @@ class StreamFeed:
 
     def closed_by(self, until: pd.Timestamp) -> Frames:
         until = pd.Timestamp(until)
+        started, self._append_s = time.perf_counter(), 0.0
         self._drain()
         deadline = time.monotonic() + self.wait_s
-        while self._listening() and self._awaited(until) and not self.stopping.is_set():
+        due = self._due(until)
+        while self._listening() and self._awaited(due) and not self.stopping.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 break
@@ -227,9 +233,10 @@ class StreamFeed:
             except queue.Empty:
                 continue
             self._drain()
+        listened = time.perf_counter()
         problems: list[FeedProblem] = []
         why = self._why_not_listening()
-        for key in self._awaited(until):
+        for key in self._awaited(due):
             self._stale[key] = why or f"no closed candle pushed within {self.wait_s:g} s of {until.isoformat()}"
         need = [key for key in self.datasets if key in self._stale]
         problems += [FeedProblem(s, tf, "stream", f"{self._stale[(s, tf)]}; fetched over REST") for s, tf in need]
@@ -243,18 +250,23 @@ class StreamFeed:
             for tf in fetched:
                 frame = validated.get(tf) if validated is not None else None
                 if frame is not None:
-                    self._frames[(symbol, tf)] = frame.reset_index(drop=True)
+                    self._series[(symbol, tf)] = CandleSeries(frame)
                     del self._stale[(symbol, tf)]
                     self._absorb((symbol, tf))
         self.fetched = tuple(need)
         self.problems = tuple(problems + rest_problems)
         blind = {p.symbol for p in rest_problems}
         until_ns = int(utc_ns(pd.DatetimeIndex([until]))[0])
-        return {
+        fetched = time.perf_counter()
+        frames = {
             symbol: {tf: None for tf in self.timeframes} if symbol in blind
-            else cut_frames({tf: self._frames[(symbol, tf)] for tf in self.timeframes}, until_ns)
+            else {tf: _closed_by(self._series[(symbol, tf)], tf, until_ns) for tf in self.timeframes}
             for symbol in self.symbols
         }
+        append = self._append_s  # REST's absorbing of pending candles is counted in "rest"
+        self.timings = {"wait": listened - started - append, "append": append, "rest": fetched - listened,
+                        "cut": time.perf_counter() - fetched}
+        return frames
 
     # ------------------------------------------------------------------------------------------ events
 
@@ -266,6 +278,11 @@ class StreamFeed:
                 return
 
     def _apply(self, event: StreamEvent) -> None:
+        started = time.perf_counter()
+        self._on(event)
+        self._append_s += time.perf_counter() - started
+
+    def _on(self, event: StreamEvent) -> None:
         if isinstance(event, StreamDown):
             if self._down is None:  # the first word of an outage keeps the earliest "last heard"
                 self._down = event
@@ -298,41 +315,44 @@ class StreamFeed:
                                              f"breaks {', '.join(faults)}"))
             self._stale.setdefault(key, f"pushed candle {candle.timestamp.isoformat()} refused")
             return
-        self._pending[key][candle.timestamp] = candle
+        self._pending[key][candle.timestamp.value] = candle
         self._absorb(key)
 
     def _absorb(self, key: Dataset) -> None:
-        """Append the pending candles that follow the frame's last one; a hole before one is a gap."""
-        frame, pending = self._frames[key], self._pending[key]
-        if frame is None or not pending:
+        """Append the pending candles that follow the series' last one; a hole before one is a gap."""
+        series, pending = self._series[key], self._pending[key]
+        if series is None or not pending:
             return
-        step = key[1].delta
-        last = frame["timestamp"].iloc[-1] if len(frame) else None
-        rows = []
+        step = key[1].nanoseconds
+        last = series.last_ns
         for stamp in sorted(pending):
             if last is not None and stamp <= last:
                 del pending[stamp]
             elif last is None or stamp == last + step:
-                rows.append({"timestamp": stamp, **pending.pop(stamp).values})
+                series.append(stamp, pending.pop(stamp).values)
                 last = stamp
             else:
-                self._stale.setdefault(key, f"candles missing from {(last + step).isoformat()} to "
-                                            f"{(stamp - step).isoformat()} (a gap in the stream)")
+                self._stale.setdefault(key, f"candles missing from {_iso(last + step)} to {_iso(stamp - step)} "
+                                            "(a gap in the stream)")
                 break
-        if rows:
-            self._frames[key] = pd.concat([frame, to_canonical(pd.DataFrame(rows))], ignore_index=True)
 
     # ------------------------------------------------------------------------------------------- state
 
-    def _awaited(self, until: pd.Timestamp) -> list[Dataset]:
-        """Datasets without the candle closing at or before ``until`` that waiting could still bring."""
+    def _due(self, until: pd.Timestamp) -> dict[Timeframe, int]:
+        """Per timeframe, the open (UTC ns) of the newest candle closed by ``until``."""
+        until_ns = pd.Timestamp(until).value
+        return {tf: until_ns // tf.nanoseconds * tf.nanoseconds - tf.nanoseconds for tf in self.timeframes}
+
+    def _awaited(self, due: Mapping[Timeframe, int]) -> list[Dataset]:
+        """Datasets without the candle closing at or before ``until`` (``due``: :meth:`_due`) that waiting could
+        still bring."""
         out = []
         for key in self.datasets:
             if key in self._stale:
                 continue
-            frame, tf = self._frames[key], key[1]
-            due = until.floor(tf.delta) - tf.delta  # the open of the newest candle closed by `until`
-            if frame is None or not len(frame) or frame["timestamp"].iloc[-1] < due:
+            series = self._series[key]
+            last = series.last_ns if series is not None else None
+            if last is None or last < due[key[1]]:
                 out.append(key)
         return out
 
@@ -346,6 +366,75 @@ class StreamFeed:
         if self._heard is not None and self.now() - self._heard > self.silent_after_s:
             return f"kline stream silent for {self.now() - self._heard:.0f} s (more than {self.silent_after_s:.0f} s)"
         return None
+
+
+class CandleSeries:
+    """One dataset's candles in column buffers that grow by doubling: appending a pushed candle costs a few
+    stores (a DataFrame concatenation per candle cost ~8 ms), and :meth:`frame` is the canonical candle frame
+    (:func:`~pricelevel.core.candles.to_canonical`'s columns and dtypes) viewing the filled rows, made once per
+    change. Rows are only ever added, so a frame handed out earlier keeps the rows it had, in the same memory
+    (the feature builder then recognises them without comparing them: ``incremental._same``); a frame handed
+    out must not be written to."""
+
+    VALUES = CANDLE_COLUMNS[1:]
+
+    def __init__(self, frame: pd.DataFrame) -> None:
+        size = len(frame)
+        capacity = max(64, 2 * size)
+        self._ns = np.empty(capacity, dtype=np.int64)
+        self._ns[:size] = utc_ns(frame["timestamp"])
+        self._values = {}
+        for column in self.VALUES:
+            self._values[column] = np.empty(capacity, dtype=np.float64)
+            self._values[column][:size] = frame[column].to_numpy(dtype=np.float64)
+        self.size = size
+        self._frame: pd.DataFrame | None = None
+
+    @property
+    def last_ns(self) -> int | None:
+        """The newest candle's open time (UTC ns); ``None`` when there is none."""
+        return int(self._ns[self.size - 1]) if self.size else None
+
+    def append(self, open_ns: int, values: Mapping[str, float]) -> None:
+        if self.size == self._ns.size:  # full: new buffers (frames handed out keep viewing the old ones)
+            self._ns = np.concatenate([self._ns, np.empty_like(self._ns)])
+            self._values = {c: np.concatenate([v, np.empty_like(v)]) for c, v in self._values.items()}
+        self._ns[self.size] = open_ns
+        for column, buffer in self._values.items():
+            buffer[self.size] = values[column]
+        self.size += 1
+        self._frame = None
+
+    def frame(self, rows: int | None = None) -> pd.DataFrame:
+        """The first ``rows`` candles (all by default) as a canonical candle frame, without copying them."""
+        rows = self.size if rows is None else rows
+        if rows == self.size and self._frame is not None:
+            return self._frame
+        stamps = pd.DatetimeIndex(self._ns[:rows].view("datetime64[ns]")).tz_localize("UTC")
+        columns = {"timestamp": stamps, **{c: v[:rows] for c, v in self._values.items()}}
+        frame = pd.DataFrame(columns, copy=False)
+        if rows == self.size:
+            self._frame = frame
+        return frame
+
+    def rows_closed_by(self, until_ns: int, step_ns: int) -> int:
+        """How many candles had closed by ``until_ns``."""
+        return int(np.searchsorted(self._ns[:self.size] + step_ns, until_ns, side="right"))
+
+
+def _closed_by(series: CandleSeries | None, timeframe: Timeframe, until_ns: int) -> pd.DataFrame | None:
+    """The series' candles closed by ``until_ns`` (:func:`~pricelevel.features.lookahead.cut_frames`' cut)."""
+    if series is None:
+        return None
+    step = timeframe.nanoseconds
+    last = series.last_ns
+    if last is not None and last + step <= until_ns:  # the usual case: every candle held has closed
+        return series.frame()
+    return series.frame(series.rows_closed_by(until_ns, step))
+
+
+def _iso(ns: int) -> str:
+    return pd.Timestamp(ns, unit="ns", tz="UTC").isoformat()
 
 
 def candle_faults(timestamp: pd.Timestamp, values: Mapping[str, float], timeframe: Timeframe) -> list[str]:
@@ -365,7 +454,7 @@ def candle_faults(timestamp: pd.Timestamp, values: Mapping[str, float], timefram
     for upper, lower in (("high", "open"), ("high", "close"), ("open", "low"), ("close", "low"), ("high", "low")):
         if values[upper] < values[lower]:  # False with a NaN: the not-null rule has said it
             faults.append(f"{upper} >= {lower}")
-    if int(utc_ns(pd.DatetimeIndex([timestamp]))[0]) % Timeframe(timeframe).nanoseconds:
+    if pd.Timestamp(timestamp).value % Timeframe(timeframe).nanoseconds:  # .value: UTC ns whatever the unit
         faults.append(f"open time is a multiple of {timeframe} since 1970-01-01 UTC")
     return faults
 

@@ -30,6 +30,7 @@ from typing import Any
 import pandas as pd
 
 from pricelevel.backtest import protections as guard
+from pricelevel.backtest.plan import Sizing, order_value
 from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.config import RiskConfig
 
@@ -64,9 +65,11 @@ def rule_changes_note(model: StrategyRules, executed: StrategyRules) -> str | No
 
 
 def position_value(equity: float, stop: float | None, risk_per_trade: float, max_fraction: float) -> float:
-    """What a new position may be worth: lose ``risk_per_trade`` of equity at ``stop``, at most ``max_fraction``."""
-    cap = max_fraction * equity
-    return cap if stop is None else min(risk_per_trade * equity / stop, cap)
+    """What a new position may be worth: lose ``risk_per_trade`` of equity at ``stop``, at most ``max_fraction``
+    (the position plan's ``risk`` sizing, :func:`pricelevel.backtest.plan.order_value`; ``fraction`` without a
+    stop). A whole entry (cash, fees, slippage, stops): :func:`pricelevel.backtest.plan.plan_position`."""
+    sizing, sl = (Sizing.FRACTION, math.nan) if stop is None else (Sizing.RISK, float(stop))
+    return float(order_value(int(sizing), float(max_fraction), float(risk_per_trade), sl, float(equity)))
 
 
 # ------------------------------------------------------------------------------------------------ rules

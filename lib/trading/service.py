@@ -28,6 +28,7 @@ from pricelevel.registry.config import TrackingConfig
 from pricelevel.registry.tracking import load_model, mlflow_client
 from pricelevel.registry.versions import alias_version
 from pricelevel.strategy.rules import StrategyRules
+from pricelevel.trading import documents
 from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.config import RiskConfig, TraderConfig
 from pricelevel.trading.control import pending_commands
@@ -74,8 +75,10 @@ def check_mode(trader: TraderConfig, tracking: TrackingConfig, env: Mapping[str,
         raise TradingRefused(f"{trader.mode} trades {champion} only (got {trader.model}); a named model may paper-trade")
 
 
-def registry_models(tracking: TrackingConfig, uri: str, symbols: tuple[str, ...] | None = None) -> ModelProvider:
-    """A :class:`ModelProvider` on the MLflow registry (alias resolution and loading through one client)."""
+def registry_models(tracking: TrackingConfig, uri: str, symbols: tuple[str, ...] | None = None,
+                    last_version: str | None = None) -> ModelProvider:
+    """A :class:`ModelProvider` on the MLflow registry (alias resolution and loading through one client).
+    ``last_version``: the version the trader last traded (kept for its open positions when the alias is gone)."""
     client = mlflow_client(tracking)
 
     def resolve(alias_uri: str) -> str:
@@ -85,7 +88,7 @@ def registry_models(tracking: TrackingConfig, uri: str, symbols: tuple[str, ...]
             raise LookupError(f"no version of {name} holds @{alias}")
         return str(version)
 
-    return ModelProvider(uri, resolve, lambda u: load_model(u, client), symbols)
+    return ModelProvider(uri, resolve, lambda u: load_model(u, client), symbols, last_version=last_version)
 
 
 def paper_execution(symbols: tuple[str, ...], costs: BacktestConfig) -> Callable[[StrategyRules, dict | None], PaperBroker]:
@@ -294,7 +297,11 @@ def open_service(
     check_mode(trader_config, config.tracking, env)
     secrets = Secrets.from_env(env)
     store = store or state_store(trader_config, config.data.root)
-    models = registry_models(config.tracking, model_uri(trader_config, config.tracking), trader_config.symbols)
+    uri = model_uri(trader_config, config.tracking)
+    with store.transaction() as tx:
+        in_use = store.read(tx, documents.MODEL)
+    last = in_use.version if in_use is not None and in_use.uri == uri else None  # a retired champion: exits go on
+    models = registry_models(config.tracking, uri, trader_config.symbols, last_version=last)
     table_spec = models.current.spec.table_spec()
     stopping = threading.Event()
     fills = private = None

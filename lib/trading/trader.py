@@ -18,8 +18,8 @@ import math
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -33,7 +33,7 @@ from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading import documents
 from pricelevel.trading.config import RiskConfig
 from pricelevel.trading.control import COMMANDS
-from pricelevel.trading.events import NoNotifier, Notifier
+from pricelevel.trading.events import NoNotifier, Notice, Notifier
 from pricelevel.trading.exchange import client_id
 from pricelevel.trading.feeds import CandleFeed, bar_ohlc
 from pricelevel.trading.live import StopRequested
@@ -71,14 +71,42 @@ class Execution(Protocol):
     def to_state(self) -> dict[str, Any]: ...
 
 
+#: What a bar's signal for a symbol was: none, no candle (stale), an entry, an exit.
+Signal = Literal["none", "stale", "entry", "exit"]
+APPROVED = "approved"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the trader decided for one symbol at one bar: one row of the state database's ``decisions``."""
+
+    bar_time: pd.Timestamp
+    symbol: str
+    model_version: str
+    #: The model's probability (``None``: no prediction, e.g. no candle or no full window).
+    probability: float | None
+    signal: Signal
+    #: ``approved``, why an entry was refused, or what happened instead ("no signal", "forced: ...").
+    verdict: str
+
+    @property
+    def refused_because(self) -> str | None:
+        """Why an entry signal was refused (``None``: it was not refused, or there was none)."""
+        return self.verdict if self.signal == "entry" and self.verdict != APPROVED else None
+
+    def row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
 class BarReport:
     bar_time: pd.Timestamp
     model_version: str | None
     probabilities: dict[str, float]
-    decisions: list[dict[str, Any]]
+    decisions: list[Decision]
     outcome: BarOutcome | None
-    events: list[str] = field(default_factory=list)
+    #: What the bar told a person, in order.
+    notices: list[Notice] = field(default_factory=list)
     skipped: bool = False
     #: Symbols whose candle had not arrived (with ``wait_for_candles``): nothing was done.
     waiting: tuple[str, ...] = ()
@@ -175,12 +203,13 @@ class Trader:
                 self._told_down = False
                 self.notifier.notify("risk", f"exchange answers again (unavailable since {since}); reconciled")
 
-    def _stale_notes(self, bar_time: pd.Timestamp, stale: Sequence[str]) -> list[tuple[str, str]]:
+    def _stale_notes(self, bar_time: pd.Timestamp, stale: Sequence[str]) -> list[Notice]:
         """Why a symbol has no candle for this bar (the feed's reason: bad data naming its file and rows, or the
         exchange unavailable), said once per episode per symbol; and once when its candles are good again. An
         outage of the candle source is one message for all symbols, not one each."""
         problems = {p.symbol: p for p in getattr(self.feed, "problems", ())}
-        notes, away = [], []
+        notes: list[Notice] = []
+        away = []
         for symbol in stale:
             problem = problems.get(symbol)
             kind = problem.kind if problem else "missing"
@@ -190,17 +219,17 @@ class Trader:
             if kind == "unavailable":
                 away.append(symbol)
             elif kind == "stream":
-                notes.append(("stale", f"{symbol}: the kline stream is down or late ({problem.reason}); candles over REST"))
+                notes.append(Notice("stale", f"{symbol}: the kline stream is down or late ({problem.reason}); candles over REST"))
             elif problem is not None:
-                notes.append(("stale", f"{symbol}: bad market data: {problem.reason}; no decision on it until it is good"))
+                notes.append(Notice("stale", f"{symbol}: bad market data: {problem.reason}; no decision on it until it is good"))
             else:
-                notes.append(("stale", f"{symbol}: no {self.timeframe} candle at {bar_time}: no decision on it"))
+                notes.append(Notice("stale", f"{symbol}: no {self.timeframe} candle at {bar_time}: no decision on it"))
         if away:
             reason = problems[away[0]].reason
-            notes.append(("stale", f"candles unavailable for {', '.join(away)}: {reason}; waiting for the exchange"))
+            notes.append(Notice("stale", f"candles unavailable for {', '.join(away)}: {reason}; waiting for the exchange"))
         for symbol in sorted(set(self._stale_told) - set(stale)):
             del self._stale_told[symbol]
-            notes.append(("stale", f"{symbol}: candles good again from {bar_time}"))
+            notes.append(Notice("stale", f"{symbol}: candles good again from {bar_time}"))
         return notes
 
     def needs_recovery(self) -> bool:
@@ -267,42 +296,44 @@ class Trader:
         if self.stopping.is_set():
             raise StopRequested("stopping before the bar's orders")
         clock = time.perf_counter()
-        notes: list[tuple[str, str]] = self._day_summary(bar_time)
+        notes: list[Notice] = self._day_summary(bar_time)
         commands, forced, applied = self.apply_commands()
         notes += applied
         switch = self.models.refresh()
         if switch is not None:
-            notes.append(("model", self._switch(switch)))
+            notes.append(Notice("model", self._switch(switch)))
         self._timings["model"] = time.perf_counter() - clock  # commands, and where @champion points now
         notes += self._stale_notes(bar_time, stale)
         probabilities = self.score(frames, bar_time)
         clock = time.perf_counter()
         entries, exits = self.rules.signals(np.array([probabilities.get(s, math.nan) for s in self.models.symbols]))
         positions = self.execution.positions()
-        approved, decisions = {}, []
+        approved: dict[str, bool] = {}
+        decisions: list[Decision] = []
+        version = str(self.models.current.version)
         for k, symbol in enumerate(self.models.symbols):
-            signal, verdict = "none", "no signal"
+            signal: Signal = "none"
+            verdict = "no signal"
             if symbol in stale:
                 signal, verdict = "stale", "no candle for this bar: no decision"
             elif entries[k] and symbol not in positions:
-                refusal = self.risk.entry_refusal(bar_time, self.execution.equity(), self.execution.held() + len(approved))
-                signal, verdict = "entry", refusal or "approved"
+                refusal = self.models.entry_refusal() or self.risk.entry_refusal(
+                    bar_time, self.execution.equity(), self.execution.held() + len(approved))
+                signal, verdict = "entry", refusal or APPROVED
                 if refusal is None:
                     approved[symbol] = True
                 elif self._last_refusal.get(symbol) != refusal:  # tell once, not at every bar of a halt
-                    notes.append(("risk", f"{symbol} entry refused: {refusal}"))
+                    notes.append(Notice("risk", f"{symbol} entry refused: {refusal}"))
                 self._last_refusal[symbol] = refusal or ""
             elif exits[k] and symbol in positions:
-                signal, verdict = "exit", "approved"
-            decisions.append({"bar_time": bar_time, "symbol": symbol, "model_version": str(self.models.current.version),
-                              "probability": probabilities.get(symbol), "signal": signal, "verdict": verdict})
+                signal, verdict = "exit", APPROVED
+            decisions.append(Decision(bar_time, symbol, version, probabilities.get(symbol), signal, verdict))
         if self.risk.state.kill_switch:  # flatten and stay flat until re-armed
             forced |= set(positions)
             self.execution.cancel_pending()
         exit_signals = {s: bool(exits[k]) or s in forced for k, s in enumerate(self.models.symbols)}
-        for decision in decisions:
-            if decision["symbol"] in forced and decision["symbol"] in positions:
-                decision["signal"], decision["verdict"] = "exit", "forced: kill switch or force-exit"
+        decisions = [replace(d, signal="exit", verdict="forced: kill switch or force-exit")
+                     if d.symbol in forced and d.symbol in positions else d for d in decisions]
         self._timings["decision"] = time.perf_counter() - clock
         clock = time.perf_counter()
         outcome = self.execution.on_bar(bar_time, ohlc, approved, exit_signals, model_version=str(self.models.current.version))
@@ -310,13 +341,13 @@ class Trader:
         errors = list(self.execution.errors)
         unavailable = bool(getattr(self.execution, "unavailable", False))
         if not unavailable:  # an outage is said once (_exchange_health), not at every bar
-            notes += [("order", f"order problem: {e}") for e in errors]
-        notes += [("reconcile", text) for text in getattr(self.execution, "notes", ())]
+            notes += [Notice("order", f"order problem: {e}") for e in errors]
+        notes += [Notice("reconcile", text) for text in getattr(self.execution, "notes", ())]
         self.needs_reconcile = bool(errors)
         # The breaker counts exchange trouble only: one symbol's missing or bad candle is skipped for that bar
         # alone and must not stop entries on the others.
         feed_away = not ohlc and any(p.kind == "unavailable" for p in getattr(self.feed, "problems", ()))
-        notes += [("risk", text) for text in self.risk.after_bar(
+        notes += [Notice("risk", text) for text in self.risk.after_bar(
             bar_time, self.timeframe.delta, outcome.equity, [t.pnl for t in outcome.closed],
             problem=bool(errors) or feed_away)]
         clock = time.perf_counter()
@@ -324,18 +355,18 @@ class Trader:
         self._timings["persistence"] = time.perf_counter() - clock
         for fill in outcome.fills:
             kind = "order" if fill.intent in ("entry", "exit") else "exit"
-            notes.append((kind, f"{fill.intent.replace('_', ' ')} {fill.symbol}: {fill.size:.6g} at {fill.price:.6g} "
-                                f"(fee {fill.fee:.4g}, {self.execution.name})"))
+            notes.append(Notice(kind, f"{fill.intent.replace('_', ' ')} {fill.symbol}: {fill.size:.6g} at {fill.price:.6g} "
+                                      f"(fee {fill.fee:.4g}, {self.execution.name})"))
         told = getattr(self.execution, "told", frozenset())
         for k, trade in enumerate(outcome.closed):
             if k not in told:
-                notes.append(("exit", f"closed {trade.symbol} ({trade.exit_reason.replace('_', ' ')}): P&L {trade.pnl:+,.2f}"))
-        for kind, text in notes:
-            self.notifier.notify(kind, text)
+                notes.append(Notice("exit", f"closed {trade.symbol} ({trade.exit_reason.replace('_', ' ')}): P&L {trade.pnl:+,.2f}"))
+        for notice in notes:
+            self.notifier.notify(notice.kind, notice.text)
         self._exchange_health()
         self._timings["total"] = time.perf_counter() - started
-        return BarReport(bar_time, self.models.current.version, probabilities, decisions, outcome,
-                         [text for _, text in notes], timings=dict(self._timings))
+        return BarReport(bar_time, self.models.current.version, probabilities, decisions, outcome, notes,
+                         timings=dict(self._timings))
 
     def act_between_bars(self) -> list[str]:
         """Commands queued since the last bar, applied now instead of at the next close (the service calls this
@@ -363,18 +394,18 @@ class Trader:
                 self.store.put(tx, FORCED, sorted(set(self.store.get(tx, FORCED, [])) | forced))
             self.store.put(tx, RISK, self.risk.state.to_dict())
             self.store.put(tx, EXECUTION, self.execution.to_state())
-        texts = [text for _, text in notes] + [f"closed {t.symbol} (forced): P&L {t.pnl:+,.2f}" for t in closed]
-        for kind, text in notes:
-            self.notifier.notify(kind, text)
+        texts = [notice.text for notice in notes] + [f"closed {t.symbol} (forced): P&L {t.pnl:+,.2f}" for t in closed]
+        for notice in notes:
+            self.notifier.notify(notice.kind, notice.text)
         for trade in closed:
             self.notifier.notify("exit", f"closed {trade.symbol} (forced): P&L {trade.pnl:+,.2f}")
         return texts
 
-    def apply_commands(self) -> tuple[list[dict[str, Any]], set[str], list[tuple[str, str]]]:
+    def apply_commands(self) -> tuple[list[dict[str, Any]], set[str], list[Notice]]:
         """Apply the queued commands (:mod:`pricelevel.trading.control`): the commands applied (removed from the
         queue when the bar commits, so a crash before that applies them again), the symbols to close at this
         bar (with those force-exits applied between bars still hold, on paper), and what to tell a person."""
-        notes = []
+        notes: list[Notice] = []
         with self.store.transaction() as tx:
             commands = self.store.get(tx, COMMANDS, [])
             forced: set[str] = set(self.store.get(tx, FORCED, []))
@@ -389,7 +420,7 @@ class Trader:
                 self.risk.state.stopped = kind == "stop"
             elif kind == "forceexit":
                 forced |= set(command["symbols"] or self.execution.positions())
-            notes.append(("command", f"{kind} ({', '.join(command['symbols']) or 'all'}) by {by}: {self.risk.describe()}"))
+            notes.append(Notice("command", f"{kind} ({', '.join(command['symbols']) or 'all'}) by {by}: {self.risk.describe()}"))
         return commands, forced, notes
 
     def score(self, frames: Mapping[str, Mapping[Timeframe, pd.DataFrame | None]], bar_time: pd.Timestamp) -> dict[str, float]:
@@ -422,11 +453,11 @@ class Trader:
             return f"model switch: version {switch.from_version} -> {switch.to_version} ({switch.reason})"
         return f"model switch refused: version {switch.to_version}: {switch.reason}"
 
-    def _commit(self, bar_time: pd.Timestamp, decisions: list[dict[str, Any]], outcome: BarOutcome,
+    def _commit(self, bar_time: pd.Timestamp, decisions: list[Decision], outcome: BarOutcome,
                 commands: list[dict[str, Any]]) -> None:
         version = str(self.models.current.version)
         with self.store.transaction() as tx:
-            self.store.add_decisions(tx, decisions)
+            self.store.add_decisions(tx, [decision.row() for decision in decisions])
             if not self.execution.records_orders:  # an exchange broker writes its own rows
                 for fill in outcome.fills:
                     self.store.add_order(
@@ -452,7 +483,7 @@ class Trader:
             self.store.put(tx, FORCED, [])
         self.last_bar = str(bar_time)
 
-    def _day_summary(self, bar_time: pd.Timestamp) -> list[tuple[str, str]]:
+    def _day_summary(self, bar_time: pd.Timestamp) -> list[Notice]:
         """At the first bar of a UTC day, the previous day in one message: equity, P&L, trades, open positions."""
         if self.last_bar is None or pd.Timestamp(self.last_bar).normalize() == bar_time.normalize():
             return []
@@ -469,7 +500,7 @@ class Trader:
             return []
         closed = trades[pd.to_datetime(trades["exit_time"], utc=True).dt.normalize() == day] if len(trades) else trades
         held = ", ".join(sorted(self.execution.positions())) or "none"
-        return [("summary", f"{day:%Y-%m-%d}: equity {end:,.2f} ({end - start:+,.2f}, {end / start - 1:+.2%}), "
+        return [Notice("summary", f"{day:%Y-%m-%d}: equity {end:,.2f} ({end - start:+,.2f}, {end / start - 1:+.2%}), "
                             f"{len(closed)} trades closed, open positions: {held}")]
 
     def replay(self, bar_times: Sequence[pd.Timestamp], on_bar: Callable[[BarReport], None] | None = None) -> int:

@@ -12,6 +12,10 @@ Runs its own asyncio loop in a daemon thread, bound to 127.0.0.1::
 
     with FakeKlineServer() as server:
         server.endpoint   # ws://127.0.0.1:PORT, what trader.stream_endpoint takes
+
+:class:`FakeBybitStreams` serves the public and the private stream on one port, as ``trader.stream_endpoint``
+addresses both, and :class:`FillRelay` pushes a fake exchange's (``tests.fakes.bybit_trading``) orders and fills
+on the private stream as Bybit does: with the REST fake, a whole exchange for the service to trade against.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class FakeKlineServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server = None
         self._thread: threading.Thread | None = None
+        self._attached = False
         self.port = 0
 
     # ------------------------------------------------------------------------------------------- control
@@ -73,8 +78,16 @@ class FakeKlineServer:
         ready.wait(10)
         return self
 
+    def attach(self, loop: asyncio.AbstractEventLoop, port: int) -> None:
+        """Serve on another server's loop and port (:class:`FakeBybitStreams` routes this path's connections to
+        :meth:`handle`); that server starts and stops it."""
+        self._loop, self.port, self._attached = loop, port, True
+
+    async def handle(self, connection: ServerConnection) -> None:
+        await self._handle(connection)
+
     def stop(self) -> None:
-        if self._loop is None:
+        if self._loop is None or self._attached:
             return
 
         async def close() -> None:
@@ -117,6 +130,10 @@ class FakeKlineServer:
              ts_ms: int | None = None) -> int:
         """Push one kline (``candle``: ``timestamp`` = open time, ``open`` ... ``turnover``) to its topic's
         subscribers; returns how many connections it went to."""
+        return self._call(self._send(*self._kline_message(symbol, timeframe, candle, confirm, ts_ms)))
+
+    def _kline_message(self, symbol: str, timeframe: Timeframe | str, candle: Mapping, confirm: bool,
+                       ts_ms: int | None) -> tuple[str, str]:
         tf = Timeframe(timeframe)
         start = pd.Timestamp(candle["timestamp"])
         start_ms = start.value // _MS
@@ -127,12 +144,17 @@ class FakeKlineServer:
             row[column] = _decimal(float(value))
         row |= {"confirm": confirm, "timestamp": now_ms}
         name = f"kline.{tf.bybit_interval}.{symbol}"
-        message = json.dumps({"topic": name, "data": [row], "ts": now_ms, "type": "snapshot"}, separators=(",", ":"))
-        return self._call(self._send(name, message))
+        return name, json.dumps({"topic": name, "data": [row], "ts": now_ms, "type": "snapshot"}, separators=(",", ":"))
 
     def push_many(self, pushes: list[tuple[str, Timeframe | str, Mapping]]) -> int:
-        """Several closed klines at once, the way a close pushes every topic in the same instant."""
-        return sum(self.push(symbol, tf, candle) for symbol, tf, candle in pushes)
+        """Several closed klines at once, the way a close pushes every topic in the same instant (one hand-over
+        to the server's loop, not one per kline); how many messages went out."""
+        messages = [self._kline_message(symbol, tf, candle, True, None) for symbol, tf, candle in pushes]
+
+        async def send_all() -> int:
+            return sum([await self._send(name, message) for name, message in messages])
+
+        return self._call(send_all())
 
     # ------------------------------------------------------------------------------------------ serving
 
@@ -333,3 +355,142 @@ def execution_row(exec_id: str, client_id: str, symbol: str, side: str, *, qty: 
         "execTime": str(ms if ms is not None else int(time.time() * 1000)), "isMaker": False, "stopOrderType": "",
         "markPrice": "", "closedSize": "", "seq": 1, "createType": "CreateByUser",
     }
+
+
+class FakeBybitStreams:
+    """Bybit's public spot stream (:attr:`public`, a :class:`FakeKlineServer` on ``/v5/public/spot``) and private
+    stream (:attr:`private`, a :class:`FakePrivateServer` on ``/v5/private``) on one port, the way
+    ``trader.stream_endpoint`` addresses both; a connection to another path is closed (1008).
+
+    Each half is driven as on its own (``public.push``, ``public.disconnect``, ``private.push_order`` ...)::
+
+        with FakeBybitStreams(api_key, api_secret) as streams:
+            streams.endpoint   # ws://127.0.0.1:PORT
+    """
+
+    def __init__(self, api_key: str = "fake-ws-key", api_secret: str = "fake-ws-secret") -> None:
+        self.public = FakeKlineServer()
+        self.private = FakePrivateServer(api_key, api_secret)
+        self._routes = {self.public.path: self.public, self.private.path: self.private}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server = None
+        self._thread: threading.Thread | None = None
+        self.port = 0
+
+    @property
+    def endpoint(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeBybitStreams:
+        ready = threading.Event()
+
+        def run() -> None:
+            self._loop = asyncio.new_event_loop()
+
+            async def open_server():
+                return await serve(self._route, "127.0.0.1", 0)
+
+            self._server = self._loop.run_until_complete(open_server())
+            self.port = self._server.sockets[0].getsockname()[1]
+            for half in self._routes.values():
+                half.attach(self._loop, self.port)
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="fake-bybit-streams", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        return self
+
+    def stop(self) -> None:
+        if self._loop is None:
+            return
+
+        async def close() -> None:
+            for half in self._routes.values():
+                await half._drop_all()
+            self._server.close()
+            await self._server.wait_closed()
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(close(), self._loop).result(5)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def __enter__(self) -> FakeBybitStreams:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    async def _route(self, connection: ServerConnection) -> None:
+        half = self._routes.get(connection.request.path)
+        if half is None:
+            await connection.close(1008)
+            return
+        await half.handle(connection)
+
+
+class FillRelay:
+    """Pushes what a fake exchange (``tests.fakes.bybit_trading.FakeBybitExchange``) does with our orders on a
+    :class:`FakePrivateServer`, as Bybit's private stream does: each new execution on ``execution.spot`` and
+    each change of an order's status or cumulative fill on ``order.spot``, looked for every ``every_s`` on a
+    daemon thread (a fill is pushed within that of the exchange making it). ``exchange`` is read through its
+    public listing methods only (``created``, ``executions()``, ``order(link_id)``)."""
+
+    def __init__(self, exchange, server: FakePrivateServer, every_s: float = 0.005) -> None:
+        self.exchange, self.server, self.every_s = exchange, server, every_s
+        #: Pushes made: (kind, orderLinkId, status or exec id).
+        self.pushed: list[tuple[str, str, str]] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._orders_seen = 0
+        self._executions_seen = 0
+        self._states: dict[str, tuple[object, object]] = {}
+
+    def start(self) -> FillRelay:
+        self._thread = threading.Thread(target=self._run, name="fill-relay", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> FillRelay:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            with contextlib.suppress(Exception):  # a listing read while the exchange changes it: next round
+                self.relay()
+
+    def relay(self) -> int:
+        """Push what changed since the last call; how many messages."""
+        created = list(self.exchange.created)
+        for order in created[self._orders_seen:]:
+            self._states.setdefault(str(order["orderLinkId"]), (None, None))
+        self._orders_seen = len(created)
+        executions = self.exchange.executions()
+        pushed = 0
+        for row in executions[self._executions_seen:]:
+            self.server.push_execution({"category": "spot", **row})
+            self.pushed.append(("execution", row["orderLinkId"], row["execId"]))
+            self._states.setdefault(row["orderLinkId"], (None, None))
+            pushed += 1
+        self._executions_seen = len(executions)
+        for link_id, state in list(self._states.items()):
+            order = self.exchange.order(link_id)
+            if order is None:
+                continue
+            now = (order["orderStatus"], order["cumExecQty"])
+            if now != state:
+                self.server.push_order({"category": "spot", **order})
+                self.pushed.append(("order", link_id, str(order["orderStatus"])))
+                self._states[link_id] = now
+                pushed += 1
+        return pushed

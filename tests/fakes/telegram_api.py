@@ -3,8 +3,11 @@ JSON parameters, ``{"ok": true, "result": ...}`` answers), for tests of :mod:`pr
 
 It answers ``getMe``, ``deleteWebhook`` (``drop_pending_updates`` clears the pending updates), long-polled
 ``getUpdates`` (held until an update arrives or ``timeout`` passes; ``offset`` confirms), ``sendMessage``
-(recorded in :attr:`FakeBotAPI.sent`) and ``answerCallbackQuery``; 401 for any other token, 404 for any other
-method. Tests inject updates (:meth:`FakeBotAPI.message`, :meth:`FakeBotAPI.press`), 429s with ``retry_after``
+(recorded in :attr:`FakeBotAPI.sent`), ``editMessageText`` (:attr:`FakeBotAPI.edited`), ``setMyCommands``
+(:attr:`FakeBotAPI.menu`) and ``answerCallbackQuery`` (:attr:`FakeBotAPI.answered`, :attr:`FakeBotAPI.notices`);
+401 for any other token, 404 for any other method. With ``parse_mode=HTML`` a text is checked as Telegram does
+(only its tags, balanced, entities known: 400 "can't parse entities" otherwise) and recorded as a person sees it
+(``text``: tags removed, entities decoded) and as sent (``html``). Tests inject updates (:meth:`FakeBotAPI.message`, :meth:`FakeBotAPI.press`), 429s with ``retry_after``
 (:meth:`FakeBotAPI.fail_next`) and outages (:attr:`FakeBotAPI.down`: 502 for everything, as JSON or, with
 :attr:`FakeBotAPI.down_html`, as a proxy's HTML page; :attr:`FakeBotAPI.hang_s`: every answer that late, so
 clients time out; :meth:`FakeBotAPI.go_away` / :meth:`FakeBotAPI.come_back`: the port stops listening, so
@@ -13,11 +16,14 @@ connections are refused, and listens again on the same port).
 
 from __future__ import annotations
 
+import html
 import json
+import re
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from typing import Any
 
 from werkzeug.serving import WSGIRequestHandler, make_server
@@ -36,17 +42,92 @@ class _QuietHandler(WSGIRequestHandler):
         pass
 
 
+#: The tags Telegram's HTML parse mode accepts.
+TAGS = {"b", "strong", "i", "em", "u", "ins", "s", "strike", "del", "a", "code", "pre", "tg-spoiler", "blockquote",
+        "span", "tg-emoji"}
+
+
+_BARE_AMP = re.compile(r"&(?!(lt|gt|amp|quot|#\d+|#x[0-9a-fA-F]+);)")
+
+
+class HTMLRefused(ValueError):
+    pass
+
+
+class _Visible(HTMLParser):
+    """What a person sees of a text in HTML parse mode; refuses what Telegram refuses."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=False)
+        self.parts: list[str] = []
+        self.open: list[str] = []
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        if tag not in TAGS:
+            raise HTMLRefused(f"Can't parse entities: unsupported start tag \"{tag}\"")
+        self.open.append(tag)
+
+    def handle_endtag(self, tag: str) -> None:
+        if not self.open or self.open.pop() != tag:
+            raise HTMLRefused(f"Can't parse entities: can't find end tag corresponding to start tag \"{tag}\"")
+
+    def handle_data(self, data: str) -> None:
+        if "<" in data or ">" in data:
+            raise HTMLRefused("Can't parse entities: unexpected end tag")
+        self.parts.append(data)
+
+    def handle_entityref(self, name: str) -> None:
+        if name not in ("lt", "gt", "amp", "quot"):
+            raise HTMLRefused(f"Can't parse entities: unsupported entity &{name};")
+        self.parts.append(html.unescape(f"&{name};"))
+
+    def handle_charref(self, name: str) -> None:
+        self.parts.append(html.unescape(f"&#{name};"))
+
+
+def visible(text: str, parse_mode: str | None) -> str:
+    """``text`` as Telegram shows it (raises :class:`HTMLRefused` where Telegram answers 400)."""
+    if (parse_mode or "").upper() != "HTML":
+        return text
+    if _BARE_AMP.search(text):
+        raise HTMLRefused("Can't parse entities: a bare & (not escaped)")
+    parser = _Visible()
+    parser.feed(text)
+    parser.close()
+    if parser.open:
+        raise HTMLRefused(f"Can't parse entities: can't find end tag corresponding to start tag \"{parser.open[-1]}\"")
+    return "".join(parser.parts)
+
+
 @dataclass(frozen=True)
 class Sent:
     chat_id: int
+    #: What the person sees (HTML tags removed, entities decoded).
     text: str
     reply_markup: dict | None
     at: float
+    message_id: int = 0
+    #: The text as the bot sent it (with its HTML tags).
+    html: str = ""
+    parse_mode: str | None = None
+    disable_notification: bool = False
 
     def buttons(self) -> dict[str, str]:
         """``label -> callback_data`` of the inline keyboard."""
         rows = (self.reply_markup or {}).get("inline_keyboard", [])
         return {button["text"]: button["callback_data"] for row in rows for button in row}
+
+
+@dataclass(frozen=True)
+class Edit:
+    """An ``editMessageText``: the message ``message_id`` of ``chat_id`` now says ``text`` (its buttons: ``reply_markup``)."""
+
+    chat_id: int
+    message_id: int
+    text: str
+    reply_markup: dict | None
+    at: float
+    html: str = ""
 
 
 class FakeBotAPI:
@@ -61,8 +142,13 @@ class FakeBotAPI:
         self._faults: deque[tuple[str, int, int]] = deque()
         self._closing = False
         self.sent: list[Sent] = []
+        self.edited: list[Edit] = []
+        #: ``setMyCommands``: the "/" menu as last set (``[{"command": ..., "description": ...}]``).
+        self.menu: list[dict[str, str]] = []
         self.calls: list[tuple[str, float]] = []
         self.answered: list[str] = []
+        #: The text of each ``answerCallbackQuery`` (``None``: none), in order.
+        self.notices: list[str | None] = []
         self.polls = 0
         #: True: every request gets 502 Bad Gateway (an outage).
         self.down = False
@@ -121,11 +207,12 @@ class FakeBotAPI:
         return self._add({"message": message})
 
     def press(self, chat_id: int, data: str, user_id: int | None = None, chat_type: str = "private",
-              username: str = "alice") -> int:
-        """A user presses an inline button carrying ``data`` under a message of the bot."""
+              username: str = "alice", message_id: int | None = None) -> int:
+        """A user presses an inline button carrying ``data`` under the bot's message ``message_id`` (default: a
+        new id, as for a message the fake never sent)."""
         uid = user_id if user_id is not None else chat_id
-        message = {"message_id": self._next_message_id(), "date": int(time.time()), "chat": _chat(chat_id, chat_type),
-                   "from": BOT_USER, "text": "(question)"}
+        message = {"message_id": message_id or self._next_message_id(), "date": int(time.time()),
+                   "chat": _chat(chat_id, chat_type), "from": BOT_USER, "text": "(question)"}
         return self._add({"callback_query": {"id": f"cq{self._update_id}", "from": _user(uid, username),
                                              "chat_instance": f"ci{chat_id}", "data": data, "message": message}})
 
@@ -181,7 +268,10 @@ class FakeBotAPI:
         answer = getattr(self, f"_api_{method}", None)
         if answer is None:
             return _error(404, "Not Found: method not found")
-        return _ok(answer(params))
+        try:
+            return _ok(answer(params))
+        except HTMLRefused as exc:
+            return _error(400, f"Bad Request: {exc}")
 
     def _api_getMe(self, params: dict) -> dict:
         return BOT_USER
@@ -203,16 +293,35 @@ class FakeBotAPI:
             return list(self._updates)
 
     def _api_sendMessage(self, params: dict) -> dict:
-        markup = params.get("reply_markup")
-        markup = json.loads(markup) if isinstance(markup, str) else markup
-        chat_id = int(params["chat_id"])
-        self.sent.append(Sent(chat_id, params["text"], markup, time.monotonic()))
-        return {"message_id": self._next_message_id(), "date": int(time.time()), "chat": _chat(chat_id, "private"),
-                "from": BOT_USER, "text": params["text"]}
+        markup = _json(params.get("reply_markup"))
+        chat_id, parse_mode = int(params["chat_id"]), params.get("parse_mode")
+        text = visible(params["text"], parse_mode)
+        message_id = self._next_message_id()
+        silent = str(params.get("disable_notification", "")).lower() in ("true", "1")
+        self.sent.append(Sent(chat_id, text, markup, time.monotonic(), message_id, params["text"], parse_mode, silent))
+        return {"message_id": message_id, "date": int(time.time()), "chat": _chat(chat_id, "private"),
+                "from": BOT_USER, "text": text}
+
+    def _api_editMessageText(self, params: dict) -> dict:
+        chat_id, message_id = int(params["chat_id"]), int(params["message_id"])
+        text = visible(params["text"], params.get("parse_mode"))
+        self.edited.append(Edit(chat_id, message_id, text, _json(params.get("reply_markup")), time.monotonic(),
+                                params["text"]))
+        return {"message_id": message_id, "date": int(time.time()), "edit_date": int(time.time()),
+                "chat": _chat(chat_id, "private"), "from": BOT_USER, "text": text}
+
+    def _api_setMyCommands(self, params: dict) -> bool:
+        self.menu = _json(params["commands"])
+        return True
 
     def _api_answerCallbackQuery(self, params: dict) -> bool:
         self.answered.append(params["callback_query_id"])
+        self.notices.append(params.get("text"))
         return True
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def _chat(chat_id: int, chat_type: str) -> dict[str, Any]:
