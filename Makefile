@@ -72,10 +72,12 @@ deploy: install
 	PRICELEVEL_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 # README "Scaling out": PostgreSQL (system packages), Prefect and MLflow servers on it, a Dask scheduler with
-# 2 workers and a Prefect worker, all in .cluster/ without Docker; then `source .cluster/env`.
-# CLUSTER_ARGS="--workers 3 --port-offset 10000" changes the size or the ports.
+# 2 workers, a Prefect worker per pool (the trader's in paper mode), all in .cluster/ without Docker; then
+# `source .cluster/env`.
+# CLUSTER_ARGS="--workers 3 --port-offset 10000" changes the size or the ports. A second cluster-up while one
+# runs, or a port in use, is refused in one line (and a hint) before anything starts.
 cluster-up: install-dev
-	$(BIN)/python -m flows.commands.cluster up $(CLUSTER_ARGS)
+	$(BIN)/pricelevel cluster up $(CLUSTER_ARGS)
 
 cluster-down:
 	$(BIN)/python -m flows.commands.cluster down

@@ -8,7 +8,10 @@ or a run failed, 2 bad usage or configuration.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -65,6 +68,7 @@ _HINTS = {
     "ProjectNotFoundError": "run from the project folder, or set PRICELEVEL_HOME",
     "LookaheadError": "a feature or label uses data from after its bar; the lines above name column and time",
     "ValueError": "rerun with --debug for the traceback",
+    "ClusterError": "`make cluster-down` stops the running cluster; `CLUSTER_ARGS=\"--port-offset N\"` moves every port",
 }
 
 
@@ -86,15 +90,171 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
+#: Commands that run a Prefect flow. Without a Prefect API they get a temporary server of their own, in its own
+#: session, so that a signal to the command's process group (Ctrl-C, `timeout`) reaches the flow and not the
+#: server: the flow can then record its end, and the server is stopped last.
+FLOW_COMMANDS = (("train",), ("promote",), ("ingest",), ("research", "rolling"))
+#: Seconds the temporary server gets to stop before it is killed.
+SERVER_GRACE_S = 3.0
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT: the run ends now. A BaseException (not KeyboardInterrupt, which Lightning turns into
+    ``sys.exit(1)``), so no ``except Exception`` on the way swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+class StopHandler:
+    """SIGTERM/SIGINT raise :class:`Stopped` in the main thread, once (a second signal is ignored while the run
+    stops: within seconds). Prefect replaces the SIGTERM handler while a flow runs (its ``TerminationSignal``
+    ends the flow as Crashed); it restores this one and sends SIGTERM again after that."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.signum is None:
+            self.signum = signum
+            raise Stopped(signum)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopHandler]:
+        previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def interrupted_flow_runs(exc: BaseException) -> list:
+    """The ids of the flow runs ``exc`` came through, innermost last: the flow engines on its tracebacks (and
+    on those of the exceptions it was raised from). Exact, where a query by time or name could hit another run."""
+    ids, seen, chain = [], set(), [exc]
+    while chain:
+        error = chain.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        chain += [e for e in (error.__context__, error.__cause__) if e is not None]
+        tb = error.__traceback__
+        while tb is not None:
+            engine = tb.tb_frame.f_locals.get("self")
+            run = getattr(engine, "flow_run", None) if type(engine).__name__.endswith("FlowRunEngine") else None
+            if run is not None and run.id not in ids:
+                ids.append(run.id)
+            tb = tb.tb_next
+    return ids
+
+
+def cancel_flow_runs(flow_run_ids: list) -> list[str]:
+    """Mark the interrupted flow runs (and the flows they ran in) Cancelled, where a server answers; Prefect
+    marked them Crashed, which means "died", not "was told to stop". Returns their names."""
+    if not flow_run_ids:
+        return []
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    names = []
+    with contextlib.suppress(Exception), get_client(sync_client=True) as client:
+        queue, seen = list(flow_run_ids), set()
+        while queue:
+            run = client.read_flow_run(queue.pop(0))
+            if run.id in seen:
+                continue
+            seen.add(run.id)
+            if not run.state or not run.state.is_completed():
+                client.set_flow_run_state(run.id, Cancelled(message="stopped by a signal"), force=True)
+                names.append(run.name)
+            if run.parent_task_run_id is not None:
+                queue.append(client.read_task_run(run.parent_task_run_id).flow_run_id)
+    return names
+
+
+def _command(argv: list[str]) -> tuple[str, ...]:
+    words, i = [], 0
+    while i < len(argv):
+        name = argv[i].split("=", 1)[0]
+        if name in GLOBAL_OPTIONS:
+            i += 1 + (GLOBAL_OPTIONS[name] and "=" not in argv[i])
+            continue
+        if argv[i].startswith("-"):
+            break
+        words.append(argv[i])
+        i += 1
+    return tuple(words)
+
+
+@contextlib.contextmanager
+def prefect_api_for(argv: list[str]) -> Iterator[None]:
+    """A flow command without a Prefect API runs against a temporary ``prefect server start`` of its own (the
+    local SQLite database, as Prefect's own temporary server), started in its own session and stopped last."""
+    command = _command(argv)
+    if "--help" in argv or not any(command[: len(c)] == c for c in FLOW_COMMANDS):
+        yield
+        return
+    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+    if get_current_settings().api.url is not None:
+        yield
+        return
+    import os
+    import socket
+
+    from pricelevel.core.runtime import project_root
+    from pricelevel.core.services import ServiceGroup, prefect_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = prefect_server(Path(sys.executable).parent, "127.0.0.1", port)
+    group = ServiceGroup([server], dict(os.environ), project_root(), grace_s=SERVER_GRACE_S, quiet=True)
+    url = f"{server.url}/api"
+    try:
+        group.start()
+        group.wait_healthy(180)
+        os.environ["PREFECT_API_URL"] = url  # for the processes the flow starts (Dask workers, subprocesses)
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            yield
+    finally:
+        os.environ.pop("PREFECT_API_URL", None)
+        group.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: the process runtime (quiet offline defaults, secret redaction), one-line errors."""
+    """Console entry point: the process runtime (quiet offline defaults, secret redaction), one-line errors.
+    SIGTERM/SIGINT end a command within seconds: the flow stops what it started, its run is marked Cancelled,
+    and a temporary Prefect server is stopped last."""
     argv = hoist_global_options(list(sys.argv[1:] if argv is None else argv))
     debug = "--debug" in argv
     secrets = bootstrap()
+    stop = StopHandler()
     try:
-        # Without standalone mode, click returns typer.Exit's code instead of raising it.
-        code = app(args=argv, prog_name="pricelevel", standalone_mode=False)
-        return code if isinstance(code, int) else 0
+        with stop.installed() if _in_main_thread() else contextlib.nullcontext(stop):
+            try:
+                with prefect_api_for(argv):
+                    try:
+                        # Without standalone mode, click returns typer.Exit's code instead of raising it.
+                        code = app(args=argv, prog_name="pricelevel", standalone_mode=False)
+                        return code if isinstance(code, int) else 0
+                    except BaseException as exc:
+                        if stop.signum is None and type(exc).__name__ == "TerminationSignal":
+                            stop.signum = signal.SIGTERM  # Prefect's own SIGTERM bridge ended the flow
+                        if stop.signum is None:
+                            raise
+                        cancelled = cancel_flow_runs(interrupted_flow_runs(exc))  # while the server still runs
+                        if cancelled:
+                            print(f"flow runs marked cancelled: {', '.join(cancelled)}", file=sys.stderr)
+                        if isinstance(exc, Stopped):
+                            raise
+                        raise Stopped(stop.signum) from exc
+            except Stopped:
+                pass  # the server is stopped; report below
+        print(f"stopped by {signal.Signals(stop.signum or signal.SIGINT).name}", file=sys.stderr)
+        return 128 + (stop.signum or signal.SIGINT)
     except typer.Exit as exc:
         return exc.exit_code
     except (KeyboardInterrupt, typer.Abort):
@@ -112,6 +272,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {redact(str(exc), secrets).strip() or name}", file=sys.stderr)
         print(f"hint: {_HINTS.get(name, 'rerun with --debug for the traceback')}", file=sys.stderr)
         return 2 if isinstance(exc, ConfigError | UsageError | MissingSecretError) else 1
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 def run() -> None:

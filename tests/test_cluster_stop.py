@@ -105,3 +105,22 @@ def test_a_stop_request_ends_a_trial_at_its_next_epoch_and_interrupts_a_long_one
         pass
     late.request()
     time.sleep(INTERRUPT_AFTER_S + 0.5)  # a stray TrialsStopped would be raised in this thread by now
+
+
+def test_a_signal_raises_stopped_once_and_only_flow_commands_get_a_temporary_server() -> None:
+    import signal as signals
+
+    from flows.cli import FLOW_COMMANDS, StopHandler, Stopped, _command, hoist_global_options
+
+    argv = hoist_global_options(["research", "rolling", "--set", "a=b", "--start", "2024-01-01"])
+    assert _command(argv) == ("research", "rolling") and ("research", "rolling") in FLOW_COMMANDS
+    assert _command(hoist_global_options(["config", "show", "--debug"])) == ("config", "show")
+    assert not any(_command(["config", "show"])[: len(c)] == c for c in FLOW_COMMANDS)
+
+    stop = StopHandler()
+    with stop.installed():
+        with pytest.raises(Stopped, match="SIGTERM"):
+            signals.raise_signal(signals.SIGTERM)
+        signals.raise_signal(signals.SIGINT)  # a second signal while stopping: ignored, the stop goes on
+    assert stop.signum == signals.SIGTERM
+    assert signals.getsignal(signals.SIGTERM) is not stop  # the previous handlers are back

@@ -221,11 +221,14 @@ def test_cooldown_after_consecutive_losses_and_the_circuit_breaker() -> None:
 
 def test_exit_reasons_follow_the_engines_order() -> None:
     position = Position(1.0, 100.0, "t", 0.1, 100.0, stop_loss=98.0, take_profit=103.0, bars_held=6)
-    assert exit_reason(position, high=104, low=97, signal=True, max_hold_bars=6) == "stop_loss"
-    assert exit_reason(position, high=104, low=99, signal=True, max_hold_bars=6) == "take_profit"
-    assert exit_reason(position, high=102, low=99, signal=True, max_hold_bars=6) == "time_stop"
-    assert exit_reason(position, high=102, low=99, signal=True, max_hold_bars=7) == "exit"
-    assert exit_reason(position, high=102, low=99, signal=False, max_hold_bars=None) is None
+    bar = {"open_": 100.0, "close": 100.0}
+    assert exit_reason(position, **bar, high=104, low=97, signal=True, max_hold_bars=6) == "stop_loss"
+    assert exit_reason(position, **bar, high=104, low=99, signal=True, max_hold_bars=6) == "take_profit"
+    assert exit_reason(position, **bar, high=102, low=99, signal=True, max_hold_bars=6) == "time_stop"
+    assert exit_reason(position, **bar, high=102, low=99, signal=True, max_hold_bars=7) == "exit"
+    assert exit_reason(position, **bar, high=102, low=99, signal=False, max_hold_bars=None) is None
+    # a gap through the stop at the open is a stop-loss even when the bar's low is not below it
+    assert exit_reason(position, open_=97.0, high=97.5, low=97.0, close=97.0, signal=False, max_hold_bars=None) == "stop_loss"
 
 
 def _holding_trader(tiny: TinyModel, tmp_path: Path):

@@ -19,11 +19,12 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pricelevel.core.postgres import LocalPostgres
@@ -42,6 +43,12 @@ from pricelevel.core.services import (
 DATABASES = ("prefect", "mlflow", "optuna")
 #: The work pool of ``prefect.yaml``'s deployments and its queue that runs one training or promotion at a time.
 POOL, TRAINING_QUEUE = "pricelevel-process", "training"
+#: The trader's own pool (``prefect.yaml``'s ``trade``): one run at a time, its worker in paper mode.
+TRADER_POOL = "pricelevel-trader"
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot start: one already runs here, or a port it needs is taken (the message names it)."""
 
 
 @dataclass(frozen=True)
@@ -105,7 +112,30 @@ class ClusterPlan:
         workers = [dask_worker(bin_dir, self.scheduler, f"cpu-{k}", self.host, self.dashboard_port + 1 + k)
                    for k in range(self.dask_workers)]
         workers.append(prefect_worker(bin_dir, POOL, self.host, self.dashboard_port + 1 + self.dask_workers))
+        trader = prefect_worker(bin_dir, TRADER_POOL, self.host, self.dashboard_port + 2 + self.dask_workers)
+        # paper whatever the shell says: a local cluster never trades real money by accident
+        workers.append(replace(trader, env=(*trader.env, ("PRICELEVEL_TRADER__MODE", "paper"))))
         return [servers, workers]
+
+    def ports(self) -> dict[int, str]:
+        """Every port the cluster listens on, and what listens there."""
+        named = {self.postgres_port: "PostgreSQL", self.prefect_port: "Prefect server", self.mlflow_port: "MLflow server",
+                 self.dask_port: "Dask scheduler", self.dashboard_port: "Dask dashboard"}
+        named |= {self.dashboard_port + 1 + k: f"Dask worker cpu-{k} dashboard" for k in range(self.dask_workers)}
+        named[self.dashboard_port + 1 + self.dask_workers] = f"Prefect worker {POOL} health check"
+        named[self.dashboard_port + 2 + self.dask_workers] = f"Prefect worker {TRADER_POOL} health check"
+        return named
+
+
+def require_free_ports(plan: ClusterPlan) -> None:
+    """Refuse in one line, naming the port and what needs it, before anything starts."""
+    for port, name in plan.ports().items():
+        with socket.socket() as probe:
+            try:
+                probe.bind((plan.host, port))
+            except OSError:
+                raise ClusterError(f"port {port} ({name}) is in use on {plan.host}; stop what uses it "
+                                   f"(`ss -ltnp 'sport = :{port}'`) or pass --port-offset") from None
 
 
 def write_env_file(plan: ClusterPlan) -> Path:
@@ -135,6 +165,8 @@ def _setup_pools(bin_dir: Path, env: Mapping[str, str]) -> None:
     if created.returncode != 0:  # it exists: make sure of its limit
         subprocess.run([prefect, "work-queue", "set-concurrency-limit", TRAINING_QUEUE, "1", "--pool", POOL],
                        env=dict(env), check=True, capture_output=True, timeout=120)
+    subprocess.run([prefect, "work-pool", "create", TRADER_POOL, "--type", "process", "--concurrency-limit", "1",
+                    "--overwrite"], env=dict(env), check=True, capture_output=True, timeout=120)
 
 
 def run_cluster(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str], cwd: Path,
@@ -187,9 +219,12 @@ def run_cluster(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str], cwd: P
 def start_detached(plan: ClusterPlan, argv: Sequence[str], env: Mapping[str, str], cwd: Path,
                    timeout_s: float = 300) -> int:
     """Start the supervisor (``argv`` runs :func:`run_cluster`) in a session of its own, logging to
-    ``.cluster/cluster.log``; returns once the env file is written (0) or it died (1)."""
+    ``.cluster/cluster.log``; returns once the env file is written (0) or it died (1). Raises
+    :class:`ClusterError` when one runs already, or when a port it needs is taken."""
     if plan.pid_file.exists() and _alive(int(plan.pid_file.read_text())):
-        return 0 if plan.env_file.exists() else 1
+        raise ClusterError(f"a cluster is running already (supervisor pid {plan.pid_file.read_text().strip()}, "
+                           f"{plan.folder}); `make cluster-down` stops it")
+    require_free_ports(plan)
     plan.folder.mkdir(parents=True, exist_ok=True)
     plan.env_file.unlink(missing_ok=True)
     with plan.log_file.open("ab") as log:

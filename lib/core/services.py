@@ -129,8 +129,11 @@ def stop_on_signals(event: threading.Event, signals: Sequence[int] = STOP_SIGNAL
 class ServiceGroup:
     """Services started together, each in its own process group, and stopped together (also as ``with``)."""
 
-    def __init__(self, services: Sequence[Service], env: Mapping[str, str], cwd: Path, grace_s: float = 10.0):
+    def __init__(self, services: Sequence[Service], env: Mapping[str, str], cwd: Path, grace_s: float = 10.0,
+                 quiet: bool = False):
         self.services = tuple(services)
+        #: Discard the services' output (a helper server whose banner would mix into a command's output).
+        self.quiet = quiet
         self.env = dict(env)
         self.cwd = cwd
         self.grace_s = grace_s
@@ -143,8 +146,10 @@ class ServiceGroup:
         """Start every service; if one cannot start, stop those started before it and raise."""
         try:
             for service in self.services:
+                output = subprocess.DEVNULL if self.quiet else None
                 self.processes.append(subprocess.Popen(
-                    service.argv, env={**self.env, **dict(service.env)}, cwd=self.cwd, start_new_session=True))
+                    service.argv, env={**self.env, **dict(service.env)}, cwd=self.cwd, start_new_session=True,
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=output))
         except BaseException:
             self.stop()
             raise

@@ -1,7 +1,8 @@
-"""Names of the model's input columns and of the groups a feature set lists (README "Features").
+"""Names of the model's input columns and of the groups a feature set lists (README "Features"), read off the
+feature registry (:mod:`pricelevel.features.registry`), which holds each feature as one entry.
 
-Kept apart from :mod:`pricelevel.features` (which computes them) so that configuration can validate a
-feature set on load without importing the numerical code.
+Kept apart from :mod:`pricelevel.features.compute` (which computes them) so that configuration can validate a
+feature set on load without importing the numerical code (the registry loads it only when a feature is computed).
 """
 
 from __future__ import annotations
@@ -10,47 +11,46 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from pricelevel.core.timeframes import Timeframe
+from pricelevel.features.registry import CONTEXT, REGISTRY, SYMBOL, FeatureRegistry
 
 if TYPE_CHECKING:
     from pricelevel.features.config import FeaturesConfig
 
-SYMBOL = "symbol"
-GROUPS: dict[str, tuple[str, ...]] = {
-    "returns": ("log_return", "log_return_6", "log_return_24", "log_range", "volume_change", "volatility_24"),
-    "indicators": (
-        "cci_20", "eom_14", "sma_gap_20", "ema_gap_50", "bollinger_pct_b", "bollinger_width", "force_index_13",
-        "roc_10", "rsi_14", "macd", "macd_signal", "macd_hist", "atr_14",
-    ),
-    "levels": ("level_distance", "support_distance_atr", "resistance_distance_atr"),
-    "level_strength": (
-        "support_touches", "support_extrema", "support_age_days",
-        "resistance_touches", "resistance_extrema", "resistance_age_days",
-    ),
-}
-CONTEXT_VALUES = ("log_return", "rsi_14", "atr_14", "sma_gap_20", "close_gap")
+__all__ = ["CONTEXT_VALUES", "GROUPS", "SYMBOL", "context_columns", "feature_columns", "needed_timeframes",
+           "unknown_feature_names"]
+
+#: The default registry's groups (group -> its columns) and a context timeframe's column names.
+GROUPS: dict[str, tuple[str, ...]] = REGISTRY.groups
+CONTEXT_VALUES = REGISTRY.context_values
 
 
-def context_columns(timeframe: Timeframe, context_timeframes: Iterable[Timeframe]) -> tuple[str, ...]:
+def context_columns(
+    timeframe: Timeframe, context_timeframes: Iterable[Timeframe], registry: FeatureRegistry = REGISTRY
+) -> tuple[str, ...]:
     """The ``context`` group's columns for bars of ``timeframe``: only strictly longer timeframes join."""
     longer = [Timeframe(tf) for tf in context_timeframes if Timeframe(tf).delta > Timeframe(timeframe).delta]
-    return tuple(f"ctx_{tf}_{name}" for tf in longer for name in CONTEXT_VALUES)
+    return tuple(f"ctx_{tf}_{name}" for tf in longer for name in registry.context_values)
 
 
-def unknown_feature_names(entries: Iterable[str]) -> list[str]:
+def unknown_feature_names(entries: Iterable[str], registry: FeatureRegistry = REGISTRY) -> list[str]:
     """Entries of a feature set that are neither a group, a column, ``symbol`` nor a context column."""
-    known = {*GROUPS, "context", SYMBOL, *(c for cols in GROUPS.values() for c in cols)}
-    known |= set(context_columns(Timeframe.M1, list(Timeframe)))
+    groups = registry.groups
+    known = {*groups, CONTEXT, SYMBOL, *(c for cols in groups.values() for c in cols)}
+    known |= set(context_columns(Timeframe.M1, list(Timeframe), registry))
     return [entry for entry in entries if entry not in known]
 
 
-def feature_columns(config: FeaturesConfig, timeframe: Timeframe) -> tuple[str, ...]:
+def feature_columns(
+    config: FeaturesConfig, timeframe: Timeframe, registry: FeatureRegistry = REGISTRY
+) -> tuple[str, ...]:
     """The selected set's columns, in order, for bars of ``timeframe`` (groups expanded, ``symbol`` dropped)."""
+    groups = registry.groups
     columns: list[str] = []
     for entry in config.selected:
-        if entry == "context":
-            columns.extend(context_columns(timeframe, config.context_timeframes))
-        elif entry in GROUPS:
-            columns.extend(GROUPS[entry])
+        if entry == CONTEXT:
+            columns.extend(context_columns(timeframe, config.context_timeframes, registry))
+        elif entry in groups:
+            columns.extend(groups[entry])
         elif entry != SYMBOL:
             columns.append(entry)
     if not columns:

@@ -19,14 +19,14 @@ exact because every step is:
   gains that refit's rows (:func:`~pricelevel.levels.walkforward.refit_columns` on the refit inputs extended
   with the new candles, :func:`~pricelevel.levels.walkforward.extend_level_inputs`) and earlier refits never
   change.
-- **Indicators with a memory** (compensated rolling sums, EMAs, Wilder's RSI and ATR, MACD, force index)
-  continue from their state with the same compiled loops (``pricelevel.ta.indicators.*_resume``); windowed
-  ones are recomputed on a tail long enough to give the same values (rolling deviations from their last exact
-  restart).
-- **Columns** are combined row by row by the functions the full computation uses
-  (:func:`~pricelevel.features.compute.bar_columns`, ``level_columns``, ``context_candle_columns``,
-  ``join_context``); ``near_level`` row by row; ``target``, which looks ``horizon`` bars ahead and so changes as
-  bars arrive, from the returned rows alone.
+- **Indicators**: each registry entry's (:mod:`pricelevel.features.registry`) indicators continue from their
+  state (``Indicator.resume``): those with a memory (compensated rolling sums, EMAs, Wilder's RSI and ATR,
+  MACD, force index) with the same compiled loops (``pricelevel.ta.indicators.*_resume``); windowed ones are
+  recomputed on a tail long enough to give the same values (rolling deviations from their last exact restart).
+- **Columns** are combined row by row by the functions the full computation uses (the entries' normalisers
+  through :meth:`~pricelevel.features.registry.FeaturePlan.values`, ``level_columns``, ``join_context``);
+  ``near_level`` row by row; ``target``, which looks ``horizon`` bars ahead and so changes as bars arrive, from
+  the returned rows alone.
 """
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ import numpy as np
 import pandas as pd
 
 from pricelevel.core.timeframes import Timeframe, utc_ns
-from pricelevel.features.catalogue import GROUPS, needed_timeframes
-from pricelevel.features.compute import bar_columns, context_candle_columns, join_context, level_columns
+from pricelevel.features.catalogue import needed_timeframes
+from pricelevel.features.compute import LEVEL_COLUMNS, join_context, level_columns
 from pricelevel.features.labels import targets
+from pricelevel.features.registry import LEVEL_ATR, Bars, FeaturePlan
 from pricelevel.features.tables import TABLE_COLUMNS, TableSpec, table_columns, table_frame
 from pricelevel.levels.history import level_context
 from pricelevel.levels.walkforward import (
@@ -54,9 +55,9 @@ from pricelevel.levels.walkforward import (
     nearest_of_brackets,
     refit_columns,
 )
-from pricelevel.ta import indicators
 
-#: With fewer bars every update is a full build: from here on every bar recursion is past its warm-up.
+#: With fewer bars every update is a full build: from here on every bar recursion is past its warm-up (more
+#: where a registry entry's warm-up needs it: an indicator resumes from a row past the warm-up of its features).
 WARM_BARS = 64
 #: Likewise for the candles of a ``context`` timeframe (RSI and ATR of 14, SMA of 20 candles).
 WARM_CANDLES = 21
@@ -115,11 +116,20 @@ class _Plan:
     refit_period: int  # ns
     level_columns: bool  # whether the set reads the levels / level_strength columns
     table_columns: pd.Index
+    bars: FeaturePlan  # the registry entries among the columns, what they read (and the levels' ATR)
+    level_atr: int | None  # the levels' ATR among the bars' indicators (when the set reads level columns)
+    contexts: FeaturePlan  # the registry's context entries, what they read
+    warm_bars: int  # fewer bars (context candles) than these: a full build
+    warm_candles: int
 
     @classmethod
     def of(cls, spec: TableSpec, rows: int) -> _Plan:
         columns = spec.columns
         timeframes = spec.input_timeframes
+        features = spec.registry.select(columns)
+        level = bool(set(columns) & LEVEL_COLUMNS)
+        bars = FeaturePlan.of(features, extra=(LEVEL_ATR,) if level else ())
+        contexts = FeaturePlan.of(spec.registry.context_features)
         return cls(
             spec=spec,
             rows=rows,
@@ -128,8 +138,13 @@ class _Plan:
             context_timeframes=needed_timeframes(columns),
             nanoseconds={tf: tf.nanoseconds for tf in timeframes},
             refit_period=spec.levels.refit_every * spec.timeframe.nanoseconds,
-            level_columns=bool(set(columns) & {*GROUPS["levels"], *GROUPS["level_strength"]}),
+            level_columns=level,
             table_columns=table_columns(columns),
+            bars=bars,
+            level_atr=bars.indicators.index(LEVEL_ATR) if level else None,
+            contexts=contexts,
+            warm_bars=max(WARM_BARS, 1 + max((f.warmup for f in features), default=0), 1 + LEVEL_ATR.window),
+            warm_candles=max(WARM_CANDLES, 1 + max((f.warmup for f in contexts.features), default=0)),
         )
 
 
@@ -147,6 +162,10 @@ class _Candles:
     @property
     def arrays(self) -> CandleArrays:
         return CandleArrays(self.ns, *(self.prices[c] for c in ("high", "low", "close", "volume")))
+
+    @property
+    def bars(self) -> Bars:
+        return Bars(*(self.prices[c] for c in ("high", "low", "close", "volume")))
 
 
 @dataclass(frozen=True, eq=False)
@@ -183,11 +202,9 @@ class _Block:
 
 @dataclass(frozen=True, eq=False)
 class _Context:
-    """A ``context`` timeframe: its recursions' states and every candle's values (before the join)."""
+    """A ``context`` timeframe: its indicators' states and every candle's values (before the join)."""
 
-    rsi: tuple[float, float]
-    sma: tuple
-    atr: float
+    states: tuple  # of the plan's context indicators, in its order
     values: dict[str, np.ndarray]
 
 
@@ -200,7 +217,7 @@ class _State:
     levels: dict[str, np.ndarray]
     inputs: LevelInputs
     block: _Block
-    recursions: dict[str, object]
+    recursions: tuple  # the states of the plan's bar indicators, in its order
     contexts: dict[Timeframe, _Context]
     features: np.ndarray  # the last rows' feature columns, in the spec's order
     near: np.ndarray  # their near_level
@@ -272,21 +289,10 @@ def _start(
     if candles is None or any(not np.isfinite(v).all() for c in candles.values() for v in c.prices.values()):
         return None
     bars = candles[spec.timeframe]
-    if bars.ns.size < WARM_BARS or any(candles[tf].ns.size < WARM_CANDLES for tf in plan.context_timeframes):
+    if bars.ns.size < plan.warm_bars or any(candles[tf].ns.size < plan.warm_candles for tf in plan.context_timeframes):
         return None
-    high, low, close, volume = (bars.prices[c] for c in ("high", "low", "close", "volume"))
-    recursions = {
-        "sma_20": indicators.sma_state(close, 20),
-        "volume_sma_14": indicators.sma_state(volume, 14),
-        "volume_sma_13": indicators.sma_state(volume, 13),
-        "eom_14": indicators.ease_of_movement_state(high, low, volume, 14),
-        "rsi_14": indicators.rsi_state(close, 14),
-        "macd": indicators.macd_state(close, 12, 26, 9),
-        "ema_50": float(indicators.ema(close, 50)[-1]),
-        "force_index_13": float(indicators.force_index(close, volume, 13)[-1]),
-        "atr_14": float(indicators.atr(high, low, close, 14)[-1]),
-    }
-    contexts = {tf: _context_start(candles[tf]) for tf in plan.context_timeframes}
+    recursions = plan.bars.start(bars.bars)
+    contexts = {tf: _context_start(plan, candles[tf]) for tf in plan.context_timeframes}
     levels = {
         name: column_ns(values) if name in _TIME_COLUMNS else values.to_numpy()
         for name, values in history.levels.items()
@@ -306,20 +312,10 @@ def _start(
     )
 
 
-def _context_start(candles: _Candles) -> _Context:
-    high, low, close = (candles.prices[c] for c in ("high", "low", "close"))
-    series = {
-        "log_return": indicators.log_return(close, 1),
-        "rsi_14": indicators.rsi(close, 14),
-        "atr_14": indicators.atr(high, low, close, 14),
-        "sma_20": indicators.sma(close, 20),
-    }
-    return _Context(
-        rsi=indicators.rsi_state(close, 14),
-        sma=indicators.sma_state(close, 20),
-        atr=float(series["atr_14"][-1]),
-        values=context_candle_columns(close, series),
-    )
+def _context_start(plan: _Plan, candles: _Candles) -> _Context:
+    """A context timeframe's indicator states and every candle's values, as ``compute_features`` gives them."""
+    bars = candles.bars
+    return _Context(states=plan.contexts.start(bars), values=plan.contexts.values(bars, plan.contexts.batch(bars)))
 
 
 # ----------------------------------------------------------------------------------------------- one update
@@ -328,7 +324,7 @@ def _context_start(candles: _Candles) -> _Context:
 def _advance(plan: _Plan, state: _State, candles: dict[Timeframe, _Candles]) -> _State:
     """The state after the candles appended since ``state``: the new bars' rows, a refit's rows if one passed."""
     spec = plan.spec
-    contexts = {tf: _context_advance(c, state.candles[tf], candles[tf]) for tf, c in state.contexts.items()}
+    contexts = {tf: _context_advance(plan, c, state.candles[tf], candles[tf]) for tf, c in state.contexts.items()}
     bars = candles[spec.timeframe]
     begin, end = state.candles[spec.timeframe].ns.size, bars.ns.size
     if end == begin:
@@ -353,10 +349,13 @@ def _advance(plan: _Plan, state: _State, candles: dict[Timeframe, _Candles]) -> 
     if refits.size:
         refit_ns = np.concatenate([refit_ns, bars.ns[refits]])
 
-    series, recursions = _bar_series(bars, begin, state.recursions)
-    high, low, close = (bars.prices[c][begin:] for c in ("high", "low", "close"))
-    values = bar_columns(high, low, close, series)
-    level_values, near = _level_rows(plan, bars, begin, segments, series["atr_14"])
+    arrays = bars.bars
+    series, recursions = plan.bars.resume(arrays, begin, state.recursions)
+    new_bars = arrays.rows(begin)
+    close = new_bars.close
+    values = plan.bars.values(new_bars, series)
+    atr = series[plan.level_atr] if plan.level_atr is not None else None
+    level_values, near = _level_rows(plan, bars, begin, segments, atr)
     values |= level_values
     bar_close_ns = bars.ns[begin:] + plan.nanoseconds[spec.timeframe]
     for tf, context in contexts.items():
@@ -369,49 +368,8 @@ def _advance(plan: _Plan, state: _State, candles: dict[Timeframe, _Candles]) -> 
     return _State(candles, refit_ns, levels, inputs, block, recursions, contexts, features, near)
 
 
-def _bar_series(bars: _Candles, begin: int, state: dict[str, object]) -> tuple[dict[str, np.ndarray], dict[str, object]]:
-    """:func:`~pricelevel.features.compute.bar_series` of rows ``begin..`` and the recursions' new states."""
-    high, low, close, volume = (bars.prices[c] for c in ("high", "low", "close", "volume"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        eom, eom_state = indicators.ease_of_movement_resume(high, low, volume, 14, begin, state["eom_14"])
-        volume_14, volume_14_state = indicators.sma_resume(volume, 14, begin, state["volume_sma_14"])
-        volume_13, volume_13_state = indicators.sma_resume(volume, 13, begin, state["volume_sma_13"])
-        bands, sma_state = indicators.bollinger_resume(close, 20, 2.0, begin, state["sma_20"])
-        rsi, rsi_state = indicators.rsi_resume(close, 14, begin, state["rsi_14"])
-        macd, macd_state = indicators.macd_resume(close, 12, 26, 9, begin, state["macd"])
-        series = {
-            "log_return_1": indicators.log_return(close[begin - 1 :], 1)[1:],
-            "log_return_6": indicators.log_return(close[begin - 6 :], 6)[6:],
-            "log_return_24": indicators.log_return(close[begin - 24 :], 24)[24:],
-            "log_volume_change": np.diff(np.log1p(volume[begin - 1 :])),
-            "volatility_24": indicators.rolling_volatility_resume(close, 24, begin),
-            "cci_20": indicators.cci(high[begin - 19 :], low[begin - 19 :], close[begin - 19 :], 20)[19:],
-            "eom_14": eom,
-            "volume_sma_14": volume_14,
-            "volume_sma_13": volume_13,
-            "sma_20": bands.middle,  # sma(close, 20) is Bollinger's middle band: the same sum over 20
-            "ema_50": indicators.ema_resume(close, 50, begin, state["ema_50"]),
-            "bollinger_upper": bands.upper,
-            "bollinger_middle": bands.middle,
-            "bollinger_lower": bands.lower,
-            "force_index_13": indicators.force_index_resume(close, volume, 13, begin, state["force_index_13"]),
-            "roc_10": indicators.rate_of_change(close[begin - 10 :], 10)[10:],
-            "rsi_14": rsi,
-            "macd": macd.macd,
-            "macd_signal": macd.signal,
-            "macd_hist": macd.histogram,
-            "atr_14": indicators.atr_resume(high, low, close, 14, begin, state["atr_14"]),
-        }
-    recursions = {
-        "sma_20": sma_state, "volume_sma_14": volume_14_state, "volume_sma_13": volume_13_state, "eom_14": eom_state,
-        "rsi_14": rsi_state, "macd": macd_state, "ema_50": float(series["ema_50"][-1]),
-        "force_index_13": float(series["force_index_13"][-1]), "atr_14": float(series["atr_14"][-1]),
-    }
-    return series, recursions
-
-
 def _level_rows(
-    plan: _Plan, bars: _Candles, begin: int, segments: list[tuple[int, int, _Block]], atr: np.ndarray
+    plan: _Plan, bars: _Candles, begin: int, segments: list[tuple[int, int, _Block]], atr: np.ndarray | None
 ) -> tuple[dict[str, np.ndarray], np.ndarray]:
     """The level columns (when the set reads them) and ``near_level`` of rows ``begin..``, each segment of rows
     against the level set in force there."""
@@ -430,26 +388,16 @@ def _level_rows(
     return columns, np.concatenate(near)
 
 
-def _context_advance(context: _Context, old: _Candles, new: _Candles) -> _Context:
-    """A context timeframe's state after its appended candles (their values as ``context_series`` gives them)."""
+def _context_advance(plan: _Plan, context: _Context, old: _Candles, new: _Candles) -> _Context:
+    """A context timeframe's state after its appended candles (their values as ``compute_features`` gives them)."""
     begin = old.ns.size
     if new.ns.size == begin:
         return context
-    high, low, close = (new.prices[c] for c in ("high", "low", "close"))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        rsi, rsi_state = indicators.rsi_resume(close, 14, begin, context.rsi)
-        sma, sma_state = indicators.sma_resume(close, 20, begin, context.sma)
-        series = {
-            "log_return": indicators.log_return(close[begin - 1 :], 1)[1:],
-            "rsi_14": rsi,
-            "atr_14": indicators.atr_resume(high, low, close, 14, begin, context.atr),
-            "sma_20": sma,
-        }
-    values = context_candle_columns(close[begin:], series)
+    bars = new.bars
+    series, states = plan.contexts.resume(bars, begin, context.states)
+    values = plan.contexts.values(bars.rows(begin), series)
     return _Context(
-        rsi=rsi_state,
-        sma=sma_state,
-        atr=float(series["atr_14"][-1]),
+        states=states,
         values={name: np.concatenate([context.values[name], values[name]]) for name in values},
     )
 

@@ -21,6 +21,7 @@ from pricelevel.features.catalogue import feature_columns, needed_timeframes
 from pricelevel.features.compute import compute_features
 from pricelevel.features.config import FeaturesConfig, LabelsConfig
 from pricelevel.features.labels import level_label, targets
+from pricelevel.features.registry import REGISTRY, FeatureRegistry
 from pricelevel.levels.config import LevelsConfig
 from pricelevel.levels.history import history_from_frames, level_timeframes, read_history
 from pricelevel.levels.walkforward import LevelHistory
@@ -38,17 +39,22 @@ def feature_table(
     frames: Mapping[Timeframe, pd.DataFrame | None],
     labels: LabelsConfig,
     features: FeaturesConfig,
+    registry: FeatureRegistry = REGISTRY,
 ) -> pd.DataFrame:
     """The timestamped table training reads: candles, ``feature_<name>`` columns, ``near_level``, ``target``.
 
     ``near_level`` is 1 when the close is within ``labels.threshold_frac`` of a level in force now (the
-    baseline); ``target`` is what the model predicts, NaN where its horizon runs past the data.
+    baseline); ``target`` is what the model predicts, NaN where its horizon runs past the data. ``registry``:
+    the features the names refer to (the default one but in tests).
     """
     timestamps = pd.DatetimeIndex(candles["timestamp"])
     close = candles["close"].to_numpy(dtype=np.float64)
     near = level_label(timestamps, close, history, labels.threshold_frac)
-    columns = feature_columns(features, timeframe)
-    values = compute_features(candles, timeframe, columns, history, frames)
+    columns = feature_columns(features, timeframe, registry)
+    # The default registry is compute_features' own: not passed, so the call keeps the signature that the
+    # look-ahead test's leaking stand-in (tests/test_lookahead.py) replaces.
+    extra = {} if registry is REGISTRY else {"registry": registry}
+    values = compute_features(candles, timeframe, columns, history, frames, **extra)
     target = targets(candles, near, labels)
     stamps = candles["timestamp"].array
     prices = [candles[c].to_numpy() for c in TABLE_COLUMNS[1:6]]
@@ -89,17 +95,19 @@ def table_frame(
 
 @dataclass(frozen=True)
 class TableSpec:
-    """How a feature table is made: the bars' timeframe and the levels, labels and features settings."""
+    """How a feature table is made: the bars' timeframe and the levels, labels and features settings (and the
+    feature registry the names refer to: internal, the default one but in tests)."""
 
     timeframe: Timeframe
     levels: LevelsConfig
     labels: LabelsConfig
     features: FeaturesConfig
+    registry: FeatureRegistry = REGISTRY
 
     @property
     def columns(self) -> tuple[str, ...]:
         """The feature columns, in the model's input order."""
-        return feature_columns(self.features, self.timeframe)
+        return feature_columns(self.features, self.timeframe, self.registry)
 
     @property
     def input_timeframes(self) -> tuple[Timeframe, ...]:
@@ -113,7 +121,8 @@ class TableSpec:
     def build(self, frames: Mapping[Timeframe, pd.DataFrame | None]) -> tuple[LevelHistory, pd.DataFrame]:
         """Walk-forward levels and the feature table of one symbol, from these candles alone."""
         history = history_from_frames(frames, self.timeframe, self.levels)
-        table = feature_table(frames[self.timeframe], self.timeframe, history, frames, self.labels, self.features)
+        table = feature_table(frames[self.timeframe], self.timeframe, history, frames, self.labels, self.features,
+                              self.registry)
         return history, table
 
     def table(self, frames: Mapping[Timeframe, pd.DataFrame | None]) -> pd.DataFrame:
@@ -147,7 +156,9 @@ def features_step(folder: CandleFolder, derived: DerivedStore, levels: SymbolSte
     def write(out: Path) -> None:
         frames = spec.read_frames(folder, symbol)
         history = read_history(levels.folder, symbol)
-        write_table(out, symbol, feature_table(frames[spec.timeframe], spec.timeframe, history, frames, spec.labels, spec.features))
+        table = feature_table(frames[spec.timeframe], spec.timeframe, history, frames, spec.labels, spec.features,
+                              spec.registry)
+        write_table(out, symbol, table)
 
     out, built = derived.build(STEP, key, write)
     target = read_table(out, symbol)["target"].to_numpy(dtype=np.float64)

@@ -48,6 +48,7 @@ from typing import Any
 
 import pandas as pd
 
+from pricelevel.backtest.plan import ExitReason, bar_exit, plan_position, stop_prices
 from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading import documents
 from pricelevel.trading.exchange import (
@@ -63,7 +64,6 @@ from pricelevel.trading.exchange import (
     client_id,
 )
 from pricelevel.trading.paper import BarOutcome, ClosedTrade, Fill
-from pricelevel.trading.risk import position_value
 from pricelevel.trading.state import StateStore, as_utc
 
 logger = logging.getLogger(__name__)
@@ -143,16 +143,22 @@ def fill_delta(row: Mapping[str, Any], report: OrderReport) -> FillDelta | None:
     return FillDelta(qty, max(value, 0.0), max(report.fee - old_fee, 0.0))
 
 
-def bought(position: Position | None, fill: FillDelta, entry_time: str, cid: str, rules: StrategyRules) -> Position:
-    """The position after a buy fill (a new one, or more of an open one at the average price)."""
+def bought(position: Position | None, fill: FillDelta, entry_time: str, cid: str, rules: StrategyRules,
+           ref_price: float = math.nan) -> Position:
+    """The position after a buy fill (a new one, or more of an open one at the average price). Its stops come from
+    the one position plan (:func:`~pricelevel.backtest.plan.stop_prices`), measured from ``ref_price``, the entry
+    bar's close, as the backtest measures them (the average fill price when it is not known: an adopted position)."""
     net = fill.qty - (fill.fee / fill.price if fill.price else 0.0)  # Bybit takes a buy's fee in base coin
     if position is None:
         position = Position(0.0, 0.0, entry_time, 0.0, 0.0, 0.0, math.inf, entry_client_id=cid)
     gross = position.bought + fill.qty
     cost = position.cost + fill.value
     price = cost / gross if gross else fill.price
-    sl = price * (1 - rules.sl_stop) if rules.sl_stop else 0.0
-    tp = price * (1 + rules.tp_stop) if rules.tp_stop else math.inf
+    ref = ref_price if math.isfinite(ref_price) and ref_price > 0 else price
+    sl, tp = stop_prices(ref, math.nan if not rules.sl_stop else rules.sl_stop,
+                         math.nan if not rules.tp_stop else rules.tp_stop)
+    sl = 0.0 if math.isnan(sl) else float(sl)  # a Position keeps 0 / inf for "off"
+    tp = math.inf if math.isnan(tp) else float(tp)
     return replace(position, size=position.size + net, entry_price=price, entry_fees=position.entry_fees + fill.fee,
                    cost=cost, stop_loss=sl, take_profit=tp, bought=gross)
 
@@ -286,7 +292,8 @@ class ExchangeBroker:
                 _open, high, low, close = ohlc[symbol]
                 position.bars_held = self._bars_held(position, bar_time)
                 position.last_close = close
-                reason = position.exiting or exit_reason(position, high, low, bool(exits.get(symbol)), self.rules.max_hold_bars)
+                reason = position.exiting or exit_reason(position, _open, high, low, close, bool(exits.get(symbol)),
+                                                         self.rules.max_hold_bars)
             else:
                 reason = position.exiting  # no candle: a remainder keeps exiting, the stops wait for the next bar
             if reason:
@@ -697,10 +704,11 @@ class ExchangeBroker:
     # ------------------------------------------------------------------------------------ orders
 
     def _buy(self, symbol: str, bar_time: pd.Timestamp, version: str, close: float) -> Fill | None:
-        equity = self.equity()
-        value = position_value(equity, self.rules.sl_stop, self.rules.risk, self.rules.fraction) \
-            if self.rules.sizing == "risk" else self.rules.fraction * equity
-        amount = min(value, self.cash)
+        # Sized by the one position plan (the backtest's); Bybit takes a buy's fee in base coin, so none here.
+        plan = plan_position(self.rules, close, equity=self.equity(), cash=self.cash, fees=0.0)
+        if plan.refused is not None:
+            return None
+        amount = plan.value
         cid = client_id(version, symbol, bar_time, "entry")
         report = self._execute(MarketOrder(cid, symbol, Side.BUY, quote_amount=amount), bar_time, version, "entry",
                                last_close=close)
@@ -917,7 +925,7 @@ class ExchangeBroker:
         symbol = row["symbol"]
         if row["side"] == Side.BUY.value:
             entry_time, close = self._entry_context.get(row["client_id"], (str(as_utc(row["bar_time"])), math.nan))
-            position = bought(self.open.get(symbol), delta, entry_time, row["client_id"], self.rules)
+            position = bought(self.open.get(symbol), delta, entry_time, row["client_id"], self.rules, ref_price=close)
             if math.isfinite(close):
                 position.last_close = close
             elif not math.isfinite(position.last_close):
@@ -983,16 +991,14 @@ def account_status(store: StateStore, exchange: ExchangeClient) -> dict[str, Any
     return broker.status()
 
 
-def exit_reason(position: Position, high: float, low: float, signal: bool, max_hold_bars: int | None) -> str | None:
-    """Why a position exits at this bar's close (``None``: it stays): the stop-loss wins over the take-profit,
-    then the time stop, then the model's exit signal (the engine's order)."""
-    if position.stop_loss and low <= position.stop_loss:
-        return "stop_loss"
-    if high >= position.take_profit:
-        return "take_profit"
-    if max_hold_bars and position.bars_held >= max_hold_bars:
-        return "time_stop"
-    return "exit" if signal else None
+def exit_reason(position: Position, open_: float, high: float, low: float, close: float, signal: bool,
+                max_hold_bars: int | None) -> str | None:
+    """Why a position exits at this bar's close (``None``: it stays), by the one position plan's rule
+    (:func:`~pricelevel.backtest.plan.bar_exit`, the engine's): the stop-loss wins over the take-profit, then the
+    time stop, then the model's exit signal."""
+    reason, _price = bar_exit(open_, high, low, close, position.stop_loss, position.take_profit, position.bars_held,
+                              max_hold_bars, signal)
+    return None if reason is None else ("exit" if reason is ExitReason.SIGNAL else reason.label)
 
 
 def _our_unsold(rows: Sequence[Mapping[str, Any]]) -> float:
