@@ -9,6 +9,7 @@ or a run failed, 2 bad usage or configuration.
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -95,7 +96,11 @@ def hoist_global_options(argv: list[str]) -> list[str]:
 #: server: the flow can then record its end, and the server is stopped last.
 FLOW_COMMANDS = (("train",), ("promote",), ("ingest",), ("research", "rolling"))
 #: Seconds the temporary server gets to stop before it is killed.
-SERVER_GRACE_S = 3.0
+SERVER_GRACE_S = 2.0
+#: Exit codes of a command ended by SIGINT / SIGTERM (128 + the signal's number).
+STOPPED_EXIT_CODES = frozenset({128 + signal.SIGINT, 128 + signal.SIGTERM})
+#: Delay before a stop that Python dropped (raised inside a finaliser) is raised again.
+REDELIVER_AFTER_S = 0.05
 
 
 class Stopped(BaseException):
@@ -110,22 +115,52 @@ class Stopped(BaseException):
 class StopHandler:
     """SIGTERM/SIGINT raise :class:`Stopped` in the main thread, once (a second signal is ignored while the run
     stops: within seconds). Prefect replaces the SIGTERM handler while a flow runs (its ``TerminationSignal``
-    ends the flow as Crashed); it restores this one and sends SIGTERM again after that."""
+    ends the flow as Crashed); it restores this one and sends SIGTERM again after that.
+
+    A handler's exception that lands in a finaliser or a weakref callback is printed and dropped by Python
+    ("Exception ignored in ..."); torch frees tensors in such callbacks all the time, so a SIGTERM during
+    training was dropped more often than not. :meth:`redeliver` (``sys.unraisablehook``) sends it again."""
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.pending = False
 
     def __call__(self, signum: int, frame: object) -> None:
-        if self.signum is None:
-            self.signum = signum
-            raise Stopped(signum)
+        if self.signum is None or self.pending:
+            self.signum, self.pending = self.signum or signum, False
+            raise Stopped(self.signum)
+
+    def redeliver(self, unraisable: object) -> bool:
+        """Whether the dropped exception was a stop (ours or Prefect's); if so, the signal is raised again."""
+        error = getattr(unraisable, "exc_value", None)
+        if isinstance(error, Stopped):
+            signum = error.signum
+        elif type(error).__name__ == "TerminationSignal":
+            signum = getattr(error, "signal", signal.SIGTERM)
+        else:
+            return False
+        import _thread
+        import threading
+
+        self.pending = True
+        # From another thread: called here, the handler would run at once, inside this hook, and be dropped again.
+        threading.Timer(REDELIVER_AFTER_S, _thread.interrupt_main, (signum,)).start()
+        return True
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopHandler]:
         previous = {sig: signal.signal(sig, self) for sig in (signal.SIGTERM, signal.SIGINT)}
+        previous_hook = sys.unraisablehook
+
+        def hook(unraisable: object) -> None:
+            if not self.redeliver(unraisable):
+                previous_hook(unraisable)
+
+        sys.unraisablehook = hook
         try:
             yield self
         finally:
+            sys.unraisablehook = previous_hook
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
@@ -201,7 +236,6 @@ def prefect_api_for(argv: list[str]) -> Iterator[None]:
     if get_current_settings().api.url is not None:
         yield
         return
-    import os
     import socket
 
     from pricelevel.core.runtime import project_root
@@ -221,7 +255,20 @@ def prefect_api_for(argv: list[str]) -> Iterator[None]:
             yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
+        _drain_prefect_clients()
         group.stop()
+
+
+def _drain_prefect_clients(timeout_s: float = 1.5) -> None:
+    """Send the logs and events still queued before the server stops; else Prefect's background workers retry
+    the gone server at exit and the process hangs (what ``prefect_test_harness`` does before stopping its own)."""
+
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=timeout_s)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -281,7 +328,17 @@ def _in_main_thread() -> bool:
 
 
 def run() -> None:
-    sys.exit(main())
+    code = main()
+    if code in STOPPED_EXIT_CODES:
+        # Stopped by a signal and cleaned up (flow run marked, workers stopped, server stopped): leave now. The
+        # interpreter's own teardown (torch, numba, thread pools) took 3-4 s more on a loaded 2-core machine.
+        import logging
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ rest. A Dask ``cancel`` alone would leave a running trial computing, and finishi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import threading
 import uuid
@@ -98,6 +99,48 @@ class StoppingRun:
         return StoppingObserver(self.run.trials(study_name) if self.run is not None else None, self.stop)
 
 
+class RecordingRun:
+    """The training run as the trials in this process log to it (``tuning.workers: 1``), remembering which trials
+    began: a stop (SIGTERM, Ctrl-C) is a BaseException, which Optuna does not catch, so it would leave its trial
+    RUNNING in the study for ever; :meth:`fail_unfinished` marks it failed instead."""
+
+    def __init__(self, run: Any) -> None:
+        self.run, self.began, self.study_name = run, [], None
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the run's (log_json, log_params, ...)
+        return getattr(self.run, name)
+
+    def trials(self, study_name: str) -> Any:
+        self.study_name = study_name
+        inner, began = self.run.trials(study_name), self.began
+
+        class Observer:
+            def trial_started(self, number: int, params: dict[str, Any]) -> None:
+                began.append(number)
+                inner.trial_started(number, params)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+        return Observer()
+
+    def fail_unfinished(self, storage: str, tuning: Any) -> list[int]:
+        """Mark this process's trials still RUNNING as FAIL (they are not counted, and not resumed as running)."""
+        if not self.began or self.study_name is None:
+            return []
+        import optuna
+        from optuna.trial import TrialState
+
+        from pricelevel.ml.tuning import study_storage
+
+        study = optuna.load_study(study_name=self.study_name, storage=study_storage(storage, tuning))
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                   if t.number in self.began]
+        for number in running:
+            study.tell(number, state=TrialState.FAIL)
+        return running
+
+
 @task(name="tune", cache_policy=NO_CACHE)
 def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary:
     """Optuna study over the search space; resumes a study of the same inputs, a no-op once it is complete.
@@ -120,8 +163,16 @@ def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary
         stop.clear()
         get_run_logger().info("trial workers finished %s trials", finished)
 
-    study = tune_step(plan, config.model_inputs, config.tuning, config.strategy, *places, started.log,
-                      run_workers if config.tuning.workers > 1 else None)
+    in_process = config.tuning.workers == 1 and started.log is not None
+    run = RecordingRun(started.log) if in_process else started.log
+    try:
+        study = tune_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run,
+                          run_workers if config.tuning.workers > 1 else None)
+    except BaseException:
+        if isinstance(run, RecordingRun):
+            with contextlib.suppress(Exception):
+                run.fail_unfinished(places[0], config.tuning)
+        raise
     get_run_logger().info("%s", study.describe())
     return study
 

@@ -1,8 +1,9 @@
 """SIGTERM to a ``pricelevel train`` that runs without a Prefect API, as ``timeout`` sends it (to the whole process
 group) while the trials run in the flow's process: the command ends within 10 s, its flow run is marked
 Cancelled in the database of its temporary Prefect server, and that server, started in a session of its own so
-that the group's signal does not kill it first, is stopped last: nothing is left running.
-(The Dask path, with trial workers, and the rerun that resumes are in test_cluster_train.py.)"""
+that the group's signal does not kill it first, is stopped last: nothing is left running. The same command
+again completes (and exits: the temporary server goes after the flow's last logs and events), resuming the
+study. (The Dask path, with trial workers, is in test_cluster_train.py.)"""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.test_cluster_train import TINY, _group_alive, _project
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
-THREADS = [o for o in TINY if not o.startswith(("tuning.workers", "flow.task_runner"))] + ["tuning.n_trials=6"]
+THREADS = [o for o in TINY if not o.startswith(("tuning.workers", "flow.task_runner"))] + ["tuning.n_trials=12"]
 
 
 def _running_trials(database: Path) -> int:
@@ -50,12 +51,12 @@ def test_sigterm_mid_tuning_stops_the_run_marks_it_cancelled_and_stops_its_tempo
     args = [str(Path(sys.executable).parent / "pricelevel"), "train"]
     for override in THREADS:
         args += ["--set", override]
-    log = tmp_path / "train.log"
+    log, study = tmp_path / "train.log", root / "data" / "optuna" / "optuna.db"
     with log.open("wb") as out:
         process = subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 400
-        while not _running_trials(root / "data" / "optuna" / "optuna.db"):
+        while not _running_trials(study):
             assert process.poll() is None, log.read_text()[-5000:]
             assert time.monotonic() < deadline, "no trial started"
             time.sleep(0.2)
@@ -69,6 +70,7 @@ def test_sigterm_mid_tuning_stops_the_run_marks_it_cancelled_and_stops_its_tempo
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
+        _kill_servers(home)
     text = log.read_text()
     assert process.returncode == 128 + signal.SIGTERM and exit_s < 10, (process.returncode, exit_s, text[-5000:])
     assert not left and not server_left, (left, server_left)
@@ -76,4 +78,25 @@ def test_sigterm_mid_tuning_stops_the_run_marks_it_cancelled_and_stops_its_tempo
     with contextlib.closing(sqlite3.connect(home / "prefect.db")) as db:
         states = dict(db.execute("select flow.name, flow_run.state_type from flow_run join flow on flow.id = flow_run.flow_id"))
     assert states["train"] == "CANCELLED", states
-    assert not _running_trials(root / "data" / "optuna" / "optuna.db")
+    assert not _running_trials(study)
+    with contextlib.closing(sqlite3.connect(study)) as db:
+        kept = db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+
+    # the same command again: ingest, levels, features and the finished trials are reused; it ends, and exits
+    rerun = subprocess.run([*args, "--skip-ingest"], env=env, capture_output=True, text=True, timeout=400)
+    left = _using(home)
+    _kill_servers(home)
+    assert rerun.returncode == 0 and not left, (left, rerun.stdout[-3000:] + rerun.stderr[-3000:])
+    assert "passed before" in rerun.stdout + rerun.stderr  # the look-ahead check of the same tables
+    with contextlib.closing(sqlite3.connect(study)) as db:
+        complete = db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+        run_now = db.execute("select count(*) from trials").fetchone()[0]
+    assert complete == 12 and run_now <= 12 + 1, (kept, complete, run_now)  # resumed: only the missing trials
+
+
+def _kill_servers(home: Path) -> None:
+    """What a failed assertion would leave behind (the server is in a session of its own)."""
+    for proc in Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError, ValueError):
+            if f"PREFECT_HOME={home}".encode() in (proc / "environ").read_bytes().split(b"\0"):
+                os.kill(int(proc.name), signal.SIGKILL)

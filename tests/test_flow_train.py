@@ -40,6 +40,7 @@ SMALL = [
     "tuning.space.seq_len=[12,16]",
     "promotion.window_days=60",
     "training.budget_hours=null",  # fixed-size, as the demo: tests/test_budget.py covers the sizing
+    "model.seeds=1",  # one final fit per fold: tests/test_seeds.py covers the spread over seeds
 ]
 
 

@@ -25,7 +25,8 @@ def rolling(
     keep_candles: Annotated[bool, typer.Option("--keep-candles", help="Keep each step's cut candle folder.")] = False,
 ) -> None:
     """At every step: retrain on the candles closed by then, run the promotion gate against the champion,
-    trade the champion until the next step; report the chained equity, each decision and the controls."""
+    trade the champion until the next step; report the chained equity, each decision and the controls, under
+    both champion policies (kept until beaten; retired after promotion.retire_after hurdle failures)."""
     import pandas as pd
 
     from flows.research import research_rolling

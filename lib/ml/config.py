@@ -52,6 +52,10 @@ class ModelConfig(Frozen):
     #: BCE positive-class weight; ``null`` = negatives / positives of the training segment.
     pos_weight: float | None = Field(None, gt=0)
     seed: int = 42
+    #: Trainings of every final fold model, seeds ``seed``, ``seed + 1``, ...: the registered model is ``seed``'s;
+    #: the others measure the spread of the chosen rules' pooled validation metric (:mod:`pricelevel.ml.seeds`,
+    #: MLflow ``seeds.*``). Each extra seed costs one more final training of every fold. 1 = no spread.
+    seeds: int = Field(3, ge=1, le=20)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = "auto"
     #: ``auto``: bf16-mixed on CUDA, 32-true elsewhere.
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"

@@ -23,7 +23,14 @@ import pandas as pd
 from pricelevel.backtest.baselines import VOLATILITY_KEY, choose_level_rule, choose_volatility_rules
 from pricelevel.backtest.config import BacktestConfig
 from pricelevel.backtest.market import Market, market_from_candles
-from pricelevel.backtest.selection import Selection, StrategyContext, aggregate, choose_rules
+from pricelevel.backtest.selection import (
+    Selection,
+    StrategyContext,
+    ValidationFold,
+    aggregate,
+    choose_pooled_rules,
+    choose_rules,
+)
 from pricelevel.backtest.trading import probability_matrix
 from pricelevel.core.cache import DerivedStore, code_fingerprint, step_key
 from pricelevel.core.runlog import RunLog
@@ -33,6 +40,7 @@ from pricelevel.ml.artifacts import FoldModel, TrainedModel, build_spec, input_e
 from pricelevel.ml.config import ModelConfig, TuningConfig
 from pricelevel.ml.dataset import DatasetPlan, SymbolTable, TrainingData
 from pricelevel.ml.fit import TrainResult, train, with_params
+from pricelevel.ml.seeds import log_spread, save_spread, seed_spread
 from pricelevel.strategy.rules import StrategyRules
 
 
@@ -77,13 +85,15 @@ def label_exits(
 
 @dataclass(frozen=True)
 class FoldFit:
-    """One fold trained and its rules chosen on its validation segment."""
+    """One fold trained and its rules chosen on its validation segment (``validation``: that segment as the
+    pooled rule search of :func:`train_step` takes it)."""
 
     fold: int
     data: TrainingData
     result: TrainResult
     scored: dict[str, pd.DataFrame]
     rules: Selection[StrategyRules]
+    validation: ValidationFold
 
     @property
     def value(self) -> float:
@@ -114,7 +124,8 @@ def fit_fold(
     exits = label_exits(strategy, plan.spec.labels, tables, data.bounds.val_start, data.bounds.val_end)
     rules = choose_rules(market, probability, strategy.costs, strategy.selection, strategy.base, exits.move,
                          exits.horizon, exits.down)
-    return FoldFit(fold, data, result, scored, rules)
+    validation = ValidationFold(fold, market, probability, exits.move, exits.horizon, exits.down)
+    return FoldFit(fold, data, result, scored, rules, validation)
 
 
 def folds_value(fits: Sequence[FoldFit], how: str) -> float:
@@ -143,8 +154,11 @@ def train_step(
     run: RunLog | None,
 ) -> TrainedModel:
     """Train every fold's final model with the study's best parameters for ``model.max_epochs``, choose its
-    rules and the level rule's parameters on its validation segment, and keep it all (reused when these inputs
-    were trained before). The newest fold's per-epoch metrics go to ``run``."""
+    rules on the pooled validation segments of it and the folds before it (the newest fold's, pooled over all
+    folds, are the registered model's; :func:`pricelevel.backtest.selection.choose_pooled_rules`) and the level
+    rule's parameters on its own validation segment, measure the seed spread when ``model.seeds > 1``
+    (:mod:`pricelevel.ml.seeds`), and keep it all (reused when these inputs were trained before). The newest
+    fold's per-epoch metrics and the seed spread go to ``run``."""
     params = dict(best_params)
     seq_len = int(params.get("seq_len", plan.dataset.seq_len))
     folds = len(plan.folds)
@@ -153,19 +167,25 @@ def train_step(
         tables = plan.load()
         history = {symbol: table.history for symbol, table in tables.items()}
         candles = {symbol: table.candles for symbol, table in tables.items()}
+        fits: list[FoldFit] = []
         for k in range(folds):
             newest = k == folds - 1
             fit = fit_fold(
                 plan, tables, k, seq_len, with_params(model, params), tuning, model.max_epochs, out / f"fold-{k}" / "checkpoints",
                 strategy, epoch_callback=(lambda e, m: run.log_metrics(m, step=e)) if (run and newest) else None,
             )
+            fits.append(fit)
+            # Fold k's rules: pooled over the validation segments of folds 0..k (never a later fold's, which
+            # overlaps fold k's test); the newest fold's, pooled over all folds, are the registered model's.
+            pooled = choose_pooled_rules([f.validation for f in fits], strategy.costs, strategy.selection, strategy.base)
             market = segment_market(tables, fit.data.bounds.val_start, fit.data.bounds.val_end, strategy.costs)
             level = choose_level_rule(market, candles, history, strategy.costs, strategy.selection, strategy.base,
                                       strategy.horizon)
             volatility = choose_volatility_rules(market, candles, label_exits(
                 strategy, plan.spec.labels, tables, fit.data.bounds.val_start, fit.data.bounds.val_end))
-            spec = build_spec(plan, fit.data, fit.result.module.hparams, fit.rules.chosen.model_dump(),
-                              {"fold": k, "level_rule": level.chosen.model_dump(), "validation_score": fit.rules.score.to_dict(),
+            spec = build_spec(plan, fit.data, fit.result.module.hparams, pooled.rules.model_dump(),
+                              {"fold": k, "level_rule": level.chosen.model_dump(), "validation_score": pooled.selection.score.to_dict(),
+                               "rule_recipe": pooled.selection.chosen.model_dump(), "pooled_folds": list(pooled.folds),
                                VOLATILITY_KEY: volatility.chosen.model_dump()})
             summary = {
                 "best_score": fit.result.best_score, "best_epoch": fit.result.best_epoch, "epochs_run": fit.result.epochs_run,
@@ -174,12 +194,18 @@ def train_step(
             }
             FoldModel(out / f"fold-{k}").save(
                 fit.result.module, spec, summary, fit.scored,
-                {"model": fit.rules.to_dict(), "level_rule": level.to_dict(), "volatility": volatility.to_dict()},
+                {"model": pooled.to_dict(), "model_own_fold": fit.rules.to_dict(), "level_rule": level.to_dict(),
+                 "volatility": volatility.to_dict()},
                 input_example(fit.data),
             )
+        if model.seeds > 1:  # the spread of the registered rules' pooled validation score over seeds
+            save_spread(out, seed_spread([(f.data, f.validation) for f in fits], pooled.selection.chosen,
+                                         pooled.selection.score.metric(strategy.selection.metric), with_params(model, params),
+                                         tuning, model.max_epochs, out / "seeds", strategy))
 
     out, built = derived.build("models", key, write)
     trained = TrainedModel(key, out, built, folds)
+    log_spread(out, run)
     if not built and run is not None:  # a new run over models trained before (e.g. only report settings changed)
         for entry in trained.newest.result["history"]:
             run.log_metrics({k: v for k, v in entry.items() if k != "epoch"}, step=int(entry["epoch"]))

@@ -139,18 +139,21 @@ def decision_markdown(
         f"# {'Promoted' if decision.promote else 'Not promoted'}: `{name}` version {contest.challenger.version}", "",
         decision.reason, "", f"Window {contest.start:%Y-%m-%d} .. {contest.end:%Y-%m-%d}: {contest.rows} labelled rows "
         f"(the challenger's target), {contest.bars} bars traded.", "",
-        f"| strategy | {metric} | {trading_metric} | total return | max drawdown | trades |", "|---|---|---|---|---|---|",
+        f"| strategy | {metric} | direction AUC | {trading_metric} | total return | max drawdown | trades |",
+        "|---|---|---|---|---|---|---|",
     ]
     for role, score in (("challenger", contest.challenger), ("champion", contest.champion)):
         if score is not None:
             t = score.trading
-            lines.append(f"| {role} v{score.version} | {num(score.metric)} | {num(t.metric(trading_metric))} | "
-                         f"{num(t.total_return, True)} | {num(t.max_drawdown, True)} | {t.n_trades} |")
+            direction = float(score.classification.get("direction_auc", math.nan))
+            lines.append(f"| {role} v{score.version} | {num(score.metric)} | {num(direction)} | "
+                         f"{num(t.metric(trading_metric))} | {num(t.total_return, True)} | {num(t.max_drawdown, True)} | "
+                         f"{t.n_trades} |")
     for baseline, t in contest.strategy_baselines.items():
-        lines.append(f"| {baseline} | - | {num(t.metric(trading_metric))} | {num(t.total_return, True)} | "
+        lines.append(f"| {baseline} | - | - | {num(t.metric(trading_metric))} | {num(t.total_return, True)} | "
                      f"{num(t.max_drawdown, True)} | {t.n_trades} |")
     for baseline, value in contest.classifier_baselines.items():
-        lines.append(f"| {baseline} (classifier) | {num(value)} | - | - | - | - |")
+        lines.append(f"| {baseline} (classifier) | {num(value)} | - | - | - | - | - |")
     lines += gbm_markdown(decision.details, trading_metric)  # LightGBM beside the LSTM (its training run)
     if "deflated_sharpe" in decision.details:
         deflated = float(decision.details["deflated_sharpe"])  # type: ignore[arg-type]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from pricelevel.core.config import Frozen
 
@@ -31,11 +31,14 @@ class SelectionConfig(Frozen):
     ranks strategies everywhere: the rule search, the tuning objective and the promotion gate."""
 
     metric: Literal["sharpe", "sortino", "calmar", "total_return"] = "sharpe"
-    #: How walk-forward folds combine into the one number the tuner maximises: their mean or their worst.
+    #: How walk-forward folds combine into the one number the tuner maximises: their mean or their worst. (The
+    #: registered model's rules are chosen on the folds' validation segments pooled: README "Choosing the rules".)
     aggregate: Literal["mean", "worst"] = "mean"
+    #: A candidate with fewer validation trades than this, in any one fold of the pooled search, cannot be chosen.
     min_trades: int = Field(10, ge=1)
-    #: Share of the validation bars that may enter (the threshold is that quantile of the probabilities).
-    entry_quantiles: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)
+    #: Share of the validation bars that may enter (the threshold is that quantile of each fold's own validation
+    #: probabilities). The rarest entries (1 %, 2 %) pay the fees least often (README "What was tried").
+    entry_quantiles: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
     #: Exit when the probability falls below this quantile of the validation probabilities (null: no such exit).
     exit_quantiles: tuple[float | None, ...] = (None,)
     #: The exits searched; the default is the label's own question (+move within horizon bars, before -down for a
@@ -45,3 +48,10 @@ class SelectionConfig(Frozen):
     tp_stop: tuple[float | LabelMove | None, ...] = ("move",)
     max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon",)
     level_rule: LevelRuleGrid = LevelRuleGrid()
+
+    @field_validator("entry_quantiles")
+    @classmethod
+    def _shares(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        if not value or any(not 0 < q < 1 for q in value):
+            raise ValueError(f"entry_quantiles must be shares of bars in (0, 1), at least one; got {list(value)}")
+        return value
