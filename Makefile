@@ -68,7 +68,8 @@ deploy: install
 	$(BIN)/prefect work-pool create pricelevel-process --type process --overwrite
 	$(BIN)/prefect work-queue create training --pool pricelevel-process --limit 1 >/dev/null 2>&1 || \
 		$(BIN)/prefect work-queue set-concurrency-limit training 1 --pool pricelevel-process
-	$(BIN)/prefect work-pool create pricelevel-trader --type process --concurrency-limit 1 --overwrite
+	$(BIN)/prefect work-pool create pricelevel-trader --type process --overwrite
+	$(BIN)/prefect work-pool set-concurrency-limit pricelevel-trader 1
 	PRICELEVEL_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 # README "Scaling out": PostgreSQL (system packages), Prefect and MLflow servers on it, a Dask scheduler with

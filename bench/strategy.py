@@ -190,7 +190,7 @@ def training_markdown(result: dict[str, Any]) -> str:
         lines += ["", f"Deflated Sharpe (the registered model's rules on the validation segment they were chosen on): "
                       f"{num(deflated)}; validation Sharpe {num(d.get('deflated_sharpe.validation_sharpe'), digits=2)} "
                       f"against {num(d.get('deflated_sharpe.luck_sharpe'), digits=2)} expected from luck as the best of "
-                      f"{num(d.get('deflated_sharpe.configurations'))} configurations."]
+                      f"{int(d.get('deflated_sharpe.configurations') or 0)} configurations."]
     w = result["newest_window"]
     others = ", ".join(f"{name} {num(w[name]['sharpe'], digits=2)}" for name in ("cash", "level_rule", "volatility",
                                                                                    "buy_and_hold") if name in w)

@@ -165,8 +165,10 @@ def _setup_pools(bin_dir: Path, env: Mapping[str, str]) -> None:
     if created.returncode != 0:  # it exists: make sure of its limit
         subprocess.run([prefect, "work-queue", "set-concurrency-limit", TRAINING_QUEUE, "1", "--pool", POOL],
                        env=dict(env), check=True, capture_output=True, timeout=120)
-    subprocess.run([prefect, "work-pool", "create", TRADER_POOL, "--type", "process", "--concurrency-limit", "1",
-                    "--overwrite"], env=dict(env), check=True, capture_output=True, timeout=120)
+    subprocess.run([prefect, "work-pool", "create", TRADER_POOL, "--type", "process", "--overwrite"], env=dict(env),
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run([prefect, "work-pool", "set-concurrency-limit", TRADER_POOL, "1"], env=dict(env), check=True,
+                   capture_output=True, timeout=120)
 
 
 def run_cluster(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str], cwd: Path,
