@@ -38,7 +38,8 @@ def options(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks.")] = False,
 ) -> None:
     """The options every command shares (the config layers, tracebacks)."""
-    ctx.obj = Session(config, tuple(set_ or ()), debug)
+    server = ctx.obj if isinstance(ctx.obj, TemporaryServer) else None
+    ctx.obj = (server.session_type() if server else Session)(config, tuple(set_ or ()), debug)
 
 
 for command in (data.ingest, data.validate, research.backtest, research.levels, research.features, models.train,
@@ -91,10 +92,6 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
-#: Commands that run a Prefect flow. Without a Prefect API they get a temporary server of their own, in its own
-#: session, so that a signal to the command's process group (Ctrl-C, `timeout`) reaches the flow and not the
-#: server: the flow can then record its end, and the server is stopped last.
-FLOW_COMMANDS = (("train",), ("promote",), ("ingest",), ("research", "rolling"))
 #: Seconds the temporary server gets to stop before it is killed.
 SERVER_GRACE_S = 2.0
 #: Exit codes of a command ended by SIGINT / SIGTERM (128 + the signal's number).
@@ -209,54 +206,55 @@ def cancel_flow_runs(flow_run_ids: list) -> list[str]:
     return names
 
 
-def _command(argv: list[str]) -> tuple[str, ...]:
-    words, i = [], 0
-    while i < len(argv):
-        name = argv[i].split("=", 1)[0]
-        if name in GLOBAL_OPTIONS:
-            i += 1 + (GLOBAL_OPTIONS[name] and "=" not in argv[i])
-            continue
-        if argv[i].startswith("-"):
-            break
-        words.append(argv[i])
-        i += 1
-    return tuple(words)
+class TemporaryServer:
+    """A flow run without a Prefect API gets a temporary ``prefect server start`` of its own (the local SQLite
+    database, as Prefect's own temporary server), started when the command's flow is about to run (a usage error
+    starts nothing), in its own session so that a signal to the command's process group (Ctrl-C, ``timeout``)
+    reaches the flow and not the server, and stopped last, after the flow run has been marked."""
 
+    def __init__(self) -> None:
+        self.group = None
+        self.stack = contextlib.ExitStack()
 
-@contextlib.contextmanager
-def prefect_api_for(argv: list[str]) -> Iterator[None]:
-    """A flow command without a Prefect API runs against a temporary ``prefect server start`` of its own (the
-    local SQLite database, as Prefect's own temporary server), started in its own session and stopped last."""
-    command = _command(argv)
-    if "--help" in argv or not any(command[: len(c)] == c for c in FLOW_COMMANDS):
-        yield
-        return
-    from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+    def session_type(self) -> type[Session]:
+        """The session whose flow arguments, asked for right before a flow runs, start the server first."""
+        server = self
 
-    if get_current_settings().api.url is not None:
-        yield
-        return
-    import socket
+        class FlowSession(Session):
+            def flow_arguments(self) -> dict[str, object]:
+                server.ensure()
+                return super().flow_arguments()
 
-    from pricelevel.core.runtime import project_root
-    from pricelevel.core.services import ServiceGroup, prefect_server
+        return FlowSession
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = prefect_server(Path(sys.executable).parent, "127.0.0.1", port)
-    group = ServiceGroup([server], dict(os.environ), project_root(), grace_s=SERVER_GRACE_S, quiet=True)
-    url = f"{server.url}/api"
-    try:
-        group.start()
-        group.wait_healthy(180)
+    def ensure(self) -> None:
+        from prefect.settings import PREFECT_API_URL, get_current_settings, temporary_settings
+
+        if self.group is not None or get_current_settings().api.url is not None:
+            return
+        import socket
+
+        from pricelevel.core.runtime import project_root
+        from pricelevel.core.services import ServiceGroup, prefect_server
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        server = prefect_server(Path(sys.executable).parent, "127.0.0.1", port)
+        self.group = ServiceGroup([server], dict(os.environ), project_root(), grace_s=SERVER_GRACE_S, quiet=True)
+        self.group.start()
+        self.group.wait_healthy(180)
+        url = f"{server.url}/api"
         os.environ["PREFECT_API_URL"] = url  # for the processes the flow starts (Dask workers, subprocesses)
-        with temporary_settings(updates={PREFECT_API_URL: url}):
-            yield
-    finally:
-        os.environ.pop("PREFECT_API_URL", None)
-        _drain_prefect_clients()
-        group.stop()
+        self.stack.callback(os.environ.pop, "PREFECT_API_URL", None)
+        self.stack.enter_context(temporary_settings(updates={PREFECT_API_URL: url}))
+
+    def close(self) -> None:
+        if self.group is not None:
+            _drain_prefect_clients()
+            self.stack.close()
+            self.group.stop()
+            self.group = None
 
 
 def _drain_prefect_clients(timeout_s: float = 1.5) -> None:
@@ -282,10 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with stop.installed() if _in_main_thread() else contextlib.nullcontext(stop):
             try:
-                with prefect_api_for(argv):
+                with contextlib.closing(TemporaryServer()) as server:
                     try:
                         # Without standalone mode, click returns typer.Exit's code instead of raising it.
-                        code = app(args=argv, prog_name="pricelevel", standalone_mode=False)
+                        code = app(args=argv, prog_name="pricelevel", standalone_mode=False, obj=server)
                         return code if isinstance(code, int) else 0
                     except BaseException as exc:
                         if stop.signum is None and type(exc).__name__ == "TerminationSignal":
