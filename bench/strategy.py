@@ -57,6 +57,7 @@ def main() -> None:
         from pricelevel.core.runtime import bootstrap
 
         bootstrap()  # quiet, offline environment before Prefect is imported
+        from pricelevel.research.report import finite
         out: dict[str, Any] = {"benchmark": "strategy figures on conf/quick.yaml (bundled sample)",
                                "overrides": args.overrides, "training": training_figures(project, args.overrides)}
         if args.rolling:
@@ -67,17 +68,6 @@ def main() -> None:
     if "rolling" in out:
         print(out["rolling"]["markdown"], file=sys.stderr)
     print(json.dumps(finite(out), indent=2, default=str))
-
-
-def finite(value: Any) -> Any:
-    """JSON has no NaN: undefined numbers are ``null``."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
 
 
 def training_figures(project: Path, overrides: list[str]) -> dict[str, Any]:

@@ -557,15 +557,10 @@ class ExchangeBroker:
                   "take_profit": position.take_profit if math.isfinite(position.take_profit) else None}
         if not any(levels.values()) or position.placed < 0:
             return
-        try:
-            instrument = self.exchange.instrument(symbol)
-            balances = self.exchange.balances()
-        except ExchangeUnavailable as exc:
-            self._down(f"{symbol} resting exits: {exc}")
+        holding = self._holding(symbol, "resting exits")
+        if holding is None:
             return
-        except OrderRefused as exc:
-            self.errors.append(f"{symbol} resting exits: {exc}")
-            return
+        instrument, balances = holding
         qty = instrument.round_qty(min(position.size, balances.get(instrument.base_coin, 0.0)))
         placed = position.placed + 1
         for intent, price in levels.items():
@@ -731,15 +726,10 @@ class ExchangeBroker:
             if symbol not in self.open or self.unavailable:
                 break
             position = self.open[symbol]
-            try:
-                instrument = self.exchange.instrument(symbol)
-                balances = self.exchange.balances()
-            except ExchangeUnavailable as exc:
-                self._down(f"{symbol} {reason}: {exc}")
+            holding = self._holding(symbol, reason)
+            if holding is None:
                 break
-            except OrderRefused as exc:
-                self.errors.append(f"{symbol} {reason}: {exc}")
-                break
+            instrument, balances = holding
             self._cash = balances.get(self.quote_coin, 0.0)
             price = position.last_close if math.isfinite(position.last_close) else position.entry_price
             qty = instrument.round_qty(min(position.size, balances.get(instrument.base_coin, 0.0)))
@@ -842,6 +832,17 @@ class ExchangeBroker:
         if report.status is OrderStatus.REJECTED:
             self.errors.append(f"{order.symbol}: {order.client_id} rejected: {report.message}")
         return report if report.filled_qty > 0 else None
+
+    def _holding(self, symbol: str, what: str) -> tuple[Instrument, dict[str, float]] | None:
+        """The symbol's rules and the wallet, read before selling it; ``None`` (said) when the exchange is away or
+        refuses the symbol."""
+        try:
+            return self.exchange.instrument(symbol), self.exchange.balances()
+        except ExchangeUnavailable as exc:
+            self._down(f"{symbol} {what}: {exc}")
+        except OrderRefused as exc:
+            self.errors.append(f"{symbol} {what}: {exc}")
+        return None
 
     def _cancel_rest(self, symbol: str, cid: str, report: OrderReport) -> OrderReport:
         if self.unavailable:
