@@ -635,14 +635,18 @@ class ExchangeBroker:
         """After the resting exits' rows changed: an exit that filled (even in part) takes its sibling with it; a
         stop the exchange triggered but refused to execute (its coins held by the take-profit) is a stop-loss
         exit at market now; one cancelled by someone else is dropped (placed again at the next step)."""
-        with self.store.transaction() as tx:
-            rows = {r["client_id"]: r for r in self.store.orders(tx) if r["intent"] in RESTING}
+        with self.store.transaction() as tx:  # the open resting rows and those a position points to, not the history
+            rows = {r["client_id"]: r for r in self.store.orders(tx, OPEN_STATUSES) if r["intent"] in RESTING}
+            for position in self.open.values():
+                for cid in position.resting.values():
+                    if cid not in rows and (row := self.store.order(tx, cid)) is not None:
+                        rows[cid] = row
         pointed = set()
         changed = False
         for symbol, position in self.open.items():
             for intent, cid in list(position.resting.items()):
                 row = rows.get(cid)
-                if position.exiting or row is None or (row["status"] in ("REJECTED", "CANCELLED", "FILLED")):
+                if position.exiting or row is None or OrderStatus(row["status"]).final:
                     position.resting.pop(intent)
                     changed = True
                     if row is not None and row["status"] == "REJECTED" and intent == "stop_loss" and not position.exiting:
