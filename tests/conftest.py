@@ -53,7 +53,9 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)
 
 
-for name in [n for n in os.environ if n.startswith("PRICELEVEL_")]:
+#: The one PRICELEVEL_ variable meant for the tests themselves (.ci/run: the postgres tests fail instead of skipping).
+KEPT_VARIABLES = {"PRICELEVEL_TEST_POSTGRES"}
+for name in [n for n in os.environ if n.startswith("PRICELEVEL_") and n not in KEPT_VARIABLES]:
     del os.environ[name]
 
 

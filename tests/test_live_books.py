@@ -251,7 +251,9 @@ def test_trader_status_shows_the_account_beside_the_books_and_how_lost_answers_e
     fake.set_balance("ETH", fake.balance("ETH") + 1.5)  # a deposit this trader never bought
     monkeypatch.setenv("BYBIT_API_KEY", fake.api_key)
     monkeypatch.setenv("BYBIT_API_SECRET", fake.api_secret)
-    sets = ["--set", f"trader.state_url={state}", "--set", f"trader.endpoint={httpserver.url_for('').rstrip('/')}"]
+    sets = ["--set", f"trader.state_url={state}", "--set", f"trader.endpoint={httpserver.url_for('').rstrip('/')}",
+            # the outage below is retried max_attempts times: the default backoff (1 s doubling) would wait 31 s
+            "--set", "bybit.backoff_s=0.01", "--set", "bybit.backoff_max_s=0.02"]
     code, out, err = cli(*sets, "trader", "status", "--mode", "testnet")
     assert code == 0, err
     text = " ".join(out.split())

@@ -46,7 +46,9 @@ def _start(tiny: TinyModel, fake: FakeBybitExchange, url: str, tmp_path: Path) -
     sets = {"trader.endpoint": url, "bybit.endpoint": url, "data.source": "bybit", "data.root": str(tmp_path / "data"),
             "trader.state_url": f"sqlite:///{tmp_path}/state.db", "tracking.tracking_uri": tiny.tracking.tracking_uri,
             "tracking.artifact_location": tiny.tracking.artifact_location, "trader.poll_delay_s": 0,
-            "bybit.timeout_s": 20, "bybit.max_attempts": 3, "bybit.backoff_s": 0.5, "bybit.backoff_max_s": 1}
+            "bybit.timeout_s": 20, "bybit.max_attempts": 3, "bybit.backoff_s": 0.5, "bybit.backoff_max_s": 1,
+            # offline like every test: the streams find nothing listening here (else pybit dials Bybit's testnet)
+            "trader.stream_endpoint": "ws://127.0.0.1:9"}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TELEGRAM", "BYBIT", "PRICELEVEL_"))}
     env |= {"BYBIT_API_KEY": fake.api_key, "BYBIT_API_SECRET": fake.api_secret, "OMP_NUM_THREADS": "1",
             "PYTHONUNBUFFERED": "1"}

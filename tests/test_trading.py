@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import os
+import multiprocessing
 import random
-import subprocess
-import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -51,12 +51,15 @@ from pricelevel.trading.state import DECISIONS, EQUITY, ORDERS, TRADES, StateSto
 from pricelevel.trading.trader import Trader
 from tests.fakes.bybit_trading import ORDER_CREATE, FakeBybitExchange, TradeFault
 from tests.fakes.trading_model import SYMBOLS, TinyModel, build_model, log_version, register_tiny_model
+from tests.workers import trader_replay
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Risk limits that never refuse an entry, so a replay must equal the backtest of the effective rules.
 PERMISSIVE = RiskConfig(cooldown_losses=1000, daily_loss_limit=0.99, max_drawdown=0.99, max_positions=10)
 #: Bars of the restart test's replay (each restart reloads the model: keep it short).
 RESTART_BARS = 20
+#: The restart test's trader processes are forked from a fork server that imported the trader once.
+_FORKS = multiprocessing.get_context("forkserver")
 PERMISSIVE_SETS = ["risk.cooldown_losses=1000", "risk.daily_loss_limit=0.99", "risk.max_drawdown=0.99",
                    "risk.max_positions=10"]
 #: Limits that make the cool-down, the daily loss limit and max_positions refuse entries on the fixture.
@@ -458,22 +461,25 @@ def test_secrets_never_reach_logs_rows_or_files(fake, httpserver, tmp_path, capl
 
 def _replay_process(tiny: TinyModel, endpoint: str, state: str, env: dict, crash: str | None = None,
                     kill_after_s: float | None = None) -> int:
-    args = [sys.executable, "-m", "tests.workers.trader_replay", "--folder", str(tiny.folder), "--start",
-            str(tiny.replay_start), "--endpoint", endpoint, "--state-url", state, "--tracking-uri",
-            tiny.tracking.tracking_uri, "--artifacts", tiny.tracking.artifact_location, "--bars", str(RESTART_BARS)]
+    """One trader process replaying RESTART_BARS bars (tests/workers/trader_replay.py), forked from a fork server
+    that imported the trader once; -9 when it was killed (by ``--crash`` or after ``kill_after_s``)."""
+    args = ["--folder", str(tiny.folder), "--start", str(tiny.replay_start), "--endpoint", endpoint, "--state-url",
+            state, "--tracking-uri", tiny.tracking.tracking_uri, "--artifacts", tiny.tracking.artifact_location,
+            "--bars", str(RESTART_BARS)]
     if crash:
         args += ["--crash", crash]
-    process = subprocess.Popen(args, cwd=ROOT, env={**os.environ, **env, "OMP_NUM_THREADS": "1",
-                                                    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _, err = process.communicate(timeout=kill_after_s)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        return -9
-    assert process.returncode in (0, -9), err[-3000:]
-    return process.returncode
+    env = {**env, "OMP_NUM_THREADS": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    with tempfile.TemporaryDirectory(dir="/tmp") as folder:
+        stderr = Path(folder) / "stderr.txt"
+        process = _FORKS.Process(target=trader_replay.forked, args=(args, env, str(stderr)))
+        process.start()
+        process.join(kill_after_s)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            return -9
+        assert process.exitcode in (0, -9), stderr.read_text()[-3000:] if stderr.exists() else process.exitcode
+        return process.exitcode
 
 
 def _outcome(state: str, fake: FakeBybitExchange) -> dict:
@@ -498,7 +504,13 @@ def test_kill_9_at_random_points_changes_nothing_and_never_duplicates_an_order(t
 
     endpoint = httpserver.url_for("").rstrip("/")
     calm = fresh()
+    _FORKS.set_forkserver_preload(list(trader_replay.PRELOAD))
+    warm = _FORKS.Process(target=trader_replay.ready)  # the trader imported before the calm run is timed
+    warm.start()
+    warm.join()
+    started = time.monotonic()
     assert _replay_process(tiny, endpoint, f"sqlite:///{tmp_path}/calm.db", _env(calm)) == 0
+    calm_s = time.monotonic() - started
     expected = _outcome(f"sqlite:///{tmp_path}/calm.db", calm)
     assert len(expected["trades"]) >= 2, "the fixture model must trade for this test to mean anything"
 
@@ -507,7 +519,7 @@ def test_kill_9_at_random_points_changes_nothing_and_never_duplicates_an_order(t
     rng = random.Random(7)
     # Every step of an order's life once, then kills at random moments; then run to the end.
     crashes = [("committed:1", None), ("sent:2", None), ("answered:1", None), ("sent:1", None)]
-    crashes += [(None, rng.uniform(4.0, 10.0))]
+    crashes += [(None, rng.uniform(0.2, 0.9) * calm_s)]  # somewhere in a run, wherever that is
     killed = sum(_replay_process(tiny, endpoint, state, _env(stormy), crash, after) == -9 for crash, after in crashes)
     assert _replay_process(tiny, endpoint, state, _env(stormy)) == 0
     assert killed >= 4

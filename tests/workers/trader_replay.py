@@ -7,6 +7,10 @@ bar's closes (the fake's test-only ``/fake/prices``), so market orders fill wher
 
 ``--crash STAGE:N`` kills the process (SIGKILL, nothing cleaned up) the N-th time an order reaches STAGE
 (committed, sent, answered). Prints one line per bar processed; exit 0 when every bar is done.
+
+The restart test starts it many times: :func:`forked` runs the same ``main`` in a process forked from a
+``multiprocessing`` fork server that imported :data:`PRELOAD` once (a fresh interpreter spends seconds importing
+torch and MLflow each time); it is a process of its own all the same, and SIGKILL ends it as abruptly.
 """
 
 from __future__ import annotations
@@ -17,17 +21,39 @@ import os
 import signal
 import urllib.request
 from collections import Counter
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+#: What ``main`` imports, for a fork server to import once (nothing here starts a thread, so forking is safe).
+PRELOAD = ("pricelevel.backtest.config", "pricelevel.core.runtime", "pricelevel.core.secrets",
+           "pricelevel.core.timeframes", "pricelevel.data.config", "pricelevel.data.folder",
+           "pricelevel.registry.config", "pricelevel.trading.bybit", "pricelevel.trading.config",
+           "pricelevel.trading.feeds", "pricelevel.trading.service", "pricelevel.trading.state",
+           "pricelevel.trading.trader", "tests.workers.trader_replay")
 
-def main() -> None:
+
+def ready() -> None:
+    """Nothing: the fork server's first child, started to wait until its preload is done."""
+
+
+def forked(argv: Sequence[str], env: Mapping[str, str], stderr_path: str) -> None:
+    """``main(argv)`` in a forked process: ``env`` added to its environment, stdout dropped, stderr to a file."""
+    os.environ.update(env)
+    for fd, path, flags in ((1, os.devnull, os.O_WRONLY), (2, stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)):
+        target = os.open(path, flags, 0o644)
+        os.dup2(target, fd)
+        os.close(target)
+    main(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser()
     for name in ("--folder", "--start", "--endpoint", "--state-url", "--tracking-uri", "--artifacts"):
         parser.add_argument(name, required=True)
     parser.add_argument("--crash", default=None)
     parser.add_argument("--bars", type=int, default=None, help="replay only this many bars")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     from pricelevel.backtest.config import BacktestConfig
     from pricelevel.core.runtime import bootstrap
