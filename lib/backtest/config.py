@@ -27,6 +27,7 @@ class ProtectionsConfig(Frozen):
     daily_loss_limit: float = Field(0.05, gt=0, lt=1)
     #: After this many losing trades in a row, no entry for ``cooldown_bars`` bars.
     cooldown_losses: int = Field(3, ge=1)
+    #: Bars without a new entry after ``cooldown_losses`` losing trades in a row.
     cooldown_bars: int = Field(24, ge=1)
 
     def protections(self) -> ProtectionsConfig:

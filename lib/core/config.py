@@ -49,7 +49,9 @@ class FlowConfig(Frozen):
 
     #: Tasks run at once by every flow's fan-out (datasets in ingest, symbols in training).
     max_workers: int = Field(4, ge=1, le=64)
+    #: Prefect retries of the network-facing ingest task.
     task_retries: int = Field(2, ge=0)
+    #: Seconds between those Prefect retries.
     task_retry_delay_s: float = Field(10.0, ge=0)
     #: Where fanned-out tasks run: threads of the flow's process, worker processes, or Dask workers. The numba
     #: kernels hold the GIL, so only ``process`` and ``dask`` compute several symbols at once.

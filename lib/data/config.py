@@ -14,9 +14,11 @@ from pricelevel.core.timeframes import Timeframe
 class DataConfig(Frozen):
     """Where candles come from and where they are kept."""
 
+    #: Store root: ``raw/``, ``validated/``, ``quarantine/``, ``reports/``, ``derived/`` live under it.
     root: Path = Path("data")
     source: Literal["sample", "bybit"] = "sample"
     sample_dir: Path = Path("data/sample")
+    #: Symbols to ingest (and train on, unless ``dataset.symbols`` names others).
     symbols: tuple[Symbol, ...] = Field(min_length=1)
     timeframes: tuple[Timeframe, ...] = Field(min_length=1)
     start: UtcDatetime

@@ -65,6 +65,7 @@ class FeaturesConfig(Frozen):
 
     #: The set the model reads: a key of ``sets``.
     set: str = "rich"
+    #: Named feature sets: each lists groups (``returns``, ``indicators``, ``levels``, ``level_strength``, ``context``, ``symbol``) and/or single columns; add your own.
     sets: dict[str, tuple[str, ...]] = {
         "base": ("log_return", "log_range", "volume_change", "level_distance", "symbol"),
         "rich": ("returns", "indicators", "levels", "level_strength", "context", "symbol"),

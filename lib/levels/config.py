@@ -10,31 +10,42 @@ from pricelevel.core.config import Frozen
 class TouchFilter(Frozen):
     """A level must have been touched on 1d: a candle's range reaches it within ``atr_buffer`` x ATR."""
 
+    #: Apply the touches filter.
     enabled: bool = True
+    #: Fewest 1d candles whose range reaches the level.
     min_touches: int = Field(4, ge=1)
+    #: Wilder ATR period on 1d candles.
     atr_period: int = Field(7, ge=1)
+    #: A candle touches the level when its range comes within this many ATR of it.
     atr_buffer: float = Field(0.2, ge=0)
 
 
 class AgeFilter(Frozen):
     """A level whose newest extremum is older than this has gone stale."""
 
+    #: Apply the age filter.
     enabled: bool = True
+    #: Oldest the cluster's newest extremum may be, in days.
     max_age_days: float = Field(90.0, gt=0)
 
 
 class VolumeFilter(Frozen):
     """Mean 4h volume of the candles touching a level, against the mean 4h volume of the lookback."""
 
+    #: Apply the volume filter.
     enabled: bool = True
+    #: Mean 4h volume at the touches must be at least this times the lookback's mean 4h volume.
     factor: float = Field(1.3, gt=0)
 
 
 class ApproachFilter(Frozen):
     """How fast the 1h price closed in on a level over the last ``bars`` candles, in ATR per bar."""
 
+    #: Apply the approach filter.
     enabled: bool = True
+    #: 1h candles over which the approach speed is measured.
     bars: int = Field(6, ge=1)
+    #: ATR period of the speed's unit (1h candles).
     atr_period: int = Field(14, ge=1)
     #: Levels approached faster than this (ATR(atr_period) per bar) are dropped: a fast move breaks levels.
     max_speed: float = Field(1.0, gt=0)

@@ -40,17 +40,23 @@ class ModelConfig(Frozen):
 
     #: Size of the learned symbol embedding (0 when the feature set leaves out ``symbol``).
     embedding_dim: int = Field(8, ge=0)
+    #: LSTM hidden units. Searchable: ``null`` = chosen by the tuner from ``tuning.space``; a value fixes it.
     hidden_size: int | None = Field(None, ge=1)
+    #: Stacked LSTM layers. Searchable: ``null`` = chosen by the tuner; a value fixes it.
     num_layers: int | None = Field(None, ge=1)
+    #: Dropout between LSTM layers. Searchable: ``null`` = chosen by the tuner; a value fixes it.
     dropout: float | None = Field(None, ge=0, lt=1)
+    #: AdamW learning rate. Searchable: ``null`` = chosen by the tuner (log scale); a value fixes it.
     learning_rate: float | None = Field(None, gt=0)
     weight_decay: float = Field(1e-2, ge=0)
+    #: Windows per batch. Searchable: ``null`` = chosen by the tuner; a value fixes it.
     batch_size: int | None = Field(None, ge=1)
     max_epochs: int = Field(30, ge=1)
     #: Early stopping: epochs without improvement of the tuned metric.
     patience: int = Field(4, ge=1)
     #: BCE positive-class weight; ``null`` = negatives / positives of the training segment.
     pos_weight: float | None = Field(None, gt=0)
+    #: Seed of the final model (weights, batches); two CPU fits with one seed are identical.
     seed: int = 42
     #: Trainings of every final fold model, seeds ``seed``, ``seed + 1``, ...: the registered model is ``seed``'s;
     #: the others measure the spread of the chosen rules' pooled validation metric (:mod:`pricelevel.ml.seeds`,
@@ -61,6 +67,7 @@ class ModelConfig(Frozen):
     precision: Literal["auto", "32-true", "bf16-mixed", "16-mixed"] = "auto"
     #: Caps per epoch (an int is batches, a float a fraction); ``null`` = all.
     limit_train_batches: int | float | None = None
+    #: Cap on validation batches per epoch, as ``limit_train_batches``.
     limit_val_batches: int | float | None = None
     #: torch CPU threads; ``null`` leaves torch's default.
     num_threads: int | None = Field(None, ge=1)
@@ -81,11 +88,17 @@ class SearchSpace(Frozen):
     """Optuna's space: choices are lists, ranges are ``[low, high]``. A model key fixed in ``model:`` is not
     searched, whatever its entry here (the tuner says so in its log)."""
 
+    #: Choices of ``model.hidden_size``.
     hidden_size: tuple[int, ...] = (64, 128, 256)
+    #: ``[low, high]`` of ``model.num_layers``.
     num_layers: tuple[int, int] = (1, 3)
+    #: ``[low, high]`` of ``model.dropout``.
     dropout: tuple[float, float] = (0.0, 0.5)
+    #: ``[low, high]`` of ``model.learning_rate``, searched on a log scale.
     learning_rate: tuple[float, float] = (1e-4, 1e-2)
+    #: Choices of ``model.batch_size``.
     batch_size: tuple[int, ...] = (128, 256, 512)
+    #: Choices of the window length in bars (``dataset.seq_len`` is the value without a search).
     seq_len: tuple[int, ...] = (40, 80, 120)
 
     @model_validator(mode="after")
@@ -103,6 +116,7 @@ class TuningConfig(Frozen):
     """Optuna study. ``metric`` is the one name read by the study, early stopping and the promotion gate."""
 
     metric: TunedMetric = "val_pr_auc"
+    #: Optuna trials in the study (a ceiling when ``training.budget_hours`` is set).
     n_trials: int = Field(20, ge=1)
     #: Seconds for the whole study; ``null`` = no limit (only ``n_trials`` counts: the same trials on any machine,
     #: as the demo runs).
@@ -120,7 +134,9 @@ class TuningConfig(Frozen):
     study_name: str = "pricelevel"
     #: Epochs per trial (the final model trains for ``model.max_epochs``).
     max_epochs: int = Field(10, ge=1)
+    #: MedianPruner: trials completed before pruning starts.
     pruner_startup_trials: int = Field(2, ge=0)
+    #: MedianPruner: epochs of a trial before it may be pruned.
     pruner_warmup_epochs: int = Field(1, ge=0)
     seed: int = 42
     space: SearchSpace = SearchSpace()
@@ -158,6 +174,7 @@ class TrainingConfig(Frozen):
     #: over the budget still runs, and says so.
     min_trials: int = Field(2, ge=1)
     min_epochs: int = Field(2, ge=1)
+    #: The fewest walk-forward folds the budget shrinks to (the newest are kept).
     min_folds: int = Field(1, ge=1)
     #: Training batches timed by the calibration (the first included).
     calibration_batches: int = Field(20, ge=2)
@@ -171,13 +188,19 @@ class GbmConfig(Frozen):
     lags: tuple[int, ...] = (0, 1, 2, 4, 8)
     #: Boosting rounds at most; early stopping on the validation PR-AUC (the LSTM's ``tuning.metric``) keeps fewer.
     n_estimators: int = Field(300, ge=1)
+    #: Rounds without a better validation PR-AUC before boosting stops.
     early_stopping_rounds: int = Field(30, ge=1)
+    #: LightGBM's shrinkage per round.
     learning_rate: float = Field(0.05, gt=0)
+    #: Leaves per tree.
     num_leaves: int = Field(15, ge=2)
+    #: Rows a leaf needs at least.
     min_child_samples: int = Field(50, ge=1)
     #: Row and column subsampling per tree (seeded).
     subsample: float = Field(0.8, gt=0, le=1)
+    #: Column subsampling per tree (seeded).
     colsample: float = Field(0.8, gt=0, le=1)
+    #: LightGBM's seed (subsampling).
     seed: int = 42
     #: One thread: deterministic and light beside the LSTM; the demo's fits take about a second each.
     num_threads: int = Field(1, ge=1)

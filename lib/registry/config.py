@@ -17,7 +17,9 @@ class TrackingConfig(Frozen):
     #: Where new experiments keep their artifacts (a path or URI). With a tracking server a local path is not
     #: used: the server stores and serves them (``mlflow server --artifacts-destination``).
     artifact_location: str = "mlruns/artifacts"
+    #: MLflow experiment of the training runs (each Optuna trial is a nested run).
     experiment: str = "pricelevel"
+    #: Registered model name: new versions get ``@challenger``, the promotion flow moves ``@champion``.
     registered_model: str = "pricelevel"
 
 

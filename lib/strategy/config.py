@@ -23,6 +23,7 @@ class LevelRuleGrid(Frozen):
     proximity_atr: tuple[float, ...] = (0.25, 0.5, 1.0)
     #: Stop-loss this many ATR below the support.
     stop_atr: tuple[float, ...] = (0.25, 0.5)
+    #: Time-stop candidates; ``horizon`` = ``labels.horizon``, ``null`` = none.
     max_hold_bars: tuple[int | LabelHorizon | None, ...] = ("horizon", None)
 
 
