@@ -4,7 +4,9 @@ fan-out uses, all taken from the same config layers as the CLI (deployments run 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -121,9 +123,79 @@ def start_worker(env: dict[str, str]) -> None:
     bootstrap()
 
 
-def dask_setup(worker: object) -> None:
-    """Dask's preload hook (``dask worker --preload tasks.runtime``): a worker is bootstrapped like a flow."""
+#: The modules whose tasks the flows submit to Dask. The scheduler unpickles every graph it receives in its event
+#: loop, importing what the tasks need; done there the first time, that import (torch, Lightning, Prefect: 40 s on
+#: a loaded 2-core machine) blocks the scheduler, and a flow's client loses its connection mid-fan-out.
+TASK_MODULES = ("tasks.ingest", "tasks.train", "tasks.tuning")
+
+
+def dask_setup(server: Any) -> Any:
+    """Dask's preload hook (``dask worker|scheduler --preload tasks.runtime``): a worker is bootstrapped like a
+    flow and interrupts the tasks its flows let go of (:func:`release_watcher`); a scheduler imports
+    :data:`TASK_MODULES` now, before any flow connects."""
     bootstrap()
+    from distributed import Scheduler, Worker
+
+    if isinstance(server, Scheduler):
+        for module in TASK_MODULES:
+            importlib.import_module(module)
+    if isinstance(server, Worker):
+        return server.plugin_add(release_watcher())  # awaited by the preload
+    return None
+
+
+class TaskReleased(RuntimeError):
+    """The client that submitted this task has let it go (its flow failed, was stopped or died): nobody will read
+    its result, so it stops instead of computing in the background."""
+
+
+#: Interrupts sent at most to one released task, a second apart (Prefect may retry a task that failed).
+RELEASE_INTERRUPTS = 5
+
+
+def _interrupt_released(worker: Any, key: Any, tries: int = RELEASE_INTERRUPTS, every_s: float = 1.0) -> None:
+    """Raise :class:`TaskReleased` in the thread running ``key`` while the worker still holds it as cancelled.
+
+    Dask's own cancel only forgets a running task (a thread cannot be stopped from outside): its flow's stop
+    would leave it computing. The exception lands at the thread's next Python bytecode (after a numba call
+    returns). The check and the interrupt happen under the worker's ``active_threads_lock``, which the thread
+    takes before it leaves the task, so the exception cannot land in a later task."""
+    import ctypes
+
+    for attempt in range(tries):
+        if attempt:
+            time.sleep(every_s)
+        task = worker.state.tasks.get(key)
+        if task is None or task.state != "cancelled":
+            return  # finished, forgotten, or wanted again
+        with worker.active_threads_lock:
+            threads = [ident for ident, running in worker.active_threads.items() if running == key]
+            for ident in threads:
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(TaskReleased))
+        if not threads:
+            return
+
+
+def release_watcher() -> Any:
+    """A worker plugin that interrupts a task executing when its client let it go (built here: ``distributed`` is
+    the optional ``cluster`` extra)."""
+    from distributed.diagnostics.plugin import WorkerPlugin
+
+    class InterruptReleased(WorkerPlugin):
+        """Interrupts a task that was executing when its client let it go (``executing -> cancelled``)."""
+
+        name = "pricelevel-interrupt-released"
+
+        def setup(self, worker: Any) -> None:
+            self.worker = worker
+
+        def transition(self, key: Any, start: str, finish: str, **kwargs: Any) -> None:
+            # ``finish`` is the state asked for ("released"); a running task is then held as "cancelled"
+            if start == "executing" and finish in ("released", "cancelled"):
+                threading.Thread(target=_interrupt_released, args=(self.worker, key), name="interrupt-released",
+                                 daemon=True).start()
+
+    return InterruptReleased()
 
 
 def routes_to_gpu(flow: FlowConfig, model: ModelConfig) -> bool:

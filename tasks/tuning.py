@@ -6,14 +6,22 @@ stops for any reason (a failed worker, SIGTERM/SIGINT, a cancelled run) it write
 worker watches: a worker ends its trial at the next epoch (its thread is interrupted if it has not stopped
 within :data:`INTERRUPT_AFTER_S`), and ``tune`` waits :data:`STOP_GRACE_S` for them before it cancels the
 rest. A Dask ``cancel`` alone would leave a running trial computing, and finishing the study, in the background.
+
+A flow that dies without a word (SIGKILL, the machine lost) writes no stop file, so ``tune`` also holds a
+:class:`Lease`: it rewrites a file every ``tuning.heartbeat_s``, and a worker that sees no change for
+``tuning.grace_s`` stops as if the stop file were there (Optuna's heartbeat, the other way round: there the
+study learns that a worker died, here a worker learns that its flow died).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import os
 import threading
+import time
 import uuid
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +68,85 @@ class StopFile:
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 
+    @property
+    def lease_path(self) -> Path:
+        """Where the flow's :class:`Lease` for the same workers lives."""
+        return self.path.with_name(self.path.name + ".lease")
+
+
+class Lease:
+    """The flow's sign of life to its trial workers: a file whose content the flow changes every few seconds
+    (:meth:`renew`, see :func:`renewing`). A watcher counts the time since it last saw the content change on its
+    own ``clock``, never the file's mtime, so clocks on other hosts do not matter; a missing file counts from the
+    first look. Thread-safe (the epoch check and the interrupt watcher both ask)."""
+
+    def __init__(self, path: Path, timeout_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.path, self.timeout_s, self.clock = path, timeout_s, clock
+        self.lock = threading.Lock()
+        self.seen: str | None = None
+        self.changed_at: float | None = None
+        self.count = 0
+
+    def renew(self) -> None:
+        """Write a new content atomically (a reader never sees a half-written file)."""
+        self.count += 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}")
+        temporary.write_text(f"{os.getpid()} {self.count} {uuid.uuid4().hex}")
+        os.replace(temporary, self.path)
+
+    def expired(self) -> bool:
+        try:
+            content: str | None = self.path.read_text()
+        except OSError:
+            content = None
+        with self.lock:
+            now = self.clock()
+            if self.changed_at is None or (content is not None and content != self.seen):
+                self.seen, self.changed_at = content, now
+            return now - self.changed_at > self.timeout_s
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def renewing(lease: Lease, every_s: float) -> Iterator[Lease]:
+    """Renew ``lease`` every ``every_s`` in a daemon thread while the block runs; the file is removed after."""
+    lease.renew()
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(every_s):
+            with contextlib.suppress(OSError):  # a full or flaky disk: the workers stop, which is the safe side
+                lease.renew()
+
+    thread = threading.Thread(target=renew, name="trial-lease", daemon=True)
+    thread.start()
+    try:
+        yield lease
+    finally:
+        done.set()
+        thread.join()
+        lease.clear()
+
+
+@dataclass(frozen=True)
+class WorkerStop:
+    """What stops a trial worker: its flow's stop file, or its flow's lease gone stale (the flow died)."""
+
+    file: StopFile
+    lease: Lease | None = None
+
+    def requested(self) -> bool:
+        return self.file.requested() or (self.lease is not None and self.lease.expired())
+
 
 class StoppingObserver:
     """A trial observer that ends the trial (:class:`TrialsStopped`) at its start or next epoch once a stop is
     requested; forwards to ``inner`` (the MLflow trial runs) otherwise."""
 
-    def __init__(self, inner: Any | None, stop: StopFile) -> None:
+    def __init__(self, inner: Any | None, stop: StopFile | WorkerStop) -> None:
         self.inner, self.stop, self.started = inner, stop, set()
 
     def _check(self, number: int) -> None:
@@ -92,7 +173,7 @@ class StoppingObserver:
 class StoppingRun:
     """What a trial worker logs to: ``run``'s trial runs (``None``: nothing), stopped by ``stop``."""
 
-    def __init__(self, run: Any | None, stop: StopFile) -> None:
+    def __init__(self, run: Any | None, stop: StopFile | WorkerStop) -> None:
         self.run, self.stop = run, stop
 
     def trials(self, study_name: str) -> StoppingObserver:
@@ -149,9 +230,11 @@ def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary
 
     def run_workers() -> None:
         stop = StopFile.new(Path(places[1]))
-        with fan_out(config.flow) as runner, training_resources(config.flow, config.model):
+        lease = Lease(stop.lease_path, config.tuning.grace_s)
+        with renewing(lease, config.tuning.heartbeat_s), fan_out(config.flow) as runner, \
+                training_resources(config.flow, config.model):
             workers = [runner.submit(tune_trials, {"config": config, "plan": plan, "started": started, "worker": k,
-                                                   "stop_file": str(stop.path)})
+                                                   "stop_file": str(stop.path), "lease_file": str(lease.path)})
                        for k in range(config.tuning.workers)]
             try:
                 finished = wait_all(workers)
@@ -178,13 +261,15 @@ def tune(config: Config, plan: DatasetPlan, started: StartedRun) -> StudySummary
 
 
 @task(name="tune-trials", task_run_name="tune-trials {worker}", cache_policy=NO_CACHE)
-def tune_trials(config: Config, plan: DatasetPlan, started: StartedRun, worker: int, stop_file: str | None = None) -> int:
+def tune_trials(config: Config, plan: DatasetPlan, started: StartedRun, worker: int, stop_file: str | None = None,
+                lease_file: str | None = None) -> int:
     """One trial worker of the shared study (``tuning.workers`` of them): trials until ``n_trials`` in total, or
-    until the flow's ``stop_file`` appears."""
+    until the flow's ``stop_file`` appears or its ``lease_file`` stops changing for ``tuning.grace_s``."""
     places = config.catalogue.tuning_places(config.tuning.storage)
     run: Any = started.log
     if stop_file is not None:
-        stop = StopFile(Path(stop_file))
+        lease = Lease(Path(lease_file), config.tuning.grace_s) if lease_file is not None else None
+        stop = WorkerStop(StopFile(Path(stop_file)), lease)
         run = StoppingRun(started.log, stop)
         with interrupt_when_stopped(stop):
             done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run)
@@ -198,7 +283,7 @@ class interrupt_when_stopped:  # noqa: N801 - used as a context manager
     """Raise :class:`TrialsStopped` in this thread if it is still inside the block :data:`INTERRUPT_AFTER_S`
     after ``stop`` was requested (an epoch longer than that); the epoch check normally ends it sooner."""
 
-    def __init__(self, stop: StopFile, poll_s: float = 0.5) -> None:
+    def __init__(self, stop: StopFile | WorkerStop, poll_s: float = 0.5) -> None:
         self.stop, self.poll_s = stop, poll_s
         self.thread_id = threading.get_ident()
         self.left = threading.Event()

@@ -76,15 +76,15 @@ def dask_cluster(env: dict[str, str], log_file: Path, workers: int = 2) -> Itera
     with log_file.open("wb") as log:
         common = {"env": env, "stdout": log, "stderr": subprocess.STDOUT, "start_new_session": True}
         processes = [subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                       "--no-dashboard"], **common)]
+                                       "--no-dashboard", "--preload", "tasks.runtime"], **common)]
         processes += [subprocess.Popen([str(bin_dir / "dask"), "worker", address, "--nthreads", "1", "--nworkers", "1",
                                         "--no-dashboard", "--preload", "tasks.runtime", "--name", f"w{k}"], **common)
                       for k in range(workers)]
         try:
             from distributed import Client
 
-            with Client(address, timeout=60) as client:
-                client.wait_for_workers(workers, timeout=120)
+            with Client(address, timeout=180) as client:  # the scheduler's preload imports the task modules first
+                client.wait_for_workers(workers, timeout=180)
             yield address
         finally:
             for process in processes:

@@ -18,26 +18,28 @@ cluster_app = typer.Typer(no_args_is_help=True, help="A local cluster: PostgreSQ
 
 Workers = Annotated[int, typer.Option(help="Dask workers (one process, one thread each).")]
 Offset = Annotated[int, typer.Option(help="Added to every port (PostgreSQL 5433, Prefect 4200, MLflow 5000, Dask 8786+).")]
+CrashAfter = Annotated[int, typer.Option(help="A flow run without a heartbeat (every 30 s) for this long is marked "
+                                              "Crashed: its process, Prefect worker or machine died.", min=45)]
 
 
-def _plan(workers: int = 2, offset: int = 0):
+def _plan(workers: int = 2, offset: int = 0, crash_after: int = 90):
     from pricelevel.core.cluster import ClusterPlan
     from pricelevel.core.runtime import project_root
 
     return ClusterPlan(project_root() / ".cluster", dask_workers=workers, postgres_port=5433 + offset,
                        prefect_port=4200 + offset, mlflow_port=5000 + offset, dask_port=8786 + offset,
-                       dashboard_port=8787 + offset)
+                       dashboard_port=8787 + offset, crash_after_s=crash_after)
 
 
 @cluster_app.command("up")
-def up(workers: Workers = 2, port_offset: Offset = 0) -> None:
+def up(workers: Workers = 2, port_offset: Offset = 0, crash_after: CrashAfter = 90) -> None:
     """Start the cluster in the background; returns once every service answers."""
     from pricelevel.core.cluster import start_detached
     from pricelevel.core.runtime import project_root
 
-    plan = _plan(workers, port_offset)
+    plan = _plan(workers, port_offset, crash_after)
     argv = [sys.executable, "-m", "flows.commands.cluster", "run", "--workers", str(workers),
-            "--port-offset", str(port_offset)]
+            "--port-offset", str(port_offset), "--crash-after", str(crash_after)]
     if start_detached(plan, argv, dict(os.environ), project_root()) != 0:
         typer.echo(f"cluster did not start; see {plan.log_file}", err=True)
         raise typer.Exit(1)
@@ -58,13 +60,13 @@ def down() -> None:
 
 
 @cluster_app.command("run")
-def run(workers: Workers = 2, port_offset: Offset = 0) -> None:
+def run(workers: Workers = 2, port_offset: Offset = 0, crash_after: CrashAfter = 90) -> None:
     """Run the cluster in the foreground until Ctrl-C or SIGTERM (what `up` starts in the background)."""
     from pricelevel.core.cluster import run_cluster
     from pricelevel.core.runtime import bootstrap, project_root
 
     bootstrap()
-    code = run_cluster(_plan(workers, port_offset), Path(sys.executable).parent, dict(os.environ), project_root())
+    code = run_cluster(_plan(workers, port_offset, crash_after), Path(sys.executable).parent, dict(os.environ), project_root())
     raise typer.Exit(code)
 
 

@@ -39,6 +39,9 @@ PACKAGE = "pricelevel"
 #: CPython 3.11's ``ast.parse`` is not thread-safe ("AST constructor recursion depth mismatch", gh-106905), and
 #: keys are computed in tasks running in threads.
 _PARSE_LOCK = threading.Lock()
+#: The lock covers our own parses only: on a Dask worker another thread (the worker's event loop unpickling the
+#: next task, Prefect) may build syntax trees at the same time, and the check fails although the tree is fine.
+_PARSE_ATTEMPTS = 5
 
 
 def _package_dir() -> Path:
@@ -58,13 +61,25 @@ def _module_file(name: str, package_dir: Path) -> Path | None:
     return package_dir / "__init__.py" if not parts else None
 
 
+def _parse(source: str, path: Path) -> ast.Module:
+    """``ast.parse``, again when another thread's parse upset CPython 3.11's shared recursion-depth check (the
+    source is the same, so a parse that succeeds gives the same tree)."""
+    for attempt in range(_PARSE_ATTEMPTS):
+        try:
+            with _PARSE_LOCK:
+                return ast.parse(source, str(path))
+        except SystemError as exc:
+            if "recursion depth mismatch" not in str(exc) or attempt == _PARSE_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
 def _imported_names(path: Path, name: str) -> set[str]:
     """Every ``pricelevel`` module a source file imports, at the top or inside functions (lazy imports count)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     source = path.read_text()
-    with _PARSE_LOCK:
-        tree = ast.parse(source, str(path))
+    tree = _parse(source, path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(a.name for a in node.names)
@@ -102,8 +117,7 @@ def code_text(path: Path) -> bytes:
     """What of a source file runs: its syntax tree without docstrings (comments never reach the tree), dumped
     without line numbers, so a comment, docstring or layout edit gives the same text and a behaviour edit does
     not. (A docstring is text a user may read, e.g. in ``--help``, but no step's output depends on it.)"""
-    with _PARSE_LOCK:
-        tree = ast.parse(path.read_text(), str(path))
+    tree = _parse(path.read_text(), path)
     for node in ast.walk(tree):
         if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
             first = node.body[0]

@@ -45,6 +45,8 @@ DATABASES = ("prefect", "mlflow", "optuna")
 POOL, TRAINING_QUEUE = "pricelevel-process", "training"
 #: The trader's own pool (``prefect.yaml``'s ``trade``): one run at a time, its worker in paper mode.
 TRADER_POOL = "pricelevel-trader"
+#: The automation that marks a flow run Crashed when its heartbeats stop (its process, worker or host died).
+CRASH_AUTOMATION = "pricelevel: crash flow runs whose heartbeats stop"
 
 
 class ClusterError(RuntimeError):
@@ -64,6 +66,10 @@ class ClusterPlan:
     dask_workers: int = 2
     #: Worker dashboards and the Prefect worker's health check use the ports after this one.
     dashboard_port: int = 8787
+    #: Every flow run sends a heartbeat this often (Prefect's minimum is 30 s) ...
+    heartbeat_s: int = 30
+    #: ... and one silent this long is marked Crashed (its process, its Prefect worker or its machine died).
+    crash_after_s: int = 90
 
     @property
     def postgres(self) -> LocalPostgres:
@@ -99,6 +105,23 @@ class ClusterPlan:
             "PRICELEVEL_TUNING__WORKERS": str(self.dask_workers),
             "PRICELEVEL_TRACKING__TRACKING_URI": f"http://{self.host}:{self.mlflow_port}",
             "PGPASSFILE": str(self.postgres.pgpass),
+            "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(self.heartbeat_s),
+        }
+
+    def crash_automation(self) -> dict[str, object]:
+        """Prefect's "zombie flow run" automation (docs: detect-zombie-flows): a flow run whose last heartbeat
+        is followed by neither another one nor a final state within ``crash_after_s`` is set to Crashed."""
+        final = [f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")]
+        return {
+            "name": CRASH_AUTOMATION,
+            "description": f"A flow run silent for {self.crash_after_s} s (heartbeat every {self.heartbeat_s} s) "
+                           "has lost its process: mark it Crashed, so the next run starts (`make cluster-up`).",
+            "trigger": {"type": "event", "posture": "Proactive", "threshold": 1, "within": self.crash_after_s,
+                        "after": ["prefect.flow-run.heartbeat"], "expect": ["prefect.flow-run.heartbeat", *final],
+                        "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+                        "for_each": ["prefect.resource.id"]},
+            "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                         "message": f"no heartbeat for {self.crash_after_s} s: its process or worker died"}],
         }
 
     def stages(self, bin_dir: Path) -> list[list[Service]]:
@@ -131,6 +154,9 @@ def require_free_ports(plan: ClusterPlan) -> None:
     """Refuse in one line, naming the port and what needs it, before anything starts."""
     for port, name in plan.ports().items():
         with socket.socket() as probe:
+            # as the servers bind: a port whose last connections linger in TIME_WAIT (a `cluster-down` just
+            # before) is free for them, only a listener makes it taken
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 probe.bind((plan.host, port))
             except OSError:
@@ -155,9 +181,15 @@ def _password(plan: ClusterPlan, env: Mapping[str, str]) -> str:
     return secrets.token_urlsafe(24)
 
 
-def _setup_pools(bin_dir: Path, env: Mapping[str, str]) -> None:
-    """The work pool of the deployments, and its ``training`` queue limited to one run at a time."""
+def _setup_prefect(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str]) -> None:
+    """The work pool of the deployments, and its ``training`` queue limited to one run at a time; the trader's
+    pool; the automation that marks runs Crashed when their heartbeats stop (made once, kept in the database)."""
     prefect = str(bin_dir / "prefect")
+    known = subprocess.run([prefect, "automation", "inspect", CRASH_AUTOMATION], env=dict(env), capture_output=True,
+                           timeout=120)
+    if known.returncode != 0:
+        subprocess.run([prefect, "automation", "create", "--from-json", json.dumps(plan.crash_automation())],
+                       env=dict(env), check=True, capture_output=True, timeout=120)
     subprocess.run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=dict(env),
                    check=True, capture_output=True, timeout=120)
     created = subprocess.run([prefect, "work-queue", "create", TRAINING_QUEUE, "--pool", POOL, "--limit", "1"],
@@ -201,7 +233,7 @@ def run_cluster(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str], cwd: P
                     return 0
                 startup |= group.ready_s
                 if number == 0:
-                    _setup_pools(bin_dir, service_env)
+                    _setup_prefect(plan, bin_dir, service_env)
             plan.startup_file.write_text(json.dumps({k: round(v, 2) for k, v in startup.items()}, indent=2))
             write_env_file(plan)
             while not stop.is_set():
