@@ -73,7 +73,7 @@ deploy: install
 	$(BIN)/prefect work-pool set-concurrency-limit pricelevel-trader 1
 	PRICELEVEL_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
-# README "Scaling out": PostgreSQL (system packages), Prefect and MLflow servers on it, a Dask scheduler with
+# docs/how-to/scale-out.md "Scaling out": PostgreSQL (system packages), Prefect and MLflow servers on it, a Dask scheduler with
 # 2 workers, a Prefect worker per pool (the trader's in paper mode), and the automation that marks a flow run
 # Crashed when its heartbeats stop, all in .cluster/ without Docker; then `source .cluster/env`.
 # CLUSTER_ARGS="--workers 3 --port-offset 10000" changes the size or the ports. A second cluster-up while one

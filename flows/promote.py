@@ -1,4 +1,4 @@
-"""Promotion flow: moves ``champion`` to the ``challenger`` only if it earned it (rule: README "Promotion").
+"""Promotion flow: moves ``champion`` to the ``challenger`` only if it earned it (rule: docs/concepts/promotion.md "Promotion").
 
     load-contenders -> score (challenger and champion: same newest window, same rows, same target) -> decide
         (and the champion judged again by the same hurdle; retired after ``promotion.retire_after`` failures)

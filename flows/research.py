@@ -1,4 +1,4 @@
-"""Research flow: the whole retrain -> promote -> trade loop replayed over history (README "Research: the
+"""Research flow: the whole retrain -> promote -> trade loop replayed over history (docs/concepts/promotion.md "Research: the
 whole loop, backtested").
 
     load-config -> rolling-backtest (per step: cut the candles at the step, retrain, the promotion gate against

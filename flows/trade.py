@@ -3,7 +3,7 @@
     load-config -> trade (until cancelled; trades @champion, picking up each promotion at the next bar)
 
 The `promote` flow moves ``@champion``; the running trader resolves the alias at every bar and hot-swaps the
-new version between bars when it fits (README "Live trading").
+new version between bars when it fits (docs/concepts/trader.md "Live trading").
 """
 
 from __future__ import annotations

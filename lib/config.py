@@ -97,7 +97,7 @@ class Config(_DataSections, _ResearchSections, _TrainingSections, _RunSections, 
     @model_validator(mode="after")
     def _backtests_simulate_the_risk_limits(self) -> Config:
         """Every backtest (``backtest --model``, the folds, the rule search, the gate) applies the account
-        protections the trader applies, with the limits of ``risk:`` (README "Risk": one judge)."""
+        protections the trader applies, with the limits of ``risk:`` (docs/concepts/trader.md "Risk": one judge)."""
         object.__setattr__(self, "backtest", with_protections(self.backtest, self.risk))
         return self
 

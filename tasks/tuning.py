@@ -50,7 +50,7 @@ class TrialsStopped(RuntimeError):
 @dataclass(frozen=True)
 class StopFile:
     """The stop request of one ``tune`` call to its trial workers: a file in the tuning folder, which every
-    worker sees (workers share ``data.root``, README "Scaling out")."""
+    worker sees (workers share ``data.root``, docs/how-to/scale-out.md "Scaling out")."""
 
     path: Path
 

@@ -71,7 +71,7 @@ def promote(
     ctx: typer.Context,
     rollback: Annotated[bool, typer.Option("--rollback", help="Put @champion back on the previous champion.")] = False,
 ) -> None:
-    """Run the promotion flow: @champion moves to @challenger only if it wins (README "Promotion")."""
+    """Run the promotion flow: @champion moves to @challenger only if it wins (docs/concepts/promotion.md "Promotion")."""
     from flows.promote import promote as promote_flow
 
     name = session(ctx).config().tracking.registered_model

@@ -1,1 +1,1 @@
-"""Backtesting: the engine (exact fill rules), market alignment, metrics, reports. See README "Backtest"."""
+"""Backtesting: the engine (exact fill rules), market alignment, metrics, reports. See docs/concepts/backtest.md "Backtest"."""

@@ -1,4 +1,4 @@
-"""Names of the model's input columns and of the groups a feature set lists (README "Features"), read off the
+"""Names of the model's input columns and of the groups a feature set lists (docs/concepts/walk-forward.md "Features"), read off the
 feature registry (:mod:`pricelevel.features.registry`), which holds each feature as one entry.
 
 Kept apart from :mod:`pricelevel.features.compute` (which computes them) so that configuration can validate a

@@ -12,7 +12,7 @@ from pricelevel.features.catalogue import unknown_feature_names
 
 
 class LabelsConfig(Frozen):
-    """What the model learns to predict (README "Labels"): the target of bar t is known at the close of t + horizon."""
+    """What the model learns to predict (docs/concepts/walk-forward.md "Labels"): the target of bar t is known at the close of t + horizon."""
 
     #: ``forward_move``: 1 when the highest high of bars t+1..t+horizon reaches ``open[t+1] x (1 + move_frac)``
     #: (entry at the next open, as the backtest fills); ``triple_barrier``: 1 when, from the next open, the upper
@@ -56,7 +56,7 @@ class LabelsConfig(Frozen):
 
 
 class FeaturesConfig(Frozen):
-    """The model's inputs: a named set of feature groups and columns (README "Features").
+    """The model's inputs: a named set of feature groups and columns (docs/concepts/walk-forward.md "Features").
 
     A set lists group names (``returns``, ``indicators``, ``levels``, ``level_strength``, ``context``,
     ``symbol``), which expand to their columns, and/or single column names. ``symbol`` is the learned symbol

@@ -1,7 +1,7 @@
 """The feature registry: every per-bar feature is one :class:`Feature` entry, and both table builders iterate it
 (:func:`pricelevel.features.compute.compute_features` over the whole history, :class:`~pricelevel.features.
 incremental.TableBuilder` bar by bar), as does the catalogue of names a feature set may list. Adding a feature is
-adding one entry to :data:`REGISTRY` (README "Features", "How to add a feature").
+adding one entry to :data:`REGISTRY` (docs/concepts/walk-forward.md "Features", "How to add a feature").
 
 An entry names its column and group, the :class:`Indicator` series it reads, a normaliser that turns them into the
 scale-free column row by row, and its warm-up (leading NaN rows on finite candles). An indicator knows how to
@@ -451,7 +451,7 @@ class FeatureRegistry:
 _BANDS = BollingerBands(20, 2.0)
 _MACD = Macd(12, 26, 9)
 
-#: Every per-bar feature (README "Features"); the order is the order of the columns a group expands to.
+#: Every per-bar feature (docs/concepts/walk-forward.md "Features"); the order is the order of the columns a group expands to.
 REGISTRY = FeatureRegistry((
     # returns
     Feature("log_return", "returns", (LogReturn(1),), lambda bars, r: r, warmup=1, context=True),

@@ -181,7 +181,7 @@ class TrainingConfig(Frozen):
 
 
 class GbmConfig(Frozen):
-    """The LightGBM baseline (README "Walk-forward evaluation"). Small on purpose: it must cost seconds."""
+    """The LightGBM baseline (docs/concepts/walk-forward.md "Walk-forward evaluation"). Small on purpose: it must cost seconds."""
 
     #: Bars back from a window's last bar whose features form the row (0 = the last bar); a lag outside the
     #: window (``>= seq_len``) is dropped.

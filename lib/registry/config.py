@@ -24,7 +24,7 @@ class TrackingConfig(Frozen):
 
 
 class PromotionConfig(Frozen):
-    """When the challenger replaces the champion (rule in README "Promotion")."""
+    """When the challenger replaces the champion (rule in docs/concepts/promotion.md "Promotion")."""
 
     #: The newest out-of-sample window both models are scored on: the last ``window_days`` of data.
     window_days: float = Field(90.0, gt=0)
@@ -34,7 +34,7 @@ class PromotionConfig(Frozen):
     backtest_tolerance: float = Field(0.0, ge=0)
     #: Strategy baselines every champion, the first included, must beat on the window (``selection.metric``):
     #: ``volatility`` is the no-model control that ranks bars by ATR/close (a model must add direction to it).
-    #: ``gbm`` (not a default) asks the LSTM to beat the LightGBM baseline of its own training run (README "Promotion").
+    #: ``gbm`` (not a default) asks the LSTM to beat the LightGBM baseline of its own training run (docs/concepts/promotion.md "Promotion").
     hurdle: tuple[Literal["cash", "level_rule", "volatility", "buy_and_hold", "gbm"], ...] = ("cash", "level_rule", "volatility")
     #: The champion is judged against the same hurdle at every promotion run; after this many failures in a row
     #: it is retired (``@champion`` removed: no new entries until a model earns it). 0: never retired.

@@ -17,7 +17,7 @@ LabelDown = Literal["down"]
 
 
 class LevelRuleGrid(Frozen):
-    """The no-model level rule's parameters searched on validation (README "Strategy baselines")."""
+    """The no-model level rule's parameters searched on validation (docs/concepts/walk-forward.md "Strategy baselines")."""
 
     #: Enter when the close is at most this many ATR(14) above a support level in force.
     proximity_atr: tuple[float, ...] = (0.25, 0.5, 1.0)
@@ -33,17 +33,17 @@ class SelectionConfig(Frozen):
 
     metric: Literal["sharpe", "sortino", "calmar", "total_return"] = "sharpe"
     #: How walk-forward folds combine into the one number the tuner maximises: their mean or their worst. (The
-    #: registered model's rules are chosen on the folds' validation segments pooled: README "Choosing the rules".)
+    #: registered model's rules are chosen on the folds' validation segments pooled: docs/concepts/walk-forward.md "Choosing the rules".)
     aggregate: Literal["mean", "worst"] = "mean"
     #: A candidate with fewer validation trades than this, in any one fold of the pooled search, cannot be chosen.
     min_trades: int = Field(10, ge=1)
     #: Share of the validation bars that may enter (the threshold is that quantile of each fold's own validation
-    #: probabilities). The rarest entries (1 %, 2 %) pay the fees least often (README "What was tried").
+    #: probabilities). The rarest entries (1 %, 2 %) pay the fees least often (docs/figures.md "What was tried").
     entry_quantiles: tuple[float, ...] = (0.01, 0.02, 0.05, 0.1, 0.2)
     #: Exit when the probability falls below this quantile of the validation probabilities (null: no such exit).
     exit_quantiles: tuple[float | None, ...] = (None,)
     #: The exits searched; the default is the label's own question (+move within horizon bars, before -down for a
-    #: triple barrier), which did best out of sample (README "What was tried": stop-loss candidates won on
+    #: triple barrier), which did best out of sample (docs/figures.md "What was tried": stop-loss candidates won on
     #: validation and lost on test). ``down`` is the triple barrier's lower barrier, and no stop for other labels.
     sl_stop: tuple[float | LabelDown | None, ...] = ("down",)
     tp_stop: tuple[float | LabelMove | None, ...] = ("move",)

@@ -12,7 +12,7 @@ from pricelevel.trading.events import EVENT_KINDS
 
 
 class TelegramConfig(Frozen):
-    """Who may talk to the bot, what it tells them, and how hard it may push Telegram (README "Telegram")."""
+    """Who may talk to the bot, what it tells them, and how hard it may push Telegram (docs/how-to/telegram.md "Telegram")."""
 
     #: Off by default: nothing contacts Telegram unless this is true (and then ``TELEGRAM_BOT_TOKEN`` is required).
     enabled: bool = False

@@ -84,7 +84,7 @@ class TelegramNotifier:
         self._closed = True
 
     def stats(self) -> dict[str, int]:
-        """The message counters (README "Telegram": what happens when Telegram is down)."""
+        """The message counters (docs/how-to/telegram.md "Telegram": what happens when Telegram is down)."""
         return self.counters.snapshot()
 
 

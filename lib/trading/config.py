@@ -53,14 +53,14 @@ class TraderConfig(Frozen):
 
 
 class RiskConfig(ProtectionsConfig):
-    """The risk manager's limits (README "Risk"); each is one small rule, each refusal is recorded with its reason.
+    """The risk manager's limits (docs/concepts/trader.md "Risk"); each is one small rule, each refusal is recorded with its reason.
 
     ``max_positions``, ``max_drawdown``, ``daily_loss_limit``, ``cooldown_losses`` and ``cooldown_bars`` (with their
     defaults) are :class:`~pricelevel.backtest.config.ProtectionsConfig`'s: the protections every backtest
     simulates with the functions the trader runs. The drawdown halt survives restarts until re-armed."""
 
     #: The widest stop-loss a position may have: a model's tighter stop is kept, a missing or wider one becomes this.
-    #: ``null`` (the default): the model's own stop, as the promotion gate judged it (README "Risk": the seed's 2 %).
+    #: ``null`` (the default): the model's own stop, as the promotion gate judged it (docs/concepts/trader.md "Risk": the seed's 2 %).
     max_stop_loss: float | None = Field(None, gt=0, lt=1)
     #: Take-profit for a model whose rules have none (``null``, the default: none; the seed's was 4 %).
     take_profit: float | None = Field(None, gt=0)

@@ -33,7 +33,7 @@ on the same coins), so the position is protected between closes and while the tr
 reconciliation after a restart); the other one is then cancelled, and a remainder is sold at market. The time
 stop, the model's exit, ``/forceexit`` and the kill switch cancel both before selling at market. At a close the
 bar is still checked (a stop touched inside the bar whose resting order did not fill is sold at market then):
-the resting orders are the first line, the close the backstop (README "Live trading").
+the resting orders are the first line, the close the backstop (docs/concepts/trader.md "Live trading").
 """
 
 from __future__ import annotations
