@@ -66,11 +66,7 @@ ui-prefect: install
 
 # Register prefect.yaml's deployments with the server at PREFECT_API_URL (runs execute in this checkout).
 deploy: install
-	$(BIN)/prefect work-pool create pricelevel-process --type process --overwrite
-	$(BIN)/prefect work-queue create training --pool pricelevel-process --limit 1 >/dev/null 2>&1 || \
-		$(BIN)/prefect work-queue set-concurrency-limit training 1 --pool pricelevel-process
-	$(BIN)/prefect work-pool create pricelevel-trader --type process --overwrite
-	$(BIN)/prefect work-pool set-concurrency-limit pricelevel-trader 1
+	$(BIN)/pricelevel cluster prefect-setup
 	PRICELEVEL_HOME=$(CURDIR) $(BIN)/prefect --no-prompt deploy --all
 
 # docs/how-to/scale-out.md "Scaling out": PostgreSQL (system packages), Prefect and MLflow servers on it, a Dask scheduler with

@@ -143,7 +143,10 @@ def test_the_compose_file_has_every_service_of_a_scaled_out_deployment() -> None
         "postgresql+psycopg2://")
     prefect = SERVICES["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert prefect.startswith("postgresql+asyncpg://")
-    assert "--limit 1" in " ".join(SERVICES["prefect-worker"]["command"])
+    # the pools, the one-run queue and the Crashed-run automation come from the same code as `cluster up`
+    worker = " ".join(SERVICES["prefect-worker"]["command"])
+    assert worker.index("pricelevel cluster prefect-setup &&") < worker.index("prefect worker start")
+    assert SERVICES["prefect-worker"]["environment"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"
 
 
 def test_one_pinned_project_image_and_pinned_third_party_images() -> None:

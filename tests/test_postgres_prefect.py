@@ -39,6 +39,9 @@ def test_flows_and_workers_against_a_prefect_server_on_postgresql(postgres: Post
     server = prefect_server(BIN, "127.0.0.1", port, postgres.url(postgres.database("prefect"), driver="asyncpg"))
     with ServiceGroup([server], env=env, cwd=tmp_path, grace_s=10) as group:
         group.wait_healthy(timeout_s=180)
+        # the UI's browser code calls this server's API, not port 4200's (seen: "Can't connect" on another port)
+        ui_settings = requests.get(f"http://127.0.0.1:{port}/ui-settings", timeout=30).json()
+        assert ui_settings["api_url"] == api, ui_settings
 
         project = tmp_path / "project"
         (project / "data").mkdir(parents=True)

@@ -154,6 +154,7 @@ def test_ui_commands_bind_localhost_and_read_the_project_tracking_store(tmp_path
     assert (prefect.name, prefect.url) == ("Prefect", "http://127.0.0.1:4321")
     assert prefect.argv[:3] == (str(tmp_path / "bin" / "prefect"), "server", "start")
     assert option(prefect.argv, "--host") == "127.0.0.1" and option(prefect.argv, "--port") == "4321"
+    assert dict(prefect.env)["PREFECT_UI_API_URL"] == "http://127.0.0.1:4321/api"  # else the UI calls port 4200
 
     assert (mlflow.name, mlflow.url) == ("MLflow", "http://127.0.0.1:5432")
     assert mlflow.argv[:2] == (str(tmp_path / "bin" / "mlflow"), "ui")

@@ -70,6 +70,20 @@ def run(workers: Workers = 2, port_offset: Offset = 0, crash_after: CrashAfter =
     raise typer.Exit(code)
 
 
+@cluster_app.command("prefect-setup")
+def prefect_setup(crash_after: CrashAfter = 90) -> None:
+    """Create the work pools, the one-run `training` queue and the Crashed-run automation on the Prefect server
+    at PREFECT_API_URL (idempotent; `make deploy` and the compose `prefect-worker` run it)."""
+    from pricelevel.core.cluster import ClusterPlan, crash_automation, setup_prefect
+
+    if not os.environ.get("PREFECT_API_URL"):
+        typer.echo("PREFECT_API_URL is not set: start a server (`make cluster-up`, `make ui`) and export it", err=True)
+        raise typer.Exit(2)
+    setup_prefect(crash_automation(crash_after, ClusterPlan.heartbeat_s), Path(sys.executable).parent, dict(os.environ))
+    typer.echo("work pools pricelevel-process (queue training, one run at a time) and pricelevel-trader ready; "
+               f"runs silent for {crash_after} s are marked Crashed")
+
+
 @cluster_app.command("status")
 def status() -> None:
     """Whether the cluster runs, and the environment its clients use."""

@@ -109,20 +109,8 @@ class ClusterPlan:
         }
 
     def crash_automation(self) -> dict[str, object]:
-        """Prefect's "zombie flow run" automation (docs: detect-zombie-flows): a flow run whose last heartbeat
-        is followed by neither another one nor a final state within ``crash_after_s`` is set to Crashed."""
-        final = [f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")]
-        return {
-            "name": CRASH_AUTOMATION,
-            "description": f"A flow run silent for {self.crash_after_s} s (heartbeat every {self.heartbeat_s} s) "
-                           "has lost its process: mark it Crashed, so the next run starts (`make cluster-up`).",
-            "trigger": {"type": "event", "posture": "Proactive", "threshold": 1, "within": self.crash_after_s,
-                        "after": ["prefect.flow-run.heartbeat"], "expect": ["prefect.flow-run.heartbeat", *final],
-                        "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
-                        "for_each": ["prefect.resource.id"]},
-            "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
-                         "message": f"no heartbeat for {self.crash_after_s} s: its process or worker died"}],
-        }
+        """This cluster's :func:`crash_automation`."""
+        return crash_automation(self.crash_after_s, self.heartbeat_s)
 
     def stages(self, bin_dir: Path) -> list[list[Service]]:
         """Servers first; then what connects to them (the workers), once they answer."""
@@ -181,14 +169,32 @@ def _password(plan: ClusterPlan, env: Mapping[str, str]) -> str:
     return secrets.token_urlsafe(24)
 
 
-def _setup_prefect(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str]) -> None:
+def crash_automation(crash_after_s: int, heartbeat_s: int) -> dict[str, object]:
+    """Prefect's "zombie flow run" automation (docs: detect-zombie-flows): a flow run whose last heartbeat is
+    followed by neither another one nor a final state within ``crash_after_s`` is set to Crashed."""
+    final = [f"prefect.flow-run.{state}" for state in ("Completed", "Failed", "Cancelled", "Crashed")]
+    return {
+        "name": CRASH_AUTOMATION,
+        "description": f"A flow run silent for {crash_after_s} s (heartbeat every {heartbeat_s} s) "
+                       "has lost its process: mark it Crashed, so the next run starts (`make cluster-up`).",
+        "trigger": {"type": "event", "posture": "Proactive", "threshold": 1, "within": crash_after_s,
+                    "after": ["prefect.flow-run.heartbeat"], "expect": ["prefect.flow-run.heartbeat", *final],
+                    "match": {"prefect.resource.id": ["prefect.flow-run.*"]},
+                    "for_each": ["prefect.resource.id"]},
+        "actions": [{"type": "change-flow-run-state", "state": "CRASHED",
+                     "message": f"no heartbeat for {crash_after_s} s: its process or worker died"}],
+    }
+
+
+def setup_prefect(automation: Mapping[str, object], bin_dir: Path, env: Mapping[str, str]) -> None:
     """The work pool of the deployments, and its ``training`` queue limited to one run at a time; the trader's
-    pool; the automation that marks runs Crashed when their heartbeats stop (made once, kept in the database)."""
+    pool; the automation that marks runs Crashed when their heartbeats stop (made once, kept in the database).
+    Idempotent: ``cluster up``, ``make deploy`` and the compose ``prefect-worker`` all call it."""
     prefect = str(bin_dir / "prefect")
     known = subprocess.run([prefect, "automation", "inspect", CRASH_AUTOMATION], env=dict(env), capture_output=True,
                            timeout=120)
     if known.returncode != 0:
-        subprocess.run([prefect, "automation", "create", "--from-json", json.dumps(plan.crash_automation())],
+        subprocess.run([prefect, "automation", "create", "--from-json", json.dumps(automation)],
                        env=dict(env), check=True, capture_output=True, timeout=120)
     subprocess.run([prefect, "work-pool", "create", POOL, "--type", "process", "--overwrite"], env=dict(env),
                    check=True, capture_output=True, timeout=120)
@@ -233,7 +239,7 @@ def run_cluster(plan: ClusterPlan, bin_dir: Path, env: Mapping[str, str], cwd: P
                     return 0
                 startup |= group.ready_s
                 if number == 0:
-                    _setup_prefect(plan, bin_dir, service_env)
+                    setup_prefect(plan.crash_automation(), bin_dir, service_env)
             plan.startup_file.write_text(json.dumps({k: round(v, 2) for k, v in startup.items()}, indent=2))
             write_env_file(plan)
             while not stop.is_set():

@@ -41,7 +41,14 @@ def prefect_server(bin_dir: Path, host: str, port: int, database_url: str | None
     env = (("PREFECT_API_DATABASE_CONNECTION_URL", database_url),) if database_url else ()
     return Service("Prefect", f"http://{host}:{port}",
                    (str(bin_dir / "prefect"), "server", "start", "--host", host, "--port", str(port)),
-                   health_url=f"http://{host}:{port}/api/health", env=env)
+                   health_url=f"http://{host}:{port}/api/health", env=(*_ui_api(host, port), *env))
+
+
+def _ui_api(host: str, port: int) -> tuple[tuple[str, str], ...]:
+    """The API address the Prefect UI's browser code calls: without it the UI asks port 4200 whatever ``--port``
+    says, and shows "Can't connect" (or another server's runs)."""
+    return (("PREFECT_UI_API_URL", f"http://{host}:{port}/api"),
+            ("PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT", "false"))
 
 
 def mlflow_server(bin_dir: Path, backend_store_uri: str, artifacts_destination: str, host: str, port: int,
@@ -88,7 +95,7 @@ def ui_commands(
     return [
         Service("Prefect", f"http://127.0.0.1:{prefect_port}",
                 (str(bin_dir / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)),
-                health_url=f"http://127.0.0.1:{prefect_port}/api/health"),
+                health_url=f"http://127.0.0.1:{prefect_port}/api/health", env=_ui_api("127.0.0.1", prefect_port)),
         Service("MLflow", f"http://127.0.0.1:{mlflow_port}",
                 (str(bin_dir / "mlflow"), "ui", "--backend-store-uri", tracking_uri,
                  "--default-artifact-root", artifact_location,
