@@ -272,9 +272,9 @@ def tune_trials(config: Config, plan: DatasetPlan, started: StartedRun, worker: 
         stop = WorkerStop(StopFile(Path(stop_file)), lease)
         run = StoppingRun(started.log, stop)
         with interrupt_when_stopped(stop):
-            done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run)
+            done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run, worker)
     else:
-        done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run)
+        done = trial_worker_step(plan, config.model_inputs, config.tuning, config.strategy, *places, run, worker)
     get_run_logger().info("trial worker %d finished %d trials", worker, done)
     return done
 

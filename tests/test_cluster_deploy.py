@@ -143,6 +143,9 @@ def test_the_compose_file_has_every_service_of_a_scaled_out_deployment() -> None
         "postgresql+psycopg2://")
     prefect = SERVICES["prefect-server"]["environment"]["PREFECT_API_DATABASE_CONNECTION_URL"]
     assert prefect.startswith("postgresql+asyncpg://")
+    # the scheduler imports the task modules at start-up (unpickling the first graph without it stalled it 37 s)
+    scheduler = SERVICES["dask-scheduler"]["command"]
+    assert scheduler[scheduler.index("--preload") + 1] == "tasks.runtime"
     # the pools, the one-run queue and the Crashed-run automation come from the same code as `cluster up`
     worker = " ".join(SERVICES["prefect-worker"]["command"])
     assert worker.index("pricelevel cluster prefect-setup &&") < worker.index("prefect worker start")

@@ -4,12 +4,13 @@ the deployed nightly on the cluster they start. One cluster serves the whole mod
 - a port in use is refused in one line naming it, before anything starts;
 - the cluster comes up with a Prefect worker polling each pool (every deployment of prefect.yaml is Ready) and the
   automation that crashes silent flow runs; a second ``up`` is refused in one line;
-- a "Quick run" of the ``train-nightly`` deployment (``make deploy``'s ``prefect deploy``, picked up by the cluster's
-  Prefect worker) runs every task of the DAG, the fan-out and both trial workers on the Dask workers, registers a
-  version in the MLflow server, and its completion fires ``promote``; the same config on the thread runner gives the
-  same step keys, byte-identical derived files and the same registered metrics;
-- a Prefect worker killed with its flow run (a host that dies): the run is marked Crashed, and the next run reuses
-  every step the dead one finished;
+- a Prefect worker killed with its flow run (a host that dies) once levels and features are done: the run is
+  marked Crashed by the automation;
+- then a "Quick run" of the ``train-nightly`` deployment (``make deploy``'s ``prefect deploy``, picked up by the
+  cluster's Prefect worker) reuses every step the dead run finished, runs every task of the DAG, the fan-out and both
+  trial workers on the Dask workers, registers a version in the MLflow server, and its completion fires ``promote``;
+  the same config on the thread runner gives the same step keys, byte-identical derived files and the same
+  registered metrics;
 - ``down`` leaves no process of the cluster behind.
 """
 
@@ -281,14 +282,16 @@ def _registered(tracking_uri: str) -> tuple[object, dict[str, float], dict[str, 
 @pytest.mark.postgres
 @pytest.mark.slow
 @pytest.mark.flow
-def test_the_deployed_nightly_runs_every_task_on_the_cluster_and_fires_promote(cluster: Cluster, tmp_path: Path) -> None:
+def test_a_run_whose_worker_dies_is_crashed_and_the_deployed_nightly_reuses_its_steps_runs_on_the_cluster_and_fires_promote(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """One nightly's worth of CI time for both: a host that dies mid-run, then the deployed nightly that follows it."""
     started = time.monotonic()
     _deploy(cluster)
     deployed_s = time.monotonic() - started
-    before = _executed_on_dask(cluster)
-    run = _quick_run(cluster, NIGHTLY)
 
-    # the same config on the thread runner, in a project of its own (its own store, Optuna and MLflow files)
+    # the same config on the thread runner, in a project of its own (its own store, Optuna and MLflow files); it runs
+    # meanwhile, so the minute the crash detection waits is not spent idle
     threads = _project(tmp_path / "threads")
     thread_log = tmp_path / "threads.log"
     env = _clean_env(threads) | {"PREFECT_API_URL": cluster.env["PREFECT_API_URL"]}
@@ -296,28 +299,37 @@ def test_the_deployed_nightly_runs_every_task_on_the_cluster_and_fires_promote(c
                                   cwd=threads, stdout=thread_log.open("wb"), stderr=subprocess.STDOUT,
                                   start_new_session=True)
     try:
+        finished = _run_until_its_host_dies(cluster, tmp_path)
+
+        # the next nightly ("Quick run", on the cluster's worker) reuses every step the dead run finished
+        before = _executed_on_dask(cluster)
+        run = _quick_run(cluster, NIGHTLY)
         state = _wait_final(cluster, run.id, 900)
         nightly_s = time.monotonic() - started
         logs = _logs(cluster, run.id)
         assert state == "COMPLETED", logs[-5000:]
+        assert re.search(r"levels \w+: reused", logs) and re.search(r"features \w+: reused", logs), logs[-3000:]
+        assert not re.search(r"(levels|features) \w+: computed", logs), logs[-3000:]
+        after_run = _derived(cluster.root)
+        rebuilt = [key for key, mtime in finished.items() if (after_run[key] / ".complete").stat().st_mtime_ns != mtime]
+        assert not rebuilt, rebuilt  # no step computed twice
+
+        # every task of the DAG, the fan-out and both trial workers on the Dask workers, from the cluster's env
         tasks = _task_runs(cluster, run.id)
         missing = [name for name in DAG_TASKS if not any(task.startswith(name) for task in tasks)]
         assert not missing and set(tasks.values()) == {"COMPLETED"}, (missing, tasks)
         assert sum(task.startswith("tune-trials ") for task in tasks) == 2, tasks
-
-        # the fan-out and both trial workers ran on the Dask workers, from the cluster's env (tuning.workers: 2)
         after = _executed_on_dask(cluster)
         ran = {worker: after[worker] - before.get(worker, 0) for worker in after}
         assert len(ran) == 2 and all(ran.values()) and sum(ran.values()) >= 6, ran  # 2 levels, 2 features, 2 trials
-        finished = re.search(r"trial workers finished \[(\d+), (\d+)\]", logs)
-        assert finished and int(finished[1]) + int(finished[2]) == 2, logs[-3000:]
-        assert logs.count(": computed") >= 4, logs[-3000:]  # levels and features of both symbols
+        trial_workers = re.search(r"trial workers finished \[(\d+), (\d+)\]", logs)
+        assert trial_workers and int(trial_workers[1]) + int(trial_workers[2]) == 2, logs[-3000:]
 
         # a version in the MLflow server; its completion fired `promote`, which judged it
         version, metrics, best = _registered(cluster.env["PRICELEVEL_TRACKING__TRACKING_URI"])
         assert "challenger" in version.aliases or "champion" in version.aliases, version.aliases
         promoted = _wait_promote(cluster, version, timeout_s=600)
-        print(f"deploy {deployed_s:.1f} s; nightly until registered {nightly_s:.1f} s; "
+        print(f"deploy {deployed_s:.1f} s; crash and nightly until registered {nightly_s:.1f} s; "
               f"promote done after {time.monotonic() - started:.1f} s ({promoted})")
 
         # the thread runner: same keys, same files, same registered model
@@ -342,6 +354,50 @@ def test_the_deployed_nightly_runs_every_task_on_the_cluster_and_fires_promote(c
                  and thread_metrics.get(k) != pytest.approx(metrics[k], rel=1e-9, abs=1e-12)}
         assert not drift, drift
     print(f"best parameters on the cluster {best}, on threads {thread_best}")
+
+
+def _run_until_its_host_dies(cluster: Cluster, tmp_path: Path) -> dict[str, int]:
+    """A nightly on a Prefect worker of its own, killed with its flow run (a host that dies) once levels and features
+    are done: the run must be marked Crashed. Returns the finished steps' completion times."""
+    pool, name = "pricelevel-doomed", "train-doomed"
+    worker_log = tmp_path / "worker.log"
+    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--type", "process"], env=cluster.env,
+                              cwd=cluster.root, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    doomed = None
+    try:
+        with cluster.api() as client:
+            deadline = time.monotonic() + 180
+            while not _pool_ready(client, pool):
+                assert worker.poll() is None and time.monotonic() < deadline, worker_log.read_text()[-3000:]
+                time.sleep(1)
+            nightly = client.read_deployment_by_name(NIGHTLY)  # the same flow, on a pool only this worker polls
+            client.create_deployment(flow_id=nightly.flow_id, name=name, work_pool_name=pool,
+                                     entrypoint=nightly.entrypoint, path=nightly.path, pull_steps=nightly.pull_steps,
+                                     parameter_openapi_schema=nightly.parameter_openapi_schema,
+                                     parameters=nightly.parameters)
+        doomed = _quick_run(cluster, f"train/{name}")
+        deadline = time.monotonic() + 600
+        while _logs(cluster, doomed.id).count(": computed") < 4:  # levels and features of both symbols finished
+            assert time.monotonic() < deadline and worker.poll() is None, worker_log.read_text()[-5000:]
+            time.sleep(2)
+    finally:
+        # the machine dies: the worker and the flow run it started, at once
+        killed = _pids_with_env(f"PREFECT__FLOW_RUN_ID={doomed.id}") if doomed is not None else []
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(worker.pid, signal.SIGKILL)
+        for pid in killed:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        worker.wait()
+    assert killed, "the flow run's process was not found"
+    killed_at = time.monotonic()
+    state = _wait_final(cluster, doomed.id, CRASH_AFTER_S + 180)
+    print(f"marked {state} {time.monotonic() - killed_at:.1f} s after the kill")
+    assert state == "CRASHED", state
+    finished = {key: (folder / ".complete").stat().st_mtime_ns for key, folder in _derived(cluster.root).items()}
+    assert sum(key.startswith(("levels/", "features/")) for key in finished) == 4, sorted(finished)
+    return finished
 
 
 def _wait_promote(cluster: Cluster, version: object, timeout_s: float) -> str:
@@ -379,65 +435,6 @@ def test_a_port_in_use_is_refused_in_one_line_naming_it(project: Path) -> None:
     assert not plan.pid_file.exists() and not _processes_of(project)  # nothing was started
 
 
-
-
-@pytest.mark.postgres
-@pytest.mark.slow
-@pytest.mark.flow
-def test_a_prefect_worker_killed_with_its_run_leaves_it_crashed_and_the_next_run_reuses_every_finished_step(
-    cluster: Cluster, tmp_path: Path
-) -> None:
-    _deploy(cluster)
-    # new level keys: everything from levels on is computed afresh, nothing comes from the nightly test
-    parameters = {"config_file": str(cluster.root / "conf" / "tiny.yaml"), "overrides": ["levels.refit_every=7"]}
-    pool, name = "pricelevel-doomed", "train-doomed"
-    worker_log = tmp_path / "worker.log"
-    worker = subprocess.Popen([PREFECT, "worker", "start", "--pool", pool, "--type", "process"], env=cluster.env,
-                              cwd=cluster.root, stdout=worker_log.open("wb"), stderr=subprocess.STDOUT,
-                              start_new_session=True)
-    doomed = None
-    try:
-        with cluster.api() as client:
-            deadline = time.monotonic() + 180
-            while not _pool_ready(client, pool):
-                assert worker.poll() is None and time.monotonic() < deadline, worker_log.read_text()[-3000:]
-                time.sleep(1)
-            nightly = client.read_deployment_by_name(NIGHTLY)  # the same flow, on a pool only this worker polls
-            client.create_deployment(flow_id=nightly.flow_id, name=name, work_pool_name=pool,
-                                     entrypoint=nightly.entrypoint, path=nightly.path, pull_steps=nightly.pull_steps,
-                                     parameter_openapi_schema=nightly.parameter_openapi_schema, parameters=parameters)
-        doomed = _quick_run(cluster, f"train/{name}")
-        deadline = time.monotonic() + 600
-        while _logs(cluster, doomed.id).count(": computed") < 4:  # levels and features of both symbols finished
-            assert time.monotonic() < deadline and worker.poll() is None, worker_log.read_text()[-5000:]
-            time.sleep(2)
-    finally:
-        # the machine dies: the worker and the flow run it started, at once
-        killed = _pids_with_env(f"PREFECT__FLOW_RUN_ID={doomed.id}") if doomed is not None else []
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(worker.pid, signal.SIGKILL)
-        for pid in killed:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        worker.wait()
-    assert killed, "the flow run's process was not found"
-    killed_at = time.monotonic()
-    state = _wait_final(cluster, doomed.id, CRASH_AFTER_S + 180)
-    print(f"marked {state} {time.monotonic() - killed_at:.1f} s after the kill")
-    assert state == "CRASHED", state
-    finished = {key: (folder / ".complete").stat().st_mtime_ns for key, folder in _derived(cluster.root).items()}
-
-    rerun = _quick_run(cluster, NIGHTLY, parameters)  # "Custom run" of the nightly, on the cluster's worker
-    state = _wait_final(cluster, rerun.id, 900)
-    logs = _logs(cluster, rerun.id)
-    assert state == "COMPLETED", logs[-5000:]
-    assert re.search(r"levels \w+: reused", logs) and re.search(r"features \w+: reused", logs), logs[-3000:]
-    assert not re.search(r"(levels|features) \w+: computed", logs), logs[-3000:]
-    after = _derived(cluster.root)
-    rebuilt = [key for key, mtime in finished.items() if (after[key] / ".complete").stat().st_mtime_ns != mtime]
-    assert not rebuilt, rebuilt  # no step computed twice
-    # what the dead run had not finished (lookahead on) is computed now, once; levels and features are not
-    assert not [key for key in set(after) - set(finished) if key.startswith(("levels/", "features/"))], sorted(after)
 
 
 def _pool_ready(client: object, pool: str) -> bool:

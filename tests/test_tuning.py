@@ -257,3 +257,15 @@ def test_with_params_replaces_only_the_searched_model_keys() -> None:
     assert "seq_len" not in ModelConfig.model_fields and not hasattr(model, "seq_len")
     assert base.hidden_size == 128  # the original is untouched
     assert with_params(base, {"seq_len": 40}) == base
+
+
+def test_trial_workers_sharing_a_study_sample_different_parameters(tmp_path: Path) -> None:
+    """Seen on the cluster: two trial workers seeded alike drew the same parameters, so one trial was wasted."""
+    tuning = _tuning(tmp_path)
+    first = open_study(tuning.storage, "shared", tuning, worker=0).ask()
+    second = open_study(tuning.storage, "shared", tuning, worker=1).ask()  # asks while the first is still running
+    assert first.params == {} and second.params == {}  # nothing suggested yet: draw the same way from each
+    drawn = [trial.suggest_float("learning_rate", 1e-4, 1e-2, log=True) for trial in (first, second)]
+    assert drawn[0] != drawn[1]
+    alone = open_study(tuning.storage, "alone", tuning).ask()  # one worker keeps the configured seed's draws
+    assert alone.suggest_float("learning_rate", 1e-4, 1e-2, log=True) == drawn[0]

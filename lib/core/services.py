@@ -63,9 +63,12 @@ def mlflow_server(bin_dir: Path, backend_store_uri: str, artifacts_destination: 
 
 
 def dask_scheduler(bin_dir: Path, host: str, port: int, dashboard_port: int) -> Service:
+    """``dask scheduler`` with the workers' preload: it unpickles every graph, and importing the task modules
+    (torch, Lightning, Prefect) on the first one blocked it for 37 s on a loaded machine, long enough for a
+    flow's connection to drop mid-fan-out; the preload imports them at start-up instead."""
     return Service("Dask scheduler", f"tcp://{host}:{port}",
                    (str(bin_dir / "dask"), "scheduler", "--host", host, "--port", str(port),
-                    "--dashboard-address", f"{host}:{dashboard_port}"),
+                    "--dashboard-address", f"{host}:{dashboard_port}", "--preload", "tasks.runtime"),
                    health_url=f"http://{host}:{dashboard_port}/health")
 
 

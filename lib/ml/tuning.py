@@ -72,16 +72,19 @@ def suggest(trial: optuna.Trial, space: SearchSpace, fixed: Mapping[str, Any] | 
 
 
 def open_study(
-    storage: str, study_name: str, tuning: TuningConfig, direction: Literal["minimize", "maximize"] | None = None
+    storage: str, study_name: str, tuning: TuningConfig, direction: Literal["minimize", "maximize"] | None = None,
+    worker: int = 0,
 ) -> optuna.Study:
-    """Create or resume the study (TPE seeded, median pruner); ``direction`` defaults to the tuned metric's."""
+    """Create or resume the study (TPE seeded, median pruner); ``direction`` defaults to the tuned metric's.
+    Trial worker ``worker`` seeds its sampler ``seed + worker``: with one seed, workers sampling at the same time
+    draw the same parameters, and the second trial is wasted."""
     if storage.startswith("sqlite:///"):
         Path(storage.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     return optuna.create_study(
         storage=study_storage(storage, tuning),
         study_name=study_name,
         direction=direction or tuning.direction,
-        sampler=optuna.samplers.TPESampler(seed=tuning.seed),
+        sampler=optuna.samplers.TPESampler(seed=tuning.seed + worker),
         pruner=optuna.pruners.MedianPruner(
             n_startup_trials=tuning.pruner_startup_trials, n_warmup_steps=tuning.pruner_warmup_epochs
         ),
@@ -320,11 +323,11 @@ def tune_step(
 
 def trial_worker_step(
     plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, strategy: StrategyContext, storage: str,
-    work_dir: Path, run: RunLog | None,
+    work_dir: Path, run: RunLog | None, worker: int = 0,
 ) -> int:
     """One of ``tuning.workers`` trial workers of the study ``tune_step`` names: trials until ``n_trials`` have
     finished in total (each a nested run of ``run``); returns how many this worker finished."""
-    study, study_name = _study(plan, model, tuning, strategy, storage)
+    study, study_name = _study(plan, model, tuning, strategy, storage, worker)
     objective = walk_forward_objective(plan, plan.load(), model, tuning, strategy)
     return run_trials(study, objective, tuning, work_dir / study.user_attrs["pricelevel.key"],
                       run.trials(study_name) if run else None, fixed=model.fixed_params())
@@ -332,10 +335,11 @@ def trial_worker_step(
 
 def _study(
     plan: DatasetPlan, model: ModelConfig, tuning: TuningConfig, strategy: StrategyContext, storage: str,
+    worker: int = 0,
 ) -> tuple[optuna.Study, str]:
     key = tune_key(plan, model, tuning, strategy)
     study_name = f"{tuning.study_name}-{key}"
-    study = open_study(storage, study_name, tuning, direction="maximize")
+    study = open_study(storage, study_name, tuning, direction="maximize", worker=worker)
     if study.user_attrs.get("pricelevel.key") != key:
         study.set_user_attr("pricelevel.key", key)
     return study, study_name
