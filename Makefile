@@ -43,9 +43,10 @@ demo: install
 	@echo "Look at: the backtest report printed above · \`make ui\` (Prefect http://127.0.0.1:4200, MLflow http://127.0.0.1:5000)"
 
 # The lint (ruff and the import contract) runs first: a layering violation fails CI like a failing test.
-# --durations=25: every CI log names the slowest tests (CI has 2 cores and a 20-minute budget).
+# --durations=25: every CI log names the slowest tests (CI has 2 cores and a 20-minute budget). Two workers: the
+# cluster and PostgreSQL modules in one group (one at a time, tests/conftest.py), the rest beside them.
 test: lint
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q --durations=25
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
 
 lint: install-dev
 	$(BIN)/ruff check lib flows tasks tests bench

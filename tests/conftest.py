@@ -48,6 +48,18 @@ def pytest_runtest_call(item: pytest.Item):
         pytest.fail(f"{item.nodeid} imported Prefect but is not marked `flow`", pytrace=False)
 
 
+#: Modules that start clusters of processes (PostgreSQL, servers, Dask workers): with ``make test``'s two pytest
+#: workers (``-n 2 --dist loadgroup``) they run one after another on one worker, never two clusters at once on CI's
+#: two cores, while the other worker runs the in-process tests.
+SERIAL_MODULES = ("test_cluster_", "test_postgres_")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name.startswith(SERIAL_MODULES):
+            item.add_marker(pytest.mark.xdist_group(name="clusters"))
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remove the temporary Prefect home made above."""
     shutil.rmtree(os.environ["PREFECT_HOME"], ignore_errors=True)

@@ -102,7 +102,7 @@ def dask_cluster(tmp_path: Path):
     bin_dir = Path(sys.executable).parent
     log = (tmp_path / "dask.log").open("wb")
     scheduler = subprocess.Popen([str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                                  "--no-dashboard"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                  "--no-dashboard", "--preload", "tasks.runtime"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     workers = [subprocess.Popen([str(bin_dir / "dask"), "worker", f"tcp://127.0.0.1:{port}", "--nthreads", "1",
                                  "--nworkers", "1", "--no-dashboard", "--preload", "tasks.runtime", "--name", f"w{k}"],
                                 env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

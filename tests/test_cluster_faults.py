@@ -35,9 +35,9 @@ from typing import Any
 
 import pytest
 
+from tests.cluster import TINY, _group_alive, _last_flow_run_state, _project
 from tests.conftest import ROOT
 from tests.postgres import Postgres, free_port, postgres_fixture  # noqa: F401
-from tests.test_cluster_train import TINY, _group_alive, _last_flow_run_state, _project
 
 pytestmark = [pytest.mark.flow, pytest.mark.postgres, pytest.mark.slow]
 

@@ -3,7 +3,7 @@ group) while the trials run in the flow's process: the command ends within 10 s,
 Cancelled in the database of its temporary Prefect server, and that server, started in a session of its own so
 that the group's signal does not kill it first, is stopped last: nothing is left running. The same command
 again completes (and exits: the temporary server goes after the flow's last logs and events), resuming the
-study. (The Dask path, with trial workers, is in test_cluster_train.py.)"""
+study. (The Dask path: test_cluster_faults.py.)"""
 
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_cluster_train import TINY, _group_alive, _project
+from tests.cluster import TINY, _group_alive, _project
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
-THREADS = [o for o in TINY if not o.startswith(("tuning.workers", "flow.task_runner"))] + ["tuning.n_trials=12"]
+THREADS = [o for o in TINY if not o.startswith(("tuning.workers", "flow.task_runner"))] + ["tuning.n_trials=6"]
 
 
 def _running_trials(database: Path) -> int:
@@ -91,7 +91,7 @@ def test_sigterm_mid_tuning_stops_the_run_marks_it_cancelled_and_stops_its_tempo
     with contextlib.closing(sqlite3.connect(study)) as db:
         complete = db.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
         run_now = db.execute("select count(*) from trials").fetchone()[0]
-    assert complete == 12 and run_now <= 12 + 1, (kept, complete, run_now)  # resumed: only the missing trials
+    assert complete == 6 and run_now <= 6 + 1, (kept, complete, run_now)  # resumed: only the missing trials
 
 
 def _kill_servers(home: Path) -> None:

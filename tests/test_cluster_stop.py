@@ -1,6 +1,6 @@
 """The pieces that keep trial workers from outliving their flow (tasks/tuning.py, tasks/runtime.py), in seconds:
 the first failure is raised at once, a stop request ends a trial at its next epoch or interrupts a long one,
-and nothing is interrupted once the worker has left its trials. The whole path runs in test_cluster_train.py."""
+and nothing is interrupted once the worker has left its trials. The whole path runs in test_cluster_faults.py."""
 
 from __future__ import annotations
 

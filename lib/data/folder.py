@@ -13,7 +13,7 @@ import pandas as pd
 
 from pricelevel.core.candles import to_canonical
 from pricelevel.core.timeframes import Timeframe
-from pricelevel.data.store import parse_dataset_filename
+from pricelevel.data.store import parse_dataset_filename, read_candles
 
 
 class CandleFolderError(FileNotFoundError):
@@ -55,7 +55,7 @@ class CandleFolder:
             raise CandleFolderError(f"{self.root}: no {symbol}_{timeframe}.parquet") from None
 
     def read(self, symbol: str, timeframe: Timeframe) -> pd.DataFrame:
-        return to_canonical(pd.read_parquet(self.path(symbol, timeframe)))
+        return to_canonical(read_candles(self.path(symbol, timeframe)))  # one version of a file being replaced
 
     def read_optional(self, symbol: str, timeframe: Timeframe) -> pd.DataFrame | None:
         return self.read(symbol, timeframe) if self.has(symbol, timeframe) else None

@@ -150,8 +150,12 @@ def merge_candles(existing: pd.DataFrame, incoming: pd.DataFrame) -> pd.DataFram
 
 
 def read_candles(path: Path) -> pd.DataFrame:
-    """Read a candle file without reshaping it (validation must see the file as it is)."""
-    return pd.read_parquet(path)
+    """Read a candle file without reshaping it (validation must see the file as it is). Through one open handle:
+    pyarrow given a path looks it up twice (its size, then its pages), and another process's atomic replace in
+    between made it read the new file's pages with the old size ("Page was smaller than expected", seen in
+    tests/test_concurrency.py); a handle pins one version of the file."""
+    with open(path, "rb") as handle:
+        return pd.read_parquet(handle)
 
 
 def candles_to_table(candles: pd.DataFrame) -> pa.Table:

@@ -1,21 +1,11 @@
-"""The whole ``train`` flow on a real Dask cluster with trial workers sharing a PostgreSQL study, run as a user
-runs it (``pricelevel train`` in a subprocess), and the same run stopped with SIGTERM mid-tuning.
-
-One combined test (the expensive parts are shared): a real ``dask scheduler`` with two ``dask worker --preload
-tasks.runtime`` processes, a throwaway PostgreSQL (tests/postgres.py) and the test session's Prefect API.
-
-1. ``tuning.workers: 2`` on Dask: the run completes (it used to fail at ``tune`` with ``IOLoop is closed``), the
-   study has ``n_trials`` finished trials, run by both trial workers on the Dask workers, not in the flow.
-2. A new study, SIGTERM while a trial runs: the CLI exits within 10 s, the flow run is Cancelled, no trial is
-   left running and none starts afterwards (the orphans of issue 24 finished the study in the background).
-3. The same command again resumes: the finished steps are reused and the study ends at ``n_trials``.
-"""
+"""Shared by the cluster tests (test_cluster_faults, test_cluster_signals): the tiny training config that still
+runs every task, a throwaway project on the bundled sample, a real ``dask scheduler`` with one-thread workers
+(both with the ``tasks.runtime`` preload), and what a test reads back (trials, process groups, flow-run states)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -24,12 +14,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from tests.conftest import ROOT, SAMPLE
-from tests.postgres import Postgres, free_port, postgres_fixture  # noqa: F401
-
-pytestmark = [pytest.mark.flow, pytest.mark.postgres, pytest.mark.slow]
+from tests.postgres import free_port
 
 TINY = [
     "data.symbols=[BTCUSDT,ETHUSDT]",
@@ -130,65 +116,6 @@ def _finish(process: subprocess.Popen, log: Path, timeout_s: float = 420) -> Non
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 0, log.read_text()[-5000:]
-
-
-def test_train_on_dask_with_two_trial_workers_completes_and_a_sigterm_mid_tuning_leaves_no_orphan(
-    prefect_harness, postgres: Postgres, tmp_path: Path
-) -> None:
-    from prefect.settings import PREFECT_API_URL
-
-    root = _project(tmp_path / "project")
-    url = postgres.url(postgres.database("optuna"))
-    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PRICELEVEL_HOME": str(root),
-           "PYTHONPATH": str(ROOT), **postgres.env}
-    log = tmp_path / "train.log"
-    with dask_cluster(env, tmp_path / "dask.log") as address:
-        config = [*TINY, f"flow.dask_address={address}", f"tuning.storage={url}"]
-
-        # 1. the whole flow, trials on two trial workers on the Dask workers
-        _finish(_train(env, log, *config, "tuning.n_trials=2"), log)
-        complete = _trials(url)
-        assert [state for _, state, _ in complete] == ["COMPLETE", "COMPLETE"], complete
-        finished = re.search(r"trial workers finished \[(\d+), (\d+)\]", log.read_text())
-        assert finished and int(finished[1]) + int(finished[2]) == 2, log.read_text()[-3000:]
-        on_workers = (tmp_path / "dask.log").read_text()  # the workers' own log: the trials ran there
-        assert all(f"Task run 'tune-trials {k}' - Finished in state Completed()" in on_workers for k in (0, 1))
-
-        # 2. a new study (n_trials is part of its key); SIGTERM once a trial runs, as `timeout` or a worker sends it
-        log.write_text("")
-        stopped = _train(env, log, *config, "tuning.n_trials=6")
-        deadline = time.monotonic() + 300
-        while not [t for t in _trials(url) if t[1] == "RUNNING"]:
-            assert stopped.poll() is None, log.read_text()[-5000:]
-            assert time.monotonic() < deadline, "no trial started"
-            time.sleep(0.2)
-        signalled = time.monotonic()
-        stopped.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            stopped.wait(30)
-        exit_s = time.monotonic() - signalled
-        print(f"pricelevel train exited {exit_s:.1f} s after SIGTERM")  # shown with `pytest -s`
-        left = _group_alive(stopped.pid)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(stopped.pid, signal.SIGKILL)
-        assert stopped.returncode is not None and exit_s < 10, (exit_s, log.read_text()[-5000:])
-        assert stopped.returncode != 0 and not left, (stopped.returncode, left)
-        at_exit = _trials(url)
-        time.sleep(4)  # an orphan would still be running, or would start the next trial, by now
-        after = _trials(url)
-        assert not [t for t in after if t[1] == "RUNNING"] and after == at_exit, (at_exit, after)
-        state = _last_flow_run_state("train")
-        assert state == "CANCELLED", state
-
-        # 3. the same command resumes: its finished steps are reused, the study ends at n_trials
-        log.write_text("")
-        _finish(_train(env, log, *config, "tuning.n_trials=6"), log)
-        text = log.read_text()
-        assert "passed before" in text or "reused" in text, text[-3000:]
-        resumed = [t for t in _trials(url) if t[0] != complete[0][0]]
-        assert sum(state == "COMPLETE" for _, state, _ in resumed) == 6, resumed
-        kept = {number for name, state, number in after if state == "COMPLETE" and name != complete[0][0]}
-        assert kept <= {number for _, state, number in resumed if state == "COMPLETE"}
 
 
 def _group_alive(pgid: int) -> list[str]:
