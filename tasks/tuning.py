@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import datetime
 import os
 import threading
 import time
@@ -187,12 +188,16 @@ class RecordingRun:
 
     def __init__(self, run: Any) -> None:
         self.run, self.began, self.study_name = run, [], None
+        #: When the study was opened here: a stop that lands between a trial's creation (RUNNING in the study) and
+        #: its ``trial_started`` leaves a trial that ``began`` misses; its start time gives it away.
+        self.opened_at: datetime.datetime | None = None
 
     def __getattr__(self, name: str) -> Any:  # everything else is the run's (log_json, log_params, ...)
         return getattr(self.run, name)
 
     def trials(self, study_name: str) -> Any:
         self.study_name = study_name
+        self.opened_at = datetime.datetime.now()  # Optuna dates trials with the naive local clock too
         inner, began = self.run.trials(study_name), self.began
 
         class Observer:
@@ -207,7 +212,7 @@ class RecordingRun:
 
     def fail_unfinished(self, storage: str, tuning: Any) -> list[int]:
         """Mark this process's trials still RUNNING as FAIL (they are not counted, and not resumed as running)."""
-        if not self.began or self.study_name is None:
+        if self.study_name is None:
             return []
         import optuna
         from optuna.trial import TrialState
@@ -216,7 +221,8 @@ class RecordingRun:
 
         study = optuna.load_study(study_name=self.study_name, storage=study_storage(storage, tuning))
         running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-                   if t.number in self.began]
+                   if t.number in self.began or (t.datetime_start is not None and self.opened_at is not None
+                                                 and t.datetime_start >= self.opened_at)]
         for number in running:
             study.tell(number, state=TrialState.FAIL)
         return running

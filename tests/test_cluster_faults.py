@@ -346,7 +346,8 @@ def test_a_trial_worker_killed_mid_trial_has_its_trial_retried_and_the_study_end
     failed = {t.number: t.params for t in trials if t.state.name == "FAIL"}
     retried = {RetryFailedTrialCallback.retried_trial_number(t): t for t in trials if t.state.name == "COMPLETE"}
     assert failed and set(failed) <= set(retried), (failed, retried)  # the killed trial, failed then retried
-    assert all(retried[number].params == params for number, params in failed.items())
+    # retried with the failed trial's parameters (a trial killed while suggesting has only some of them yet)
+    assert all(retried[number].params.items() >= params.items() for number, params in failed.items()), (failed, retried)
     trial_runs = {name: states for name, states in disturbed.task_runs.items() if name.startswith("tune-trials")}
     assert len(trial_runs) == 2 and all(s[-1] == "COMPLETED" for s in trial_runs.values()), trial_runs
     assert any(s.count("RUNNING") >= 2 for s in trial_runs.values()), trial_runs  # run again after the kill
