@@ -31,6 +31,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pricelevel.config import Config
+from pricelevel.core.files import atomic_write
 from pricelevel.ml.dataset import DatasetPlan
 from pricelevel.ml.tuning import StudySummary, trial_worker_step, tune_step
 from pricelevel.registry.experiment import StartedRun
@@ -91,10 +92,8 @@ class Lease:
     def renew(self) -> None:
         """Write a new content atomically (a reader never sees a half-written file)."""
         self.count += 1
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}")
-        temporary.write_text(f"{os.getpid()} {self.count} {uuid.uuid4().hex}")
-        os.replace(temporary, self.path)
+        content = f"{os.getpid()} {self.count} {uuid.uuid4().hex}"
+        atomic_write(self.path, lambda temporary: temporary.write_text(content))
 
     def expired(self) -> bool:
         try:
