@@ -43,6 +43,7 @@ from tests.fakes.bybit_trading import (
     ORDER_HISTORY,
     ORDER_REALTIME,
     RET_RATE_LIMIT,
+    SLOW_MACHINE_TIMEOUT_S,
     WALLET_BALANCE,
     FakeBybitExchange,
     TradeFault,
@@ -88,7 +89,7 @@ def sleeps() -> list[float]:
 @pytest.fixture
 def make_broker(endpoint, sleeps):
     def make(secrets: Secrets = SECRETS, mode: str = "testnet", **settings) -> BybitBroker:
-        defaults = {"timeout_s": 1.0, "max_attempts": 4, "backoff_s": 0.5, "backoff_max_s": 4.0}
+        defaults = {"timeout_s": SLOW_MACHINE_TIMEOUT_S, "max_attempts": 4, "backoff_s": 0.5, "backoff_max_s": 4.0}
         config = BybitConfig(**{**defaults, **settings})
         return BybitBroker(config, mode, secrets, endpoint=endpoint, sleep=sleeps.append)
 
@@ -204,7 +205,8 @@ def test_dust_is_refused_locally_and_nothing_is_sent(fake, broker, order, needle
 # ------------------------------------------------------------------------------ faults around an order
 
 
-def test_a_lost_answer_is_not_resent_and_the_order_is_found_filled(fake, broker, sleeps):
+def test_a_lost_answer_is_not_resent_and_the_order_is_found_filled(fake, make_broker, sleeps):
+    broker = make_broker(timeout_s=1.0)
     fake.unique_link_ids = False  # even an exchange that would take the id again gets one order only
     fake.fail_next(TradeFault.lost(stall_s=1.4))  # created and filled, the answer comes after the 1 s timeout
 
@@ -461,7 +463,7 @@ def test_the_rate_limit_headers_pace_a_burst_below_the_quota(httpserver, endpoin
     fake = FakeBybitExchange(api_key=API_KEY, api_secret=API_SECRET, now=clock, rate_quota=5)
     fake.set_price("BTCUSDT", PRICE)
     fake.install(httpserver)
-    config = BybitConfig(timeout_s=1.0, max_attempts=4, backoff_s=0.5, backoff_max_s=4.0)
+    config = BybitConfig(timeout_s=SLOW_MACHINE_TIMEOUT_S, max_attempts=4, backoff_s=0.5, backoff_max_s=4.0)
     broker = BybitBroker(config, "testnet", SECRETS, endpoint=endpoint, sleep=clock.sleep, now=clock)
 
     reports = [broker.place_market_order(buy(100.0, f"burst{i}")) for i in range(10)]

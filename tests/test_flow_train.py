@@ -248,17 +248,26 @@ def test_promotions_are_serialised_by_the_registry_lock(trained):
     import threading
 
     from flows.promote import promote
+    from pricelevel.registry.versions import NothingToRollBackError
 
     root, _ = trained
     config, client = _client(root)
     outcome: dict = {}
+
+    def roll_back() -> None:
+        try:
+            outcome["promoted"] = promote(overrides=SMALL, rollback_champion=True)
+        except NothingToRollBackError as exc:  # this store never had a champion: judged, after the lock
+            outcome["refused"] = str(exc)
+
     with config.catalogue.lock("registry", "pricelevel"):
-        worker = threading.Thread(target=lambda: outcome.update(promote(overrides=SMALL, rollback_champion=True)))
+        worker = threading.Thread(target=roll_back)
         worker.start()
         worker.join(timeout=8)
         assert worker.is_alive() and not outcome  # still waiting for the lock
     worker.join(timeout=120)
     assert not worker.is_alive()
+    assert "no former champion" in outcome["refused"]
 
 
 def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_harness, monkeypatch):

@@ -26,7 +26,7 @@ from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.exchange import CredentialsRefused
 from pricelevel.trading.live import EXECUTION, ExchangeBroker
 from pricelevel.trading.state import ORDERS, TRADES, StateStore
-from tests.fakes.bybit_trading import FakeBybitExchange, TradeFault
+from tests.fakes.bybit_trading import SLOW_MACHINE_TIMEOUT_S, FakeBybitExchange, TradeFault
 
 BAR = pd.Timestamp("2024-06-01 12:00", tz="UTC")
 HOUR = pd.Timedelta(hours=1)
@@ -48,22 +48,23 @@ def fake(httpserver) -> FakeBybitExchange:
     httpserver.check_handler_errors()
 
 
-def _broker(fake, httpserver, store: StateStore, **options) -> ExchangeBroker:
+def _broker(fake, httpserver, store: StateStore, timeout_s: float = SLOW_MACHINE_TIMEOUT_S, **options) -> ExchangeBroker:
     """The books under market orders only (``resting_exits=False``; tests/test_resting_exits.py has them on)."""
     options.setdefault("resting_exits", False)
-    config = BybitConfig(timeout_s=1.0, max_attempts=2, backoff_s=0.0, backoff_max_s=0.0)
+    config = BybitConfig(timeout_s=timeout_s, max_attempts=2, backoff_s=0.0, backoff_max_s=0.0)
     exchange = BybitBroker(config, "testnet", Secrets.from_env({"BYBIT_API_KEY": fake.api_key,
                                                                  "BYBIT_API_SECRET": fake.api_secret}),
                            endpoint=httpserver.url_for("").rstrip("/"), sleep=lambda s: None)
     return ExchangeBroker(exchange, store, ("ETHUSDT",), RULES, sleep=lambda s: None, bar=HOUR, **options)
 
 
-def _restarted(fake, httpserver, store: StateStore, **options) -> ExchangeBroker:
+def _restarted(fake, httpserver, store: StateStore, timeout_s: float = SLOW_MACHINE_TIMEOUT_S, **options
+               ) -> ExchangeBroker:
     """A new process: the broker from what the database holds, nothing else."""
     options.setdefault("resting_exits", False)
     with store.transaction() as tx:
         saved = store.get(tx, EXECUTION)
-    return ExchangeBroker.from_state(saved, _broker(fake, httpserver, store).exchange, store, ("ETHUSDT",), RULES,
+    return ExchangeBroker.from_state(saved, _broker(fake, httpserver, store, timeout_s).exchange, store, ("ETHUSDT",), RULES,
                                      sleep=lambda s: None, bar=HOUR, **options)
 
 
@@ -156,7 +157,7 @@ def test_a_kill_after_the_order_was_taken_restarted_closes_later_books_equal_the
         if stage == "answered":
             raise Crash
 
-    dying = _restarted(fake, httpserver, store, checkpoint=die)
+    dying = _restarted(fake, httpserver, store, timeout_s=1.0, checkpoint=die)
     fake.fail_next(TradeFault.lost(stall_s=1.5))  # the exchange takes (and fills) the order, the answer times out
     with pytest.raises(Crash):
         if intent == "exit":

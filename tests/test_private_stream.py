@@ -33,7 +33,7 @@ from pricelevel.trading.streams import (
     private_stream_url,
     settle,
 )
-from tests.fakes.bybit_trading import FakeBybitExchange
+from tests.fakes.bybit_trading import SLOW_MACHINE_TIMEOUT_S, FakeBybitExchange
 from tests.fakes.bybit_ws import FakePrivateServer, execution_row, order_row
 
 KEY, SECRET = "ws-key-4f1c9a", "ws-secret-8d2e7b55aa"
@@ -193,7 +193,7 @@ def fake_rest(httpserver) -> FakeBybitExchange:
 
 
 def _broker(fake: FakeBybitExchange, httpserver, store: StateStore) -> ExchangeBroker:
-    config = BybitConfig(timeout_s=1.0, max_attempts=2, backoff_s=0.0, backoff_max_s=0.0)
+    config = BybitConfig(timeout_s=SLOW_MACHINE_TIMEOUT_S, max_attempts=2, backoff_s=0.0, backoff_max_s=0.0)
     exchange = BybitBroker(config, "testnet", secrets(fake.api_key, fake.api_secret),
                            endpoint=httpserver.url_for("").rstrip("/"), sleep=lambda s: None)
     return ExchangeBroker(exchange, store, ("ETHUSDT",), RULES, sleep=lambda s: None, bar=pd.Timedelta(hours=1))

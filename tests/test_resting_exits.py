@@ -22,7 +22,7 @@ from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.live import EXECUTION, ExchangeBroker
 from pricelevel.trading.state import TRADES, StateStore
-from tests.fakes.bybit_trading import FakeBybitExchange
+from tests.fakes.bybit_trading import SLOW_MACHINE_TIMEOUT_S, FakeBybitExchange
 
 BAR = pd.Timestamp("2024-06-01 12:00", tz="UTC")
 HOUR = pd.Timedelta(hours=1)
@@ -43,7 +43,7 @@ def fake(httpserver) -> FakeBybitExchange:
 
 
 def _exchange(fake, httpserver) -> BybitBroker:
-    config = BybitConfig(timeout_s=1.0, max_attempts=2, backoff_s=0.0, backoff_max_s=0.0)
+    config = BybitConfig(timeout_s=SLOW_MACHINE_TIMEOUT_S, max_attempts=2, backoff_s=0.0, backoff_max_s=0.0)
     secrets = Secrets.from_env({"BYBIT_API_KEY": fake.api_key, "BYBIT_API_SECRET": fake.api_secret})
     return BybitBroker(config, "testnet", secrets, endpoint=httpserver.url_for("").rstrip("/"), sleep=lambda s: None)
 

@@ -49,7 +49,7 @@ from pricelevel.trading.service import (
 )
 from pricelevel.trading.state import DECISIONS, EQUITY, ORDERS, TRADES, StateStore
 from pricelevel.trading.trader import Trader
-from tests.fakes.bybit_trading import ORDER_CREATE, FakeBybitExchange, TradeFault
+from tests.fakes.bybit_trading import ORDER_CREATE, SLOW_MACHINE_TIMEOUT_S, FakeBybitExchange, TradeFault
 from tests.fakes.trading_model import SYMBOLS, TinyModel, build_model, log_version, register_tiny_model
 from tests.workers import trader_replay
 
@@ -354,14 +354,14 @@ def _env(fake: FakeBybitExchange) -> dict[str, str]:
     return {"BYBIT_API_KEY": fake.api_key, "BYBIT_API_SECRET": fake.api_secret}
 
 
-def _exchange(fake: FakeBybitExchange, endpoint: str) -> BybitBroker:
-    config = BybitConfig(timeout_s=1.0, max_attempts=3, backoff_s=0.0, backoff_max_s=0.0)
+def _exchange(fake: FakeBybitExchange, endpoint: str, timeout_s: float = SLOW_MACHINE_TIMEOUT_S) -> BybitBroker:
+    config = BybitConfig(timeout_s=timeout_s, max_attempts=3, backoff_s=0.0, backoff_max_s=0.0)
     return BybitBroker(config, "testnet", Secrets.from_env(_env(fake)), endpoint=endpoint, sleep=lambda s: None)
 
 
-def _broker(fake, httpserver, store, **options) -> ExchangeBroker:
+def _broker(fake, httpserver, store, timeout_s: float = SLOW_MACHINE_TIMEOUT_S, **options) -> ExchangeBroker:
     rules_ = StrategyRules(threshold=0.5, sl_stop=0.02, tp_stop=0.04, sizing="risk", risk=0.02, fraction=0.1)
-    exchange = _exchange(fake, httpserver.url_for("").rstrip("/"))
+    exchange = _exchange(fake, httpserver.url_for("").rstrip("/"), timeout_s)
     options.setdefault("resting_exits", False)  # market orders only here (tests/test_resting_exits.py has them on)
     return ExchangeBroker(exchange, store, SYMBOLS, rules_, sleep=lambda s: None, **options)
 
@@ -396,7 +396,7 @@ def test_an_entry_is_committed_before_it_is_sent_and_sized_by_the_rules(fake, ht
 def test_a_lost_answer_is_found_by_client_id_and_never_sent_again(fake, httpserver, tmp_path) -> None:
     fake.set_price("BTCUSDT", 60_000)
     store = StateStore(f"sqlite:///{tmp_path}/s.db")
-    broker = _broker(fake, httpserver, store)
+    broker = _broker(fake, httpserver, store, timeout_s=1.0)
     fake.fail_next(TradeFault.lost(stall_s=1.5))  # created and filled, then the answer times out
     outcome = broker.on_bar(BAR, OHLC, {"BTCUSDT": True}, {}, model_version="7")
     assert len(fake.sent(ORDER_CREATE)) == 1 and len(fake.created) == 1
