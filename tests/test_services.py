@@ -253,13 +253,15 @@ def test_a_signal_to_the_runner_stops_every_service_and_what_they_spawned(
     files = [tmp_path / "plain.pid", tmp_path / "deaf.pid"]  # deaf: ignores SIGTERM, and so does its child
     cleanup.extend(files)
 
-    def ignore_sigint() -> None:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def sigint_as_inherited() -> None:
+        # Set both ways: pytest itself may run with SIGINT ignored (started by `cmd &` in a script), and the
+        # child inherits that unless told otherwise.
+        signal.signal(signal.SIGINT, signal.SIG_IGN if inherit_ignored_sigint else signal.SIG_DFL)
 
     driver = subprocess.Popen(
         [sys.executable, str(DRIVER), "1.0", f"{files[0]},default,sleep", f"{files[1]},ignore,stubborn-child"],
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        preexec_fn=ignore_sigint if inherit_ignored_sigint else None,
+        preexec_fn=sigint_as_inherited,
     )
     try:
         deadline = time.monotonic() + 20
