@@ -97,6 +97,10 @@ def test_site_builds_strictly(site: Path) -> None:
         page(site, name) for name in ("how-to/nightly-prefect", "how-to/mlflow-promote", "how-to/backtest"))))
     assert shown == shots
     assert all((site / "img" / f"{name}.png").is_file() for name in shots)
+    # The nightly deployed on the cluster, photographed on a running cluster (docs/img/cluster).
+    cluster_shots = {"cluster/prefect-deployments", "cluster/prefect-flow-run", "cluster/mlflow-models"}
+    assert set(re.findall(r'src="[./]*img/(cluster/[\w-]+)\.png"', page(site, "how-to/scale-out"))) == cluster_shots
+    assert all((site / "img" / f"{name}.png").is_file() for name in cluster_shots)
 
 
 def test_every_config_key_is_in_the_reference(site: Path) -> None:
