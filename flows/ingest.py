@@ -33,15 +33,13 @@ def ingest(
     window = ingest_window(config.data)
     fetch = ingest_candles.with_options(retries=config.flow.task_retries, retry_delay_seconds=config.flow.task_retry_delay_s)
     with fan_out(config.flow) as runner:
-        branches = {
-            f"{config.data.source} {symbol} {timeframe}": runner.submit(
-                validate_candles, {"config": config, "ingested": runner.submit(
-                    fetch, {"config": config, "symbol": symbol, "timeframe": str(timeframe), "window": window}
-                )},
-            )
-            for symbol in config.data.symbols
-            for timeframe in config.data.timeframes
-        }
+        branches = {}
+        for symbol in config.data.symbols:
+            for timeframe in config.data.timeframes:
+                fetched = runner.submit(fetch, {"config": config, "symbol": symbol, "timeframe": str(timeframe),
+                                                "window": window})
+                validated = runner.submit(validate_candles, {"config": config, "ingested": fetched})
+                branches[f"{config.data.source} {symbol} {timeframe}"] = (fetched, validated)
         rows, failures = collect_outcomes(branches)
     summarize_ingest(rows)
     if failures:

@@ -46,7 +46,10 @@ def train(config_file: str | None = None, overrides: list[str] | None = None, sk
     with fan_out(config.flow) as runner:
         levels = [runner.submit(find_levels, {"config": config, "symbol": symbol}) for symbol in config.training_symbols]
         tables = [runner.submit(feature_bars, {"config": config, "levels": future}) for future in levels]
-        tables, levels = [f.result() for f in tables], [f.result() for f in levels]
+        # Levels first: a symbol's features wait on its levels, so a levels failure is raised as itself, not as
+        # the features task's "UnfinishedRun" (the features still run as their levels finish).
+        levels = [f.result() for f in levels]
+        tables = [f.result() for f in tables]
     checked = lookahead(config, tables) if config.lookahead.enabled else None
     plan = build_dataset(config, tables, levels)
     config = size_to_budget(config, plan)  # training.budget_hours: trials, epochs, folds sized to this machine

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 from prefect import get_run_logger, task
@@ -61,18 +61,27 @@ def _link_report(key: DatasetKey, markdown: str, json_path, md_path) -> None:
     create_link_artifact(key=f"{artifact}-file", link=md_path.resolve().as_uri(), link_text=str(md_path))
 
 
-def collect_outcomes(branches: Mapping[str, PrefectFuture]) -> tuple[list[dict], list[str]]:
-    """Wait for every branch: one summary row each, and one line per failed dataset."""
+def collect_outcomes(branches: Mapping[str, Sequence[PrefectFuture]]) -> tuple[list[dict], list[str]]:
+    """Wait for every branch (its futures in order: fetch, then validate): one summary row each, and one line per
+    failed dataset. The first step that did not complete names the failure: the next one never ran (it waited
+    on it), and its result would only say that it is still pending."""
     rows, failures = [], []
-    for dataset, future in branches.items():
-        future.wait()
-        ok = future.state.is_completed()
-        error = None if ok else future.result(raise_on_failure=False)
-        message = None if ok else (str(error).splitlines()[0] if error else future.state.message)
-        rows.append(outcome_row(dataset, future.result() if ok else None, message))
-        if not ok:
+    for dataset, steps in branches.items():
+        message = next(filter(None, (_failure(future) for future in steps)), None)
+        rows.append(outcome_row(dataset, None if message else steps[-1].result(), message))
+        if message:
             failures.append(f"{dataset}: {message}")
     return rows, failures
+
+
+def _failure(future: PrefectFuture) -> str | None:
+    """None once ``future`` completed; else the first line of its error (or its state's message)."""
+    future.wait()
+    state = future.state
+    if state.is_completed():
+        return None
+    error = future.result(raise_on_failure=False) if state.is_final() else None
+    return str(error).splitlines()[0] if isinstance(error, BaseException) and str(error) else (state.message or state.name)
 
 
 @task(name="summarize-ingest", cache_policy=NO_CACHE)

@@ -126,3 +126,24 @@ def test_flows_bootstrap_the_runtime_themselves_so_deployments_redact_secrets(pr
         logging.setLogRecordFactory(factory)
     messages = [r.getMessage() for r in caplog.records if "connecting with" in r.getMessage()]
     assert messages == ["connecting with ***"]
+
+
+def test_a_dataset_whose_fetch_fails_is_named_with_the_fetch_error(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its validation never runs (it waits on the fetch): the run's message carries the fetch's own error, not
+    Prefect's note that an upstream task did not complete."""
+    import tasks.ingest as ingest_tasks
+
+    real = ingest_tasks.ingest_dataset
+
+    def exchange_down_for_eth(source, store, symbol, *args, **kwargs):
+        if symbol == "ETHUSDT":
+            raise ConnectionError("bybit: the kline of ETHUSDT at https://api.bybit.com: HTTP 503 after 5 attempts")
+        return real(source, store, symbol, *args, **kwargs)
+
+    monkeypatch.setattr(ingest_tasks, "ingest_dataset", exchange_down_for_eth)
+    with pytest.raises(IngestFailed) as info:
+        ingest(symbols=["BTCUSDT", "ETHUSDT"], timeframes=["1d"], start="2024-01-01", end="2024-03-01",
+               overrides=["flow.task_retries=0"])
+    message = str(info.value)
+    assert "1 of 2 datasets failed" in message
+    assert "sample ETHUSDT 1d: " in message and "HTTP 503 after 5 attempts" in message, message

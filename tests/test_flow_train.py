@@ -270,6 +270,28 @@ def test_promotions_are_serialised_by_the_registry_lock(trained):
     assert "no former champion" in outcome["refused"]
 
 
+def test_a_failing_levels_step_reaches_the_user_with_its_own_error(tmp_path, prefect_harness, monkeypatch):
+    """The features of a symbol wait on its levels: when levels fail, the flow raises the levels' error, not
+    Prefect's ``UnfinishedRun`` of the features task that never ran."""
+    import shutil
+
+    import tasks.train as train_tasks
+    from flows.train import train
+
+    root = tmp_path / "project"
+    (root / "data").mkdir(parents=True)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
+    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    monkeypatch.setenv("PRICELEVEL_HOME", str(root))
+
+    def broken(*args, **kwargs):
+        raise ValueError("the levels of ETHUSDT could not be found")
+
+    monkeypatch.setattr(train_tasks, "levels_step", broken)
+    with pytest.raises(ValueError, match="the levels of ETHUSDT could not be found"):
+        train(overrides=[*SMALL, "data.symbols=[ETHUSDT]", "lookahead.enabled=false"])
+
+
 def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_harness, monkeypatch):
     import shutil
 
