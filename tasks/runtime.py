@@ -153,6 +153,15 @@ class TaskReleased(RuntimeError):
 RELEASE_INTERRUPTS = 5
 
 
+def raise_in_thread(thread_id: int, exception: type[BaseException]) -> None:
+    """Raise ``exception`` in another thread at its next Python bytecode: the only way to stop Python code that
+    does not poll (a running Dask task, a trial inside Lightning). Callers make sure the thread is still in the
+    work they mean to stop, under a lock that work takes on its way out."""
+    import ctypes
+
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exception))
+
+
 def _interrupt_released(worker: Any, key: Any, tries: int = RELEASE_INTERRUPTS, every_s: float = 1.0) -> None:
     """Raise :class:`TaskReleased` in the thread running ``key`` while the worker still holds it as cancelled.
 
@@ -160,8 +169,6 @@ def _interrupt_released(worker: Any, key: Any, tries: int = RELEASE_INTERRUPTS, 
     would leave it computing. The exception lands at the thread's next Python bytecode (after a numba call
     returns). The check and the interrupt happen under the worker's ``active_threads_lock``, which the thread
     takes before it leaves the task, so the exception cannot land in a later task."""
-    import ctypes
-
     for attempt in range(tries):
         if attempt:
             time.sleep(every_s)
@@ -171,7 +178,7 @@ def _interrupt_released(worker: Any, key: Any, tries: int = RELEASE_INTERRUPTS, 
         with worker.active_threads_lock:
             threads = [ident for ident, running in worker.active_threads.items() if running == key]
             for ident in threads:
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), ctypes.py_object(TaskReleased))
+                raise_in_thread(ident, TaskReleased)
         if not threads:
             return
 

@@ -16,7 +16,6 @@ study learns that a worker died, here a worker learns that its flow died).
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import datetime
 import os
 import threading
@@ -35,7 +34,7 @@ from pricelevel.core.files import atomic_write
 from pricelevel.ml.dataset import DatasetPlan
 from pricelevel.ml.tuning import StudySummary, trial_worker_step, tune_step
 from pricelevel.registry.experiment import StartedRun
-from tasks.runtime import cancel_all, fan_out, training_resources, wait_all
+from tasks.runtime import cancel_all, fan_out, raise_in_thread, training_resources, wait_all
 
 #: How long ``tune`` waits for its trial workers to stop before it cancels them and goes on failing.
 STOP_GRACE_S = 6.0
@@ -305,8 +304,7 @@ class interrupt_when_stopped:  # noqa: N801 - used as a context manager
             with self.lock:
                 if self.left.is_set():
                     return
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id),
-                                                           ctypes.py_object(TrialsStopped))
+                raise_in_thread(self.thread_id, TrialsStopped)
             if self.left.wait(1.0):
                 return
 
