@@ -33,7 +33,7 @@ from pricelevel.trading.exchange import (
     Side,
     client_id,
 )
-from tests.fakes.bybit_server import random_candles
+from tests.fakes.bybit_server import SLOW_MACHINE_TIMEOUT_S, random_candles
 from tests.fakes.bybit_trading import (
     EXECUTION_LIST,
     INSTRUMENTS_INFO,
@@ -43,7 +43,6 @@ from tests.fakes.bybit_trading import (
     ORDER_HISTORY,
     ORDER_REALTIME,
     RET_RATE_LIMIT,
-    SLOW_MACHINE_TIMEOUT_S,
     WALLET_BALANCE,
     FakeBybitExchange,
     TradeFault,

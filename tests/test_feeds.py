@@ -18,7 +18,7 @@ from pricelevel.data.sources.bybit import BybitSource
 from pricelevel.data.store import CandleStore, DatasetKey, Layer
 from pricelevel.data.validation import DataValidationError
 from pricelevel.trading.feeds import FeedProblem, StoreFeed, bar_ohlc
-from tests.fakes.bybit_server import KLINE_PATH, FakeBybit, random_candles
+from tests.fakes.bybit_server import KLINE_PATH, SLOW_MACHINE_TIMEOUT_S, FakeBybit, random_candles
 
 H4 = Timeframe.H4
 START = pd.Timestamp("2024-01-01", tz="UTC")
@@ -62,7 +62,7 @@ def catalogue(tmp_path: Path) -> DataCatalogue:
 
 @pytest.fixture
 def feed(httpserver, fake: FakeBybit, clock: Clock, catalogue: DataCatalogue) -> StoreFeed:
-    config = BybitConfig(endpoint=f"http://127.0.0.1:{httpserver.port}", timeout_s=2.0, max_attempts=ATTEMPTS,
+    config = BybitConfig(endpoint=f"http://127.0.0.1:{httpserver.port}", timeout_s=SLOW_MACHINE_TIMEOUT_S, max_attempts=ATTEMPTS,
                          backoff_s=0.0, backoff_max_s=0.0)
     source = BybitSource(config, now=clock, sleep=lambda _s: None)
     return StoreFeed(source, catalogue, ValidationConfig(), SYMBOLS, [H4], start=START)

@@ -33,7 +33,8 @@ from pricelevel.trading.streams import (
     private_stream_url,
     settle,
 )
-from tests.fakes.bybit_trading import SLOW_MACHINE_TIMEOUT_S, FakeBybitExchange
+from tests.fakes.bybit_server import SLOW_MACHINE_TIMEOUT_S
+from tests.fakes.bybit_trading import FakeBybitExchange
 from tests.fakes.bybit_ws import FakePrivateServer, execution_row, order_row
 
 KEY, SECRET = "ws-key-4f1c9a", "ws-secret-8d2e7b55aa"

@@ -22,7 +22,8 @@ from pricelevel.strategy.rules import StrategyRules
 from pricelevel.trading.bybit import BybitBroker
 from pricelevel.trading.live import EXECUTION, ExchangeBroker
 from pricelevel.trading.state import TRADES, StateStore
-from tests.fakes.bybit_trading import SLOW_MACHINE_TIMEOUT_S, FakeBybitExchange
+from tests.fakes.bybit_server import SLOW_MACHINE_TIMEOUT_S
+from tests.fakes.bybit_trading import FakeBybitExchange
 
 BAR = pd.Timestamp("2024-06-01 12:00", tz="UTC")
 HOUR = pd.Timedelta(hours=1)

@@ -16,7 +16,7 @@ from pricelevel.data.sources.bybit import BybitSource
 from pricelevel.data.validation import validate_candles
 from pricelevel.trading.feeds import StoreFeed, StreamFeed, bar_ohlc, candle_faults
 from pricelevel.trading.streams import KlineStream, StreamUp, stream_url, topic
-from tests.fakes.bybit_server import KLINE_PATH, FakeBybit, random_candles
+from tests.fakes.bybit_server import KLINE_PATH, SLOW_MACHINE_TIMEOUT_S, FakeBybit, random_candles
 from tests.fakes.bybit_ws import FakeKlineServer
 
 H4 = Timeframe.H4
@@ -66,7 +66,7 @@ def server():
 
 
 def make_feed(httpserver, clock: Clock, tmp_path: Path, wait_s: float) -> StreamFeed:
-    config = BybitConfig(endpoint=f"http://127.0.0.1:{httpserver.port}", timeout_s=2.0, max_attempts=2,
+    config = BybitConfig(endpoint=f"http://127.0.0.1:{httpserver.port}", timeout_s=SLOW_MACHINE_TIMEOUT_S, max_attempts=2,
                          backoff_s=0.0, backoff_max_s=0.0)
     source = BybitSource(config, now=clock, sleep=lambda _s: None)
     store_feed = StoreFeed(source, DataCatalogue(tmp_path / "data", "bybit"), ValidationConfig(), SYMBOLS, [H4],

@@ -49,7 +49,8 @@ from pricelevel.trading.service import (
 )
 from pricelevel.trading.state import DECISIONS, EQUITY, ORDERS, TRADES, StateStore
 from pricelevel.trading.trader import Trader
-from tests.fakes.bybit_trading import ORDER_CREATE, SLOW_MACHINE_TIMEOUT_S, FakeBybitExchange, TradeFault
+from tests.fakes.bybit_server import SLOW_MACHINE_TIMEOUT_S
+from tests.fakes.bybit_trading import ORDER_CREATE, FakeBybitExchange, TradeFault
 from tests.fakes.trading_model import SYMBOLS, TinyModel, build_model, log_version, register_tiny_model
 from tests.workers import trader_replay
 
@@ -669,7 +670,7 @@ def test_a_bad_candle_for_one_symbol_is_named_refetched_and_the_others_keep_trad
         for tf in inputs:
             market.add(symbol, tf, folder.read(symbol, tf))
     httpserver.expect_request(KLINE_PATH).respond_with_handler(market.handle)
-    config = BybitConfig(endpoint=httpserver.url_for("").rstrip("/"), timeout_s=2.0, max_attempts=2, backoff_s=0.0,
+    config = BybitConfig(endpoint=httpserver.url_for("").rstrip("/"), timeout_s=SLOW_MACHINE_TIMEOUT_S, max_attempts=2, backoff_s=0.0,
                          backoff_max_s=0.0)
     source = BybitSource(config, now=lambda: now["t"], sleep=lambda s: None)
     start = folder.read(models.symbols[0], inputs[-1])["timestamp"].iloc[0]

@@ -38,6 +38,9 @@ from pricelevel.core.candles import CANDLE_COLUMNS, TIMESTAMP, to_canonical
 from pricelevel.core.timeframes import Timeframe
 
 KLINE_PATH = "/v5/market/kline"
+#: A client timeout for tests that are not about timeouts: pytest-httpserver serves one request at a time, and on a loaded
+#: 2-core CI machine it has gone unscheduled for seconds (a 1 s timeout then read as an outage, and flaked a test).
+SLOW_MACHINE_TIMEOUT_S = 10.0
 CATEGORIES = ("spot", "linear", "inverse")
 TIMEFRAME_BY_INTERVAL = {tf.bybit_interval: tf for tf in Timeframe}
 DEFAULT_LIMIT, MAX_LIMIT = 200, 1000

@@ -105,9 +105,6 @@ EXECUTION_LIST = "/v5/execution/list"
 WALLET_BALANCE = "/v5/account/wallet-balance"
 INSTRUMENTS_INFO = "/v5/market/instruments-info"
 MARKET_TIME = "/v5/market/time"
-#: A client timeout for tests that are not about timeouts: this fake serves one request at a time, and on a loaded
-#: 2-core CI machine it has gone unscheduled for seconds (a 1 s timeout then read as an outage, and flaked a test).
-SLOW_MACHINE_TIMEOUT_S = 10.0
 PRIVATE_PATHS = (ORDER_CREATE, ORDER_CANCEL, ORDER_REALTIME, ORDER_HISTORY, EXECUTION_LIST, WALLET_BALANCE)
 TRADING_PATHS = (*PRIVATE_PATHS, INSTRUMENTS_INFO)
 PUBLIC_PATHS = (KLINE_PATH, MARKET_TIME)
