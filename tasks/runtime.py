@@ -104,6 +104,25 @@ def _done(future: PrefectFuture) -> bool:
     return future.state.is_final()
 
 
+def current_flow_run_id() -> str | None:
+    """The id of the flow run this code runs in (None outside one)."""
+    context = FlowRunContext.get()
+    return str(context.flow_run.id) if context is not None and context.flow_run is not None else None
+
+
+def flow_run_ended(flow_run_id: str) -> str | None:
+    """The final state of a flow run (``CRASHED``, ``CANCELLED``, ...) from the Prefect API; None while it runs, and
+    when the API does not know it or cannot be reached (then nothing can be concluded)."""
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+    except Exception:  # noqa: BLE001 (an unknown id, another server, a network error: all mean "cannot tell")
+        return None
+    return state.type.name if state is not None and state.is_final() else None
+
+
 def worker_environment() -> dict[str, str]:
     """What a worker process needs to report to this flow's Prefect API: its URL (and key, when set)."""
     settings = get_current_settings()

@@ -30,6 +30,7 @@ from pricelevel.registry.experiment import (
     start_run_step,
     training_keys,
 )
+from tasks.runtime import current_flow_run_id, flow_run_ended
 
 
 @task(name="levels", task_run_name="levels {symbol}", cache_policy=NO_CACHE)
@@ -72,8 +73,12 @@ def start_run(config: Config, plan: DatasetPlan, lookahead_report: dict[str, Any
     """The MLflow run for these inputs: the finished one if it exists, else a new one with params and lineage."""
     keys = training_keys(plan, config.model_inputs, config.tuning, config.strategy)
     files = config.catalogue.validated().existing_for(plan.symbols)
-    started = start_run_step(config.tracking, plan, keys, config.flat(), files, config.model.seed, project_root(), lookahead_report)
-    get_run_logger().info("MLflow run %s (%s)", started.run.run_id, "new" if started.created else "reused: trained before")
+    started = start_run_step(config.tracking, plan, keys, config.flat(), files, config.model.seed, project_root(),
+                             lookahead_report, current_flow_run_id(), flow_run_ended)
+    logger = get_run_logger()
+    for run_id, reason in started.ended_orphans.items():
+        logger.warning("MLflow run %s was still RUNNING but %s: ended as FAILED", run_id, reason)
+    logger.info("MLflow run %s (%s)", started.run.run_id, "new" if started.created else "reused: trained before")
     return started
 
 

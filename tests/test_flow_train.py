@@ -5,6 +5,7 @@ promoted; rollback restores the previous champion; the champion scores a folder 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,12 @@ def test_train_registers_a_challenger_with_lineage(trained):
     tags = run.data.tags
     assert len(tags["pricelevel.git_commit"]) in (40, len("unknown"))
     assert tags["pricelevel.data_fingerprint"] and tags["pricelevel.seed"] == "42"
+    # who owns the run, so a later run can end it if its process dies (lib/registry/orphans.py)
+    from pricelevel.registry.orphans import Owner
+    from tasks.runtime import flow_run_ended
+
+    assert Owner.parse(tags["pricelevel.owner"]).pid == os.getpid()  # the thread runner: this process
+    assert flow_run_ended(tags["pricelevel.flow_run_id"]) == "COMPLETED"  # the train flow run that made it
     assert "tuning.metric" in run.data.params and run.data.params["tuning.metric"] == "val_pr_auc"
     metrics = run.data.metrics
     for name in ("test_pr_auc", "baseline_majority_pr_auc", "baseline_near_level_now_pr_auc", "best_val_pr_auc",

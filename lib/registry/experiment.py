@@ -30,6 +30,7 @@ from pricelevel.ml.evaluation import evaluate_step
 from pricelevel.ml.tuning import tune_key
 from pricelevel.ml.walkforward import model_key
 from pricelevel.registry.config import TrackingConfig
+from pricelevel.registry.orphans import PARENT_TAG, FlowRunEnded, Owner, end_orphaned_runs, owner_tags
 from pricelevel.registry.tracking import (
     ensure_experiment,
     lineage_tags,
@@ -41,7 +42,6 @@ from pricelevel.registry.versions import ALIAS_CHALLENGER, find_version_by_tag, 
 
 #: Tag holding the key of the inputs a run was made from (data, config, code): finding it makes re-runs no-ops.
 RUN_KEY_TAG = "pricelevel.run_key"
-PARENT_TAG = "mlflow.parentRunId"
 
 
 @dataclass
@@ -175,6 +175,8 @@ class StartedRun:
     #: False when these inputs were trained before: the finished run is reused and nothing is logged again.
     created: bool
     keys: RunKeys
+    #: Runs left RUNNING by a process that died, ended as FAILED on the way: {run id: why}.
+    ended_orphans: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def log(self) -> TrainingRun | None:
@@ -191,13 +193,19 @@ def start_run_step(
     seed: int,
     project_root: Path,
     lookahead_report: Mapping[str, Any] | None = None,
+    flow_run_id: str | None = None,
+    flow_run_ended: FlowRunEnded = lambda flow_run: None,
 ) -> StartedRun:
     """The MLflow run for these inputs: the finished one if it exists, else a new one with the flattened
-    config as params, lineage tags, the dataset summary and the look-ahead check's report."""
+    config as params, lineage tags, the dataset summary and the look-ahead check's report. Training runs a dead
+    process left RUNNING are ended first (:mod:`pricelevel.registry.orphans`; ``flow_run_ended`` asks the
+    orchestrator about ``flow_run_id``-tagged runs from other hosts)."""
     client = mlflow_client(tracking)
     experiment_id = ensure_experiment(client, tracking.experiment, tracking.artifact_location)
+    orphans = end_orphaned_runs(client, experiment_id, RUN_KEY_TAG, f"ended by the training run of {Owner.current().tag()}",
+                                flow_run_ended)
     features = plan.spec.features.set
-    tags = lineage_tags(data_files, seed, project_root) | {
+    tags = lineage_tags(data_files, seed, project_root) | owner_tags(flow_run_id) | {
         "pricelevel.feature_set": features, "pricelevel.label": plan.spec.labels.kind,
     }
     run, created = TrainingRun.find_or_create(client, experiment_id, keys.run, f"train-{features}-{keys.run[:8]}", tags)
@@ -206,7 +214,7 @@ def start_run_step(
         run.log_json(plan.summary | {"tune_key": keys.tune, "model_key": keys.model}, "dataset_summary.json")
         if lookahead_report is not None:
             run.log_json(lookahead_report, "lookahead_report.json")
-    return StartedRun(run, created, keys)
+    return StartedRun(run, created, keys, orphans)
 
 
 def end_run_step(started: StartedRun, status: str) -> None:
