@@ -241,7 +241,9 @@ class TemporaryServer:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
         server = prefect_server(Path(sys.executable).parent, "127.0.0.1", port)
-        self.group = ServiceGroup([server], dict(os.environ), project_root(), grace_s=SERVER_GRACE_S, quiet=True)
+        # die_with_parent: a command killed with SIGKILL (or by the OOM killer) takes its server with it
+        self.group = ServiceGroup([server], dict(os.environ), project_root(), grace_s=SERVER_GRACE_S, quiet=True,
+                                  die_with_parent=True)
         self.group.start()
         self.group.wait_healthy(180)
         url = f"{server.url}/api"

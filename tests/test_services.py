@@ -395,3 +395,37 @@ def test_pricelevel_ui_leaves_nothing_running_after_sigterm(project: Path, tmp_p
             if pgrp in groups or ours(cmd):
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
+
+
+#: Starts one fake service in a group (argv: pid file, "die" or "live"), then sleeps until killed.
+STARTER = r"""
+import os, sys, time
+from pathlib import Path
+from pricelevel.core.services import Service, ServiceGroup
+pidfile, mode = sys.argv[1], sys.argv[2]
+service = Service("helper", "http://127.0.0.1:0", (sys.executable, sys.argv[3], pidfile))
+ServiceGroup([service], dict(os.environ), Path.cwd(), die_with_parent=mode == "die").start()
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("mode", ["die", "live"])
+def test_a_helper_server_dies_with_the_command_that_started_it_even_by_sigkill(tmp_path: Path, cleanup, mode: str) -> None:
+    """``pricelevel train`` killed with SIGKILL left its temporary Prefect server running for ever ("live", the old
+    behaviour, kept for a cluster's services); with ``die_with_parent`` the kernel sends the server SIGTERM."""
+    pidfile = tmp_path / "helper.pid"
+    cleanup.append(pidfile)
+    starter = subprocess.Popen([sys.executable, "-c", STARTER, str(pidfile), mode, str(FAKE_SERVICE)], cwd=tmp_path)
+    cleanup.append(starter.pid)
+    deadline = time.monotonic() + 20
+    while not pidfile.exists():
+        assert starter.poll() is None and time.monotonic() < deadline, "the helper did not start"
+        time.sleep(0.02)
+    helper = _pids(pidfile)[0]
+    starter.kill()
+    starter.wait()
+    if mode == "die":
+        assert _gone([helper], within_s=10), "the helper outlived the process that started it"
+    else:
+        time.sleep(0.5)
+        assert _alive(helper)

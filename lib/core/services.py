@@ -9,6 +9,7 @@ moves itself to another group or session (``setsid``) escapes this; none of ours
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,14 +137,33 @@ def stop_on_signals(event: threading.Event, signals: Sequence[int] = STOP_SIGNAL
             signal.signal(sig, old)
 
 
+#: prctl(2) option: the signal this process gets when the thread that forked it exits.
+PR_SET_PDEATHSIG = 1
+
+
+def _terminate_with_parent() -> Callable[[], object] | None:
+    """A hook for the child, before exec: SIGTERM when the parent's starting thread dies. Looked up in the parent
+    (nothing may be loaded between fork and exec); None where there is no prctl (not Linux)."""
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    return functools.partial(prctl, PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 class ServiceGroup:
     """Services started together, each in its own process group, and stopped together (also as ``with``)."""
 
     def __init__(self, services: Sequence[Service], env: Mapping[str, str], cwd: Path, grace_s: float = 10.0,
-                 quiet: bool = False):
+                 quiet: bool = False, die_with_parent: bool = False):
         self.services = tuple(services)
         #: Discard the services' output (a helper server whose banner would mix into a command's output).
         self.quiet = quiet
+        #: Linux: the services get SIGTERM when the thread that started them dies, even by SIGKILL (a helper server
+        #: of one command must not outlive it; a cluster's services outlive their supervisor on purpose).
+        self.die_with_parent = die_with_parent
         self.env = dict(env)
         self.cwd = cwd
         self.grace_s = grace_s
@@ -154,12 +174,14 @@ class ServiceGroup:
 
     def start(self) -> None:
         """Start every service; if one cannot start, stop those started before it and raise."""
+        before_exec = _terminate_with_parent() if self.die_with_parent else None
         try:
             for service in self.services:
                 output = subprocess.DEVNULL if self.quiet else None
                 self.processes.append(subprocess.Popen(
                     service.argv, env={**self.env, **dict(service.env)}, cwd=self.cwd, start_new_session=True,
-                    stdin=subprocess.DEVNULL, stdout=output, stderr=output))
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                    preexec_fn=before_exec))
         except BaseException:
             self.stop()
             raise
