@@ -36,7 +36,7 @@ def _dead_owner() -> Owner:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
     started = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
     child.wait()
-    return Owner(socket.gethostname(), child.pid, started)
+    return Owner(socket.gethostname(), child.pid, started, Owner.current().namespace)
 
 
 def _training_run(client: MlflowClient, experiment: str, key: str, tags: dict[str, str]) -> str:
@@ -76,7 +76,11 @@ def test_a_dead_processs_runs_and_their_trials_are_ended_and_live_or_finished_on
 def test_a_reused_pid_is_not_taken_for_the_owner() -> None:
     me = Owner.current()
     assert me.gone() is False
-    assert Owner(me.host, me.pid, "1").gone() is True  # same pid, another start time: another process
+    assert Owner(me.host, me.pid, "1", me.namespace).gone() is True  # same pid, another start time: another process
+    dead = _dead_owner()
+    assert dead.gone() is True
+    # a container with the same host name (host networking) but its own PIDs: nothing here can tell
+    assert Owner(dead.host, dead.pid, dead.started, "4026599999").gone() is None
     assert Owner.parse(me.tag()) == me and Owner.parse("garbage") is None
 
 

@@ -1,8 +1,8 @@
 """Training runs left RUNNING by a process that died (kill -9, an out-of-memory kill, a worker or host lost).
 
 MLflow never hears from such a run again, so its UI would show it running for ever, beside the run that redid
-the work. Each training run is tagged with its owner (host, pid and the process's start time, so a reused pid is
-not mistaken for it) and, under an orchestrator, its flow run. The next training run ends every RUNNING
+the work. Each training run is tagged with its owner (host, PID namespace, pid and the process's start time, so a reused
+pid is not mistaken for it) and, under an orchestrator, its flow run. The next training run ends every RUNNING
 training run whose owner is gone, on this host, or whose flow run the orchestrator has ended (Crashed,
 Cancelled, ...), on any host, as FAILED, with the reason in ``pricelevel.ended_by``; their RUNNING trial runs
 too. A run whose owner may be alive (another host, no orchestrator to ask) is left alone.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-#: host:pid:start of the process that created a training run.
+#: host@pid:start:pid-namespace of the process that created a training run.
 OWNER_TAG = "pricelevel.owner"
 #: The orchestrator's run (Prefect's flow run id) a training run belongs to.
 FLOW_RUN_TAG = "pricelevel.flow_run_id"
@@ -39,6 +39,13 @@ def _process_start(pid: int) -> str:
     return ""
 
 
+def _pid_namespace() -> str:
+    """This process's PID namespace (containers sharing a host name, as with host networking, differ here)."""
+    with contextlib.suppress(OSError):
+        return os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
+    return ""
+
+
 @dataclass(frozen=True)
 class Owner:
     """The process that created a run."""
@@ -46,23 +53,25 @@ class Owner:
     host: str
     pid: int
     started: str = ""
+    namespace: str = ""
 
     @classmethod
     def current(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()))
+        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), _pid_namespace())
 
     @classmethod
     def parse(cls, text: str) -> Owner | None:
         host, _, rest = text.rpartition("@")
-        pid, _, started = rest.partition(":")
-        return cls(host, int(pid), started) if host and pid.isdigit() else None
+        pid, _, rest = rest.partition(":")
+        started, _, namespace = rest.partition(":")
+        return cls(host, int(pid), started, namespace) if host and pid.isdigit() else None
 
     def tag(self) -> str:
-        return f"{self.host}@{self.pid}:{self.started}"
+        return f"{self.host}@{self.pid}:{self.started}:{self.namespace}"
 
     def gone(self, host: str | None = None) -> bool | None:
-        """True when it no longer runs; None on another host (nothing here can tell)."""
-        if self.host != (socket.gethostname() if host is None else host):
+        """True when it no longer runs; None on another host or in another PID namespace (nothing here can tell)."""
+        if self.host != (socket.gethostname() if host is None else host) or self.namespace != _pid_namespace():
             return None
         try:
             os.kill(self.pid, 0)
