@@ -12,6 +12,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from tests.xdist_serial import pytest_xdist_make_scheduler  # noqa: F401 (a hook: the cluster modules on one worker)
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 
@@ -46,18 +48,6 @@ def pytest_runtest_call(item: pytest.Item):
     yield
     if not item.stash[_HAD_PREFECT] and "prefect" in sys.modules and item.get_closest_marker("flow") is None:
         pytest.fail(f"{item.nodeid} imported Prefect but is not marked `flow`", pytrace=False)
-
-
-#: Modules that start clusters of processes (PostgreSQL, servers, Dask workers): with ``make test``'s two pytest
-#: workers (``-n 2 --dist loadgroup``) they run one after another on one worker, never two clusters at once on CI's
-#: two cores, while the other worker runs the in-process tests.
-SERIAL_MODULES = ("test_cluster_", "test_postgres_")
-
-
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    for item in items:
-        if item.path.name.startswith(SERIAL_MODULES):
-            item.add_marker(pytest.mark.xdist_group(name="clusters"))
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

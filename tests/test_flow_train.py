@@ -45,15 +45,20 @@ SMALL = [
 ]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
-    """One project trained once by the flow; the tests below read it (and some modify its registry)."""
+def _project(root: Path) -> Path:
+    """A project folder of its own: the repository's conf/ and the bundled sample as its data."""
     import shutil
 
-    root = tmp_path_factory.mktemp("train") / "project"
     (root / "data").mkdir(parents=True)
     shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
     (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
+    """One project trained once by the flow; the tests below read it (and some modify its registry)."""
+    root = _project(tmp_path_factory.mktemp("train") / "project")
     mp = pytest.MonkeyPatch()
     mp.setenv("PRICELEVEL_HOME", str(root))
     torch.set_num_threads(1)
@@ -224,16 +229,11 @@ def test_champion_backtests_a_folder_it_has_never_seen(trained, tmp_path, cli, m
 
 
 def test_a_leaky_feature_fails_the_training_run_before_anything_is_trained(tmp_path, prefect_harness, monkeypatch):
-    import shutil
-
     import pricelevel.features.tables as training
     from flows.train import train
     from pricelevel.features.lookahead import LookaheadError
 
-    root = tmp_path / "project"
-    (root / "data").mkdir(parents=True)
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
-    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    root = _project(tmp_path / "project")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
     real = training.compute_features
 
@@ -280,15 +280,11 @@ def test_promotions_are_serialised_by_the_registry_lock(trained):
 def test_a_failing_levels_step_reaches_the_user_with_its_own_error(tmp_path, prefect_harness, monkeypatch):
     """The features of a symbol wait on its levels: when levels fail, the flow raises the levels' error, not
     Prefect's ``UnfinishedRun`` of the features task that never ran."""
-    import shutil
 
     import tasks.train as train_tasks
     from flows.train import train
 
-    root = tmp_path / "project"
-    (root / "data").mkdir(parents=True)
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
-    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    root = _project(tmp_path / "project")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
 
     def broken(*args, **kwargs):
@@ -300,16 +296,11 @@ def test_a_failing_levels_step_reaches_the_user_with_its_own_error(tmp_path, pre
 
 
 def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_harness, monkeypatch):
-    import shutil
-
     import tasks.tuning as tuning_tasks
     from flows.train import train
     from pricelevel.registry.tracking import mlflow_client
 
-    root = tmp_path / "project"
-    (root / "data").mkdir(parents=True)
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
-    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    root = _project(tmp_path / "project")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
 
     def out_of_memory(*args, **kwargs):
