@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pricelevel.core.processes import process_start
 from pricelevel.registry.experiment import RUN_KEY_TAG
 from pricelevel.registry.orphans import (
     ENDED_BY_TAG,
@@ -34,7 +35,7 @@ def client(tmp_path: Path) -> tuple[MlflowClient, str]:
 def _dead_owner() -> Owner:
     """A process of this host that ran and exited (its pid is free or reused by now)."""
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.3)"])
-    started = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    started = process_start(child.pid)
     child.wait()
     return Owner(socket.gethostname(), child.pid, started, Owner.current().namespace)
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from pricelevel.core.processes import process_alive
 from pricelevel.core.services import Service, ServiceGroup, run_services, stop_on_signals, ui_commands
 from pricelevel.registry.config import TrackingConfig
 
@@ -38,22 +39,9 @@ def _spawner(name: str, pidfile: Path, term: str = "default", child: str = "slee
     return Service(name, "http://127.0.0.1:0", (sys.executable, str(FAKE_SERVICE), str(pidfile), term, child))
 
 
-def _alive(pid: int) -> bool:
-    """Running (a zombie waiting for a reaper counts as gone: it runs nothing and holds no port)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state not in ("Z", "X")
-
-
 def _gone(pids: list[int], within_s: float = 3.0) -> bool:
     deadline = time.monotonic() + within_s
-    while any(_alive(p) for p in pids):
+    while any(process_alive(p) for p in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)
@@ -102,7 +90,7 @@ def test_stop_ends_every_service_and_everything_they_spawned(tmp_path: Path, cle
     assert elapsed < 10  # stopped on request, not when the 30 s sleeps ended
     pids = _pids(*files)
     assert len(pids) == 4 and len(set(pids)) == 4  # two services, two children
-    assert _gone(pids), [p for p in pids if _alive(p)]
+    assert _gone(pids), [p for p in pids if process_alive(p)]
 
 
 def test_children_that_ignore_sigterm_are_killed_too(tmp_path: Path, cleanup) -> None:
@@ -270,7 +258,7 @@ def test_a_signal_to_the_runner_stops_every_service_and_what_they_spawned(
             assert time.monotonic() < deadline, "fake services not up"
             time.sleep(0.02)
         pids = _pids(*files)
-        assert len(set(pids)) == 4 and all(_alive(p) for p in pids)
+        assert len(set(pids)) == 4 and all(process_alive(p) for p in pids)
         started = time.monotonic()
         driver.send_signal(sig)
         out = _driver_output(driver, 10)
@@ -279,7 +267,7 @@ def test_a_signal_to_the_runner_stops_every_service_and_what_they_spawned(
         assert f"sigint={'ignored' if inherit_ignored_sigint else 'handled'}" in out
         assert "code=0 restored=True" in out
         assert elapsed < 6  # 1 s grace for the deaf one, then SIGKILL; not the fakes' 30 s sleep
-        assert _gone(pids), [p for p in pids if _alive(p)]
+        assert _gone(pids), [p for p in pids if process_alive(p)]
     finally:
         if driver.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -386,7 +374,7 @@ def test_pricelevel_ui_leaves_nothing_running_after_sigterm(project: Path, tmp_p
         while left() and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not left(), left()
-        assert not [pid for pid in tree if _alive(pid)]
+        assert not [pid for pid in tree if process_alive(pid)]
     finally:
         if ui.poll() is None:
             ui.kill()
@@ -428,4 +416,4 @@ def test_a_helper_server_dies_with_the_command_that_started_it_even_by_sigkill(t
         assert _gone([helper], within_s=10), "the helper outlived the process that started it"
     else:
         time.sleep(0.5)
-        assert _alive(helper)
+        assert process_alive(helper)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pricelevel.core.postgres import LocalPostgres
+from pricelevel.core.processes import process_alive
 from pricelevel.core.services import (
     Service,
     ServiceGroup,
@@ -261,7 +262,7 @@ def start_detached(plan: ClusterPlan, argv: Sequence[str], env: Mapping[str, str
     """Start the supervisor (``argv`` runs :func:`run_cluster`) in a session of its own, logging to
     ``.cluster/cluster.log``; returns once the env file is written (0) or it died (1). Raises
     :class:`ClusterError` when one runs already, or when a port it needs is taken."""
-    if plan.pid_file.exists() and _alive(int(plan.pid_file.read_text())):
+    if plan.pid_file.exists() and process_alive(int(plan.pid_file.read_text())):
         raise ClusterError(f"a cluster is running already (supervisor pid {plan.pid_file.read_text().strip()}, "
                            f"{plan.folder}); `make cluster-down` stops it")
     require_free_ports(plan)
@@ -286,28 +287,16 @@ def stop_detached(plan: ClusterPlan, timeout_s: float = 120) -> bool:
     if not plan.pid_file.exists():
         return False
     pid = int(plan.pid_file.read_text())
-    running = _alive(pid)
+    running = process_alive(pid)
     if running:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout_s
-        while _alive(pid) and time.monotonic() < deadline:
+        while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if _alive(pid):
+        if process_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     plan.pid_file.unlink(missing_ok=True)
     return running
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    with contextlib.suppress(OSError, IndexError):  # a zombie (our own child, not yet reaped) is gone
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    return True

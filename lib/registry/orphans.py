@@ -1,8 +1,8 @@
 """Training runs left RUNNING by a process that died (kill -9, an out-of-memory kill, a worker or host lost).
 
 MLflow never hears from such a run again, so its UI would show it running for ever, beside the run that redid
-the work. Each training run is tagged with its owner (host, PID namespace, pid and the process's start time, so a reused
-pid is not mistaken for it) and, under an orchestrator, its flow run. The next training run ends every RUNNING
+the work. Each training run is tagged with its owner (host, PID namespace, pid and the process's start time, so
+a reused pid is not mistaken for it) and, under an orchestrator, its flow run. The next training run ends every RUNNING
 training run whose owner is gone, on this host, or whose flow run the orchestrator has ended (Crashed,
 Cancelled, ...), on any host, as FAILED, with the reason in ``pricelevel.ended_by``; their RUNNING trial runs
 too. A run whose owner may be alive (another host, no orchestrator to ask) is left alone.
@@ -10,14 +10,14 @@ too. A run whose owner may be alive (another host, no orchestrator to ask) is le
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from pricelevel.core.processes import pid_namespace, process_alive, process_start
 
 #: host@pid:start:pid-namespace of the process that created a training run.
 OWNER_TAG = "pricelevel.owner"
@@ -32,20 +32,6 @@ PARENT_TAG = "mlflow.parentRunId"
 FlowRunEnded = Callable[[str], str | None]
 
 
-def _process_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot (``/proc/PID/stat`` field 22); "" where unknown."""
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    return ""
-
-
-def _pid_namespace() -> str:
-    """This process's PID namespace (containers sharing a host name, as with host networking, differ here)."""
-    with contextlib.suppress(OSError):
-        return os.readlink("/proc/self/ns/pid").removeprefix("pid:").strip("[]")
-    return ""
-
-
 @dataclass(frozen=True)
 class Owner:
     """The process that created a run."""
@@ -57,7 +43,7 @@ class Owner:
 
     @classmethod
     def current(cls) -> Owner:
-        return cls(socket.gethostname(), os.getpid(), _process_start(os.getpid()), _pid_namespace())
+        return cls(socket.gethostname(), os.getpid(), process_start(os.getpid()), pid_namespace())
 
     @classmethod
     def parse(cls, text: str) -> Owner | None:
@@ -71,22 +57,12 @@ class Owner:
 
     def gone(self, host: str | None = None) -> bool | None:
         """True when it no longer runs; None on another host or in another PID namespace (nothing here can tell)."""
-        if self.host != (socket.gethostname() if host is None else host) or self.namespace != _pid_namespace():
+        if self.host != (socket.gethostname() if host is None else host) or self.namespace != pid_namespace():
             return None
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
+        if not process_alive(self.pid):
             return True
-        except PermissionError:
-            pass
-        state = _process_state(self.pid)
-        return state in ("Z", "X") or bool(self.started and _process_start(self.pid) not in ("", self.started))
-
-
-def _process_state(pid: int) -> str:
-    with contextlib.suppress(OSError, IndexError):
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return ""
+        started = process_start(self.pid)
+        return bool(self.started and started and started != self.started)  # the pid now names another process
 
 
 def owner_tags(flow_run_id: str | None = None) -> dict[str, str]:
