@@ -1,14 +1,10 @@
 """Shared by the cluster tests (test_cluster_faults, test_cluster_signals): the tiny training config that still
-runs every task, a throwaway project on the bundled sample, and what a test reads back (process groups, flow-run
-states)."""
+runs every task, and what a test reads back (process groups, flow-run states)."""
 
 from __future__ import annotations
 
 import contextlib
-import shutil
 from pathlib import Path
-
-from tests.conftest import ROOT, SAMPLE
 
 TINY = [
     "data.symbols=[BTCUSDT,ETHUSDT]",
@@ -37,13 +33,6 @@ TINY = [
     "flow.max_workers=2",
     "flow.task_runner=dask",
 ]
-
-
-def _project(root: Path) -> Path:
-    (root / "data").mkdir(parents=True)
-    shutil.copytree(ROOT / "conf", root / "conf")
-    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
-    return root
 
 
 def _group_alive(pgid: int) -> list[str]:

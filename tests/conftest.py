@@ -66,13 +66,18 @@ def sample_dir() -> Path:
     return SAMPLE
 
 
-@pytest.fixture
-def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def project_folder(root: Path) -> Path:
     """A throwaway project folder: the real conf/ and a link to the bundled sample, data written inside it."""
-    root = tmp_path / "project"
     (root / "data").mkdir(parents=True)
     shutil.copytree(ROOT / "conf", root / "conf")
     (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """:func:`project_folder` in ``tmp_path``, as ``PRICELEVEL_HOME``."""
+    root = project_folder(tmp_path / "project")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
     return root
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, project_folder
 from tests.postgres import free_port
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
@@ -29,13 +29,6 @@ SMALL = [
     "levels.refit_every=6",
     "flow.max_workers=2",
 ]
-
-
-def _project(root: Path) -> Path:
-    (root / "data").mkdir(parents=True)
-    shutil.copytree(ROOT / "conf", root / "conf")
-    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
-    return root
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -54,7 +47,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Path:
     """One validated store (3 symbols at 1d/4h/1h from mid-2023), copied into each run's project."""
     from flows.ingest import ingest
 
-    root = _project(tmp_path_factory.mktemp("ingest") / "project")
+    root = project_folder(tmp_path_factory.mktemp("ingest") / "project")
     mp = pytest.MonkeyPatch()
     mp.setenv("PRICELEVEL_HOME", str(root))
     try:
@@ -67,7 +60,7 @@ def ingested(tmp_path_factory: pytest.TempPathFactory, prefect_harness) -> Path:
 def _run(tmp_path: Path, ingested: Path, name: str, monkeypatch: pytest.MonkeyPatch, *overrides: str) -> dict:
     from tests.fakes.cluster_flow import tables
 
-    root = _project(tmp_path / name)
+    root = project_folder(tmp_path / name)
     shutil.copytree(ingested, root / "data" / "validated")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
     return tables(overrides=[*SMALL, *overrides])

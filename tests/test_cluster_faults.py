@@ -35,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import TINY, _group_alive, _last_flow_run_state, _project
-from tests.conftest import ROOT
+from tests.cluster import TINY, _group_alive, _last_flow_run_state
+from tests.conftest import ROOT, project_folder
 from tests.postgres import Postgres, free_port, postgres_fixture  # noqa: F401
 
 pytestmark = [pytest.mark.flow, pytest.mark.postgres, pytest.mark.slow]
@@ -142,7 +142,7 @@ def ingested(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One validated store for the tiny config (ingested in this process, on threads), copied into each project."""
     from flows.ingest import ingest
 
-    root = _project(tmp_path_factory.mktemp("ingest") / "project")
+    root = project_folder(tmp_path_factory.mktemp("ingest") / "project")
     mp = pytest.MonkeyPatch()
     mp.setenv("PRICELEVEL_HOME", str(root))
     try:
@@ -153,7 +153,7 @@ def ingested(prefect_harness, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _new_project(folder: Path, ingested: Path) -> Path:
-    root = _project(folder / "project")
+    root = project_folder(folder / "project")
     shutil.copytree(ingested, root / "data" / "validated")
     return root
 

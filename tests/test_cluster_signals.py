@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster import TINY, _group_alive, _project
+from tests.cluster import TINY, _group_alive
+from tests.conftest import project_folder
 
 pytestmark = [pytest.mark.flow, pytest.mark.slow]
 
@@ -44,7 +45,7 @@ def _using(folder: Path) -> list[str]:
 
 
 def test_sigterm_mid_tuning_stops_the_run_marks_it_cancelled_and_stops_its_temporary_server_last(tmp_path: Path) -> None:
-    root = _project(tmp_path / "project")
+    root = project_folder(tmp_path / "project")
     home = tmp_path / "prefect-home"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
     env |= {"PRICELEVEL_HOME": str(root), "PREFECT_HOME": str(home)}

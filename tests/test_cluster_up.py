@@ -44,7 +44,7 @@ from pricelevel.core.cluster import (
     require_free_ports,
 )
 from pricelevel.core.postgres import pg_bindir
-from tests.conftest import ROOT, SAMPLE
+from tests.conftest import ROOT, project_folder
 
 PRICELEVEL = str(Path(sys.executable).parent / "pricelevel")
 PREFECT = str(Path(sys.executable).parent / "prefect")
@@ -146,10 +146,8 @@ def _project(root: Path) -> Path:
     """A short path (PostgreSQL's socket must fit in 107 bytes), readable by the ``postgres`` user."""
     root.mkdir(exist_ok=True)
     root.chmod(0o755)
-    (root / "data").mkdir()
-    shutil.copytree(ROOT / "conf", root / "conf")
+    project_folder(root)
     (root / "conf" / "tiny.yaml").write_text(yaml.safe_dump(TINY))
-    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
     return root
 
 

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, project_folder
 
 pytestmark = pytest.mark.flow
 
@@ -45,20 +45,10 @@ SMALL = [
 ]
 
 
-def _project(root: Path) -> Path:
-    """A project folder of its own: the repository's conf/ and the bundled sample as its data."""
-    import shutil
-
-    (root / "data").mkdir(parents=True)
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", root / "conf")
-    (root / "data" / "sample").symlink_to(SAMPLE, target_is_directory=True)
-    return root
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, prefect_harness):
     """One project trained once by the flow; the tests below read it (and some modify its registry)."""
-    root = _project(tmp_path_factory.mktemp("train") / "project")
+    root = project_folder(tmp_path_factory.mktemp("train") / "project")
     mp = pytest.MonkeyPatch()
     mp.setenv("PRICELEVEL_HOME", str(root))
     torch.set_num_threads(1)
@@ -233,7 +223,7 @@ def test_a_leaky_feature_fails_the_training_run_before_anything_is_trained(tmp_p
     from flows.train import train
     from pricelevel.features.lookahead import LookaheadError
 
-    root = _project(tmp_path / "project")
+    root = project_folder(tmp_path / "project")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
     real = training.compute_features
 
@@ -284,7 +274,7 @@ def test_a_failing_levels_step_reaches_the_user_with_its_own_error(tmp_path, pre
     import tasks.train as train_tasks
     from flows.train import train
 
-    root = _project(tmp_path / "project")
+    root = project_folder(tmp_path / "project")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
 
     def broken(*args, **kwargs):
@@ -300,7 +290,7 @@ def test_a_training_run_whose_flow_fails_is_ended_as_failed(tmp_path, prefect_ha
     from flows.train import train
     from pricelevel.registry.tracking import mlflow_client
 
-    root = _project(tmp_path / "project")
+    root = project_folder(tmp_path / "project")
     monkeypatch.setenv("PRICELEVEL_HOME", str(root))
 
     def out_of_memory(*args, **kwargs):
