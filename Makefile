@@ -44,7 +44,7 @@ demo: install
 
 # The lint (ruff and the import contract) runs first: a layering violation fails CI like a failing test.
 # --durations=25: every CI log names the slowest tests (CI has 2 cores and a 20-minute budget). Two workers: the
-# cluster and PostgreSQL modules in one group (one at a time, tests/conftest.py), the rest beside them.
+# cluster and PostgreSQL modules one at a time on one of them (tests/xdist_serial.py), the rest beside them.
 test: lint
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -n 2 --dist loadgroup --durations=25
 
